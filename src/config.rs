@@ -1,0 +1,386 @@
+//! Configuration: built-in defaults, then the `konsil.toml` file, then
+//! `KONSIL_<KEY>` environment variables, then command-line flags.
+//!
+//! Every key and its default is documented in the README ("Configuration").
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ids::{AeTitle, IdError, PartnerId};
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    ParseFile {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key} = {value:?} is not valid: {reason}")]
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("partner {partner}: {source}")]
+    Partner { partner: String, source: IdError },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the index database and the blobs live.
+    pub data_dir: PathBuf,
+    /// HTTP listen address (FHIR, DICOMweb, health, metrics).
+    pub http: SocketAddr,
+    /// DICOM DIMSE listen address.
+    pub dicom: SocketAddr,
+    /// Our AE title; associations calling another title are rejected.
+    pub ae_title: AeTitle,
+    /// Concurrent associations; over the cap a caller gets a transient rejection.
+    pub max_associations: usize,
+    /// An association with no PDU for this long is aborted.
+    pub idle_timeout_secs: u64,
+    /// Maximum PDU length we announce and accept.
+    pub max_pdu: u32,
+    /// Accept storage of SOP classes the standard dictionary does not know.
+    pub accept_unknown_sop_classes: bool,
+    /// How long shutdown waits for in-flight associations.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            data_dir: PathBuf::from("./konsil-data"),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            dicom: SocketAddr::from(([127, 0, 0, 1], 11112)),
+            ae_title: AeTitle::parse("KONSIL").expect("constant AE title is valid"),
+            max_associations: 32,
+            idle_timeout_secs: 120,
+            max_pdu: 262_144,
+            accept_unknown_sop_classes: false,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// A referring organisation.
+#[derive(Debug, Clone)]
+pub struct Partner {
+    pub id: PartnerId,
+    pub name: String,
+    /// Calling AE titles this partner's systems use.
+    pub ae_titles: Vec<AeTitle>,
+}
+
+/// The whole configuration after layering.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub partners: Vec<Partner>,
+}
+
+impl Config {
+    /// The partner whose systems call from this AE title.
+    pub fn partner_for_ae(&self, ae: &AeTitle) -> Option<&Partner> {
+        self.partners.iter().find(|p| p.ae_titles.contains(ae))
+    }
+
+    /// The partner with this id.
+    pub fn partner(&self, id: &PartnerId) -> Option<&Partner> {
+        self.partners.iter().find(|p| &p.id == id)
+    }
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub http: Option<String>,
+    pub dicom: Option<String>,
+    pub ae_title: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    partners: Vec<FilePartner>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    data_dir: Option<PathBuf>,
+    http: Option<String>,
+    dicom: Option<String>,
+    ae_title: Option<String>,
+    max_associations: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+    max_pdu: Option<u32>,
+    accept_unknown_sop_classes: Option<bool>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePartner {
+    id: String,
+    name: String,
+    #[serde(default)]
+    ae_titles: Vec<String>,
+}
+
+/// Load the configuration: defaults, then `file` (if any), then the
+/// environment `env`, then `overrides`.
+pub fn load(
+    file: Option<&Path>,
+    env: &HashMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Config, ConfigError> {
+    let parsed = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                path: path.to_owned(),
+                source,
+            })?;
+            toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::ParseFile {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?
+        }
+        None => FileConfig::default(),
+    };
+
+    let mut server = ServerConfig::default();
+    let f = parsed.server;
+    // One layer at a time; each later layer replaces what it names.
+    let layers: [Layer; 3] = [
+        Layer {
+            data_dir: f.data_dir.map(|p| p.display().to_string()),
+            http: f.http,
+            dicom: f.dicom,
+            ae_title: f.ae_title,
+            max_associations: f.max_associations.map(|v| v.to_string()),
+            idle_timeout_secs: f.idle_timeout_secs.map(|v| v.to_string()),
+            max_pdu: f.max_pdu.map(|v| v.to_string()),
+            accept_unknown_sop_classes: f.accept_unknown_sop_classes.map(|v| v.to_string()),
+            shutdown_grace_secs: f.shutdown_grace_secs.map(|v| v.to_string()),
+        },
+        Layer::from_env(env),
+        Layer {
+            data_dir: overrides.data_dir.as_ref().map(|p| p.display().to_string()),
+            http: overrides.http.clone(),
+            dicom: overrides.dicom.clone(),
+            ae_title: overrides.ae_title.clone(),
+            ..Layer::default()
+        },
+    ];
+    for layer in layers {
+        layer.apply(&mut server)?;
+    }
+    if !(4096..=16_777_216).contains(&server.max_pdu) {
+        return Err(value_error(
+            "max_pdu",
+            &server.max_pdu.to_string(),
+            "use 4096 to 16777216",
+        ));
+    }
+    if server.max_associations == 0 {
+        return Err(value_error("max_associations", "0", "must be at least 1"));
+    }
+
+    let mut partners = Vec::new();
+    let mut ae_owner: HashMap<AeTitle, PartnerId> = HashMap::new();
+    for p in parsed.partners {
+        let id = PartnerId::parse(&p.id).map_err(|source| ConfigError::Partner {
+            partner: p.id.clone(),
+            source,
+        })?;
+        if partners.iter().any(|q: &Partner| q.id == id) {
+            return Err(ConfigError::Conflict(format!(
+                "partner id {id} appears twice"
+            )));
+        }
+        let mut ae_titles = Vec::new();
+        for raw in &p.ae_titles {
+            let ae = AeTitle::parse(raw).map_err(|source| ConfigError::Partner {
+                partner: p.id.clone(),
+                source,
+            })?;
+            if let Some(other) = ae_owner.insert(ae.clone(), id.clone()) {
+                return Err(ConfigError::Conflict(format!(
+                    "AE title {ae} is listed for both partner {other} and partner {id}"
+                )));
+            }
+            ae_titles.push(ae);
+        }
+        partners.push(Partner {
+            id,
+            name: p.name,
+            ae_titles,
+        });
+    }
+    Ok(Config { server, partners })
+}
+
+/// The process environment as a map, for [`load`].
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("KONSIL_"))
+        .collect()
+}
+
+#[derive(Default)]
+struct Layer {
+    data_dir: Option<String>,
+    http: Option<String>,
+    dicom: Option<String>,
+    ae_title: Option<String>,
+    max_associations: Option<String>,
+    idle_timeout_secs: Option<String>,
+    max_pdu: Option<String>,
+    accept_unknown_sop_classes: Option<String>,
+    shutdown_grace_secs: Option<String>,
+}
+
+impl Layer {
+    fn from_env(env: &HashMap<String, String>) -> Layer {
+        let get = |key: &str| env.get(&format!("KONSIL_{}", key.to_uppercase())).cloned();
+        Layer {
+            data_dir: get("data_dir"),
+            http: get("http"),
+            dicom: get("dicom"),
+            ae_title: get("ae_title"),
+            max_associations: get("max_associations"),
+            idle_timeout_secs: get("idle_timeout_secs"),
+            max_pdu: get("max_pdu"),
+            accept_unknown_sop_classes: get("accept_unknown_sop_classes"),
+            shutdown_grace_secs: get("shutdown_grace_secs"),
+        }
+    }
+
+    fn apply(self, s: &mut ServerConfig) -> Result<(), ConfigError> {
+        if let Some(v) = self.data_dir {
+            s.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = self.http {
+            s.http = parse_value("http", &v)?;
+        }
+        if let Some(v) = self.dicom {
+            s.dicom = parse_value("dicom", &v)?;
+        }
+        if let Some(v) = self.ae_title {
+            s.ae_title =
+                AeTitle::parse(&v).map_err(|e| value_error("ae_title", &v, &e.to_string()))?;
+        }
+        if let Some(v) = self.max_associations {
+            s.max_associations = parse_value("max_associations", &v)?;
+        }
+        if let Some(v) = self.idle_timeout_secs {
+            s.idle_timeout_secs = parse_value("idle_timeout_secs", &v)?;
+        }
+        if let Some(v) = self.max_pdu {
+            s.max_pdu = parse_value("max_pdu", &v)?;
+        }
+        if let Some(v) = self.accept_unknown_sop_classes {
+            s.accept_unknown_sop_classes = parse_value("accept_unknown_sop_classes", &v)?;
+        }
+        if let Some(v) = self.shutdown_grace_secs {
+            s.shutdown_grace_secs = parse_value("shutdown_grace_secs", &v)?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_value<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .trim()
+        .parse()
+        .map_err(|e: T::Err| value_error(key, value, &e.to_string()))
+}
+
+fn value_error(key: &str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Value {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_match_the_design_contract() {
+        let c = load(None, &HashMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.server.data_dir, PathBuf::from("./konsil-data"));
+        assert_eq!(c.server.http.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.dicom.to_string(), "127.0.0.1:11112");
+        assert_eq!(c.server.ae_title.as_str(), "KONSIL");
+        assert!(c.partners.is_empty());
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let file = write_config(
+            "[server]\nhttp = \"127.0.0.1:1000\"\ndicom = \"127.0.0.1:1001\"\nae_title = \"FROMFILE\"\nmax_pdu = 65536\n\
+             [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's\"\nae_titles = [\"STMARY_PACS\"]\n",
+        );
+        let env = HashMap::from([
+            ("KONSIL_DICOM".to_owned(), "127.0.0.1:2001".to_owned()),
+            ("KONSIL_AE_TITLE".to_owned(), "FROMENV".to_owned()),
+        ]);
+        let flags = Overrides {
+            ae_title: Some("FROMFLAG".into()),
+            ..Overrides::default()
+        };
+        let c = load(Some(file.path()), &env, &flags).unwrap();
+        assert_eq!(c.server.http.port(), 1000, "file value kept");
+        assert_eq!(c.server.dicom.port(), 2001, "env beats file");
+        assert_eq!(c.server.ae_title.as_str(), "FROMFLAG", "flag beats env");
+        assert_eq!(c.server.max_pdu, 65536);
+        let ae = AeTitle::parse("STMARY_PACS").unwrap();
+        assert_eq!(c.partner_for_ae(&ae).unwrap().id.as_str(), "st-mary");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let file = write_config("[server]\nunknown_key = 1\n");
+        let err = load(Some(file.path()), &HashMap::new(), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("unknown_key"), "{err}");
+
+        let env = HashMap::from([("KONSIL_MAX_PDU".to_owned(), "12".to_owned())]);
+        let err = load(None, &env, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("max_pdu"), "{err}");
+
+        let file = write_config(
+            "[[partners]]\nid = \"a\"\nname = \"A\"\nae_titles = [\"X\"]\n[[partners]]\nid = \"b\"\nname = \"B\"\nae_titles = [\"X\"]\n",
+        );
+        let err = load(Some(file.path()), &HashMap::new(), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("AE title X"), "{err}");
+    }
+}

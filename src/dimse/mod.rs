@@ -1,0 +1,598 @@
+//! The DICOM DIMSE edge: an async SCP on dicom-ul offering Verification and
+//! every Storage SOP Class, feeding C-STORE data straight into the ingest
+//! pipeline PDU by PDU.
+
+pub mod command;
+pub mod status;
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::association::Association;
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
+    PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::ids::{AeTitle, PartnerId, Uid};
+use crate::ingest::{Declared, Ingest, InstanceUpload, Origin};
+use crate::metrics::{label, Metrics};
+use crate::store::{IndexOutcome, Source};
+use command::Request;
+
+/// Verification SOP Class.
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// Command sets are small; a larger one is a protocol violation.
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// The Storage SOP Classes we accept (PS3.4 Annex B, generated from PS3.6;
+/// see conformance/dicom/).
+pub fn storage_sop_classes() -> impl Iterator<Item = &'static str> {
+    include_str!("../../conformance/dicom/storage-sop-classes.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split('\t').next())
+}
+
+/// Who may associate: the called AE title must be ours, the calling AE
+/// title must belong to a configured partner.
+#[derive(Debug, Clone)]
+struct PartnerAccess {
+    ae_partner: Arc<HashMap<String, PartnerId>>,
+}
+
+impl AccessControl for PartnerAccess {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let calling = calling_ae_title.trim();
+        let called = called_ae_title.trim();
+        if called != this_ae_title.trim() {
+            tracing::warn!(
+                calling_ae = calling,
+                called_ae = called,
+                our_ae = this_ae_title.trim(),
+                "association rejected: called AE title not recognized; the sender must call our AE title"
+            );
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        if !self.ae_partner.contains_key(calling) {
+            tracing::warn!(
+                calling_ae = calling,
+                "association rejected: calling AE title not recognized; to accept it, add it to a partner's \
+                 ae_titles in konsil.toml ([[partners]] ... ae_titles = [\"{calling}\"]) and restart"
+            );
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        Ok(())
+    }
+}
+
+/// Everything an association task needs.
+struct Scp {
+    options: ServerAssociationOptions<
+        'static,
+        PartnerAccess,
+        dicom_ul::association::server::DefaultNegotiation,
+    >,
+    ae_partner: Arc<HashMap<String, PartnerId>>,
+    ingest: Ingest,
+    metrics: Arc<Metrics>,
+}
+
+/// Accept associations on `listener` until `shutdown` turns true, then let
+/// open associations finish for up to `shutdown_grace_secs`.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    ingest: Ingest,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let server = &config.server;
+    let ae_partner: HashMap<String, PartnerId> = config
+        .partners
+        .iter()
+        .flat_map(|p| p.ae_titles.iter().map(|ae| (ae.to_string(), p.id.clone())))
+        .collect();
+    let ae_partner = Arc::new(ae_partner);
+    let idle = Duration::from_secs(server.idle_timeout_secs.max(1));
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(PartnerAccess {
+            ae_partner: Arc::clone(&ae_partner),
+        })
+        .ae_title(server.ae_title.to_string())
+        .max_pdu_length(server.max_pdu)
+        .read_timeout(idle)
+        .write_timeout(idle)
+        .promiscuous(server.accept_unknown_sop_classes)
+        .with_abstract_syntax(VERIFICATION);
+    for uid in storage_sop_classes() {
+        options = options.with_abstract_syntax(uid);
+    }
+    let scp = Arc::new(Scp {
+        options,
+        ae_partner,
+        ingest,
+        metrics,
+    });
+    // The cap on concurrent associations: over it, a caller gets a transient
+    // rejection at once instead of waiting in a queue it cannot see.
+    let slots = Arc::new(Semaphore::new(server.max_associations));
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                // Nagle's algorithm would hold back small PDUs (responses)
+                // and stall the sender.
+                let _ = socket.set_nodelay(true);
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(permit) => {
+                        let scp = Arc::clone(&scp);
+                        tasks.spawn(async move {
+                            scp.run_association(socket).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        scp.metrics.associations.get_or_create(&vec![label("outcome", "busy")]).inc();
+                        tracing::warn!(%peer, "association rejected: max_associations reached (transient)");
+                        tasks.spawn(reject_busy(socket));
+                    }
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let grace = Duration::from_secs(server.shutdown_grace_secs);
+    if !tasks.is_empty() {
+        tracing::info!(
+            open = tasks.len(),
+            "DIMSE: waiting for open associations to finish"
+        );
+    }
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = tasks.len(),
+            "DIMSE: grace period over; aborting remaining associations (unfinished instances are discarded)"
+        );
+        tasks.shutdown().await;
+    }
+}
+
+/// Answer an A-ASSOCIATE-RQ with a transient "local limit exceeded" rejection.
+async fn reject_busy(mut socket: TcpStream) {
+    let read_rq = async {
+        let mut buf = Vec::with_capacity(4096);
+        loop {
+            let mut cursor = Cursor::new(&buf[..]);
+            if let Ok(Some(_)) = dicom_ul::read_pdu(&mut cursor, 65_536, false) {
+                return true;
+            }
+            if buf.len() > 65_536 {
+                return false;
+            }
+            let mut chunk = [0u8; 4096];
+            match socket.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(10), read_rq).await,
+        Ok(true)
+    ) {
+        return;
+    }
+    let rj = Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    });
+    let mut out = Vec::new();
+    if dicom_ul::write_pdu(&mut out, &rj).is_ok() {
+        let _ = socket.write_all(&out).await;
+        let _ = socket.shutdown().await;
+    }
+}
+
+/// A C-STORE between its command and the last fragment of its data set.
+struct PendingStore {
+    request: Request,
+    presentation_context_id: u8,
+    /// `Ok`: bytes stream into the pipeline. `Err`: the request was refused
+    /// up front; the data set is drained and the status sent at its end.
+    upload: Result<InstanceUpload, (u16, String)>,
+}
+
+impl Scp {
+    async fn run_association(&self, socket: TcpStream) {
+        let mut assoc = match self.options.establish_async(socket).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics
+                    .associations
+                    .get_or_create(&vec![label("outcome", "rejected")])
+                    .inc();
+                tracing::info!(error = %e, "association not established");
+                return;
+            }
+        };
+        let calling = assoc.peer_ae_title().trim().to_owned();
+        let Some(partner) = self.ae_partner.get(&calling).cloned() else {
+            // Access control already refused unknown titles; keep the guard.
+            let _ = assoc.abort().await;
+            return;
+        };
+        let calling_ae = AeTitle::parse(&calling).ok();
+        self.metrics
+            .associations
+            .get_or_create(&vec![label("outcome", "accepted")])
+            .inc();
+        self.metrics.associations_active.inc();
+        tracing::info!(calling_ae = %calling, partner = %partner, "association accepted");
+
+        let mut command_buf: Vec<u8> = Vec::new();
+        let mut pending: Option<PendingStore> = None;
+        let mut stored = 0u64;
+        let end = loop {
+            let pdu = match assoc.receive().await {
+                Ok(pdu) => pdu,
+                Err(e) => break format!("receive failed or idle timeout: {e}"),
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    let mut abort_reason = None;
+                    for pdv in data {
+                        match pdv.value_type {
+                            PDataValueType::Command => {
+                                if pending.is_some() {
+                                    abort_reason =
+                                        Some("command received while a data set was expected");
+                                    break;
+                                }
+                                command_buf.extend_from_slice(&pdv.data);
+                                if command_buf.len() > MAX_COMMAND_BYTES {
+                                    abort_reason = Some("command set too large");
+                                    break;
+                                }
+                                if !pdv.is_last {
+                                    continue;
+                                }
+                                let bytes = std::mem::take(&mut command_buf);
+                                let request = match command::parse_request(&bytes) {
+                                    Ok(r) => r,
+                                    Err(e) => {
+                                        tracing::warn!(calling_ae = %calling, error = %e, "unparseable command set");
+                                        abort_reason = Some("unparseable command set");
+                                        break;
+                                    }
+                                };
+                                match self.on_command(
+                                    &assoc,
+                                    &partner,
+                                    &calling_ae,
+                                    pdv.presentation_context_id,
+                                    request,
+                                ) {
+                                    CommandAction::Respond(bytes) => {
+                                        if let Err(e) = send_command(
+                                            &mut assoc,
+                                            pdv.presentation_context_id,
+                                            bytes,
+                                        )
+                                        .await
+                                        {
+                                            abort_reason = Some("cannot send response");
+                                            tracing::warn!(error = %e, "cannot send response");
+                                            break;
+                                        }
+                                    }
+                                    CommandAction::AwaitData(store) => pending = Some(store),
+                                }
+                            }
+                            PDataValueType::Data => {
+                                let Some(store) = pending.as_mut() else {
+                                    abort_reason = Some("data set without a command");
+                                    break;
+                                };
+                                if pdv.presentation_context_id != store.presentation_context_id {
+                                    abort_reason = Some("data set on another presentation context");
+                                    break;
+                                }
+                                let is_last = pdv.is_last;
+                                if let Ok(upload) = store.upload.as_mut() {
+                                    // Never fails; a writer error surfaces at finish.
+                                    let _ = upload.write(pdv.data).await;
+                                }
+                                if is_last {
+                                    if let Some(store) = pending.take() {
+                                        let (pc, response, ok) =
+                                            self.finish_store(store, &calling).await;
+                                        stored += u64::from(ok);
+                                        if let Err(e) = send_command(&mut assoc, pc, response).await
+                                        {
+                                            abort_reason = Some("cannot send response");
+                                            tracing::warn!(error = %e, "cannot send response");
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if let Some(reason) = abort_reason {
+                        tracing::warn!(calling_ae = %calling, reason, "aborting association");
+                        self.metrics.associations_active.dec();
+                        let _ = assoc.abort().await;
+                        return;
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    let _ = assoc.send(&Pdu::ReleaseRP).await;
+                    break "released".to_owned();
+                }
+                Pdu::AbortRQ { .. } => break "aborted by peer".to_owned(),
+                other => {
+                    tracing::warn!(calling_ae = %calling, pdu = ?pdu_kind(&other), "unexpected PDU; aborting");
+                    self.metrics.associations_active.dec();
+                    let _ = assoc.abort().await;
+                    return;
+                }
+            }
+        };
+        // An unfinished C-STORE is dropped here: its temporary object is removed.
+        if pending.is_some() {
+            tracing::warn!(calling_ae = %calling, "association ended during a C-STORE; the partial instance is discarded");
+        }
+        self.metrics.associations_active.dec();
+        tracing::info!(calling_ae = %calling, stored, end = %end, "association closed");
+    }
+
+    fn on_command<S>(
+        &self,
+        assoc: &dicom_ul::association::server::AsyncServerAssociation<S>,
+        partner: &PartnerId,
+        calling_ae: &Option<AeTitle>,
+        pc_id: u8,
+        request: Request,
+    ) -> CommandAction {
+        let context = assoc
+            .presentation_contexts()
+            .iter()
+            .find(|pc| pc.id == pc_id && pc.reason == PresentationContextResultReason::Acceptance);
+        match request.command_field {
+            command::C_ECHO_RQ => {
+                CommandAction::Respond(command::response(&request, status::SUCCESS, None))
+            }
+            command::C_STORE_RQ if request.has_data_set => {
+                let refuse = |status: u16, comment: String| {
+                    self.ingest.count_failure(Source::Dimse, status);
+                    CommandAction::AwaitData(PendingStore {
+                        request: request.clone(),
+                        presentation_context_id: pc_id,
+                        upload: Err((status, comment)),
+                    })
+                };
+                let Some(context) = context else {
+                    return refuse(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "presentation context not accepted".into(),
+                    );
+                };
+                let sop_class =
+                    match Uid::parse(request.affected_sop_class.as_deref().unwrap_or("")) {
+                        Ok(u) => u,
+                        Err(e) => {
+                            return refuse(status::INVALID_UID, format!("AffectedSOPClassUID: {e}"))
+                        }
+                    };
+                let sop_instance =
+                    match Uid::parse(request.affected_sop_instance.as_deref().unwrap_or("")) {
+                        Ok(u) => u,
+                        Err(e) => {
+                            return refuse(
+                                status::INVALID_UID,
+                                format!("AffectedSOPInstanceUID: {e}"),
+                            )
+                        }
+                    };
+                if sop_class.as_str() != context.abstract_syntax.trim_end_matches(['\0', ' ']) {
+                    return refuse(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "SOP class differs from the presentation context".into(),
+                    );
+                }
+                let transfer_syntax = match Uid::parse(&context.transfer_syntax) {
+                    Ok(u) => u,
+                    Err(e) => return refuse(status::INVALID_UID, format!("transfer syntax: {e}")),
+                };
+                let upload = self.ingest.begin(
+                    Origin {
+                        partner: partner.clone(),
+                        source: Source::Dimse,
+                        calling_ae: calling_ae.clone(),
+                    },
+                    Declared {
+                        sop_class,
+                        sop_instance,
+                        transfer_syntax,
+                    },
+                );
+                CommandAction::AwaitData(PendingStore {
+                    request,
+                    presentation_context_id: pc_id,
+                    upload: Ok(upload),
+                })
+            }
+            other => {
+                tracing::info!(
+                    command_field = format!("0x{other:04X}"),
+                    "unsupported DIMSE command"
+                );
+                let mut reply = request.clone();
+                if request.has_data_set {
+                    // Nothing sensible to do with a data set we did not ask for.
+                    reply.has_data_set = false;
+                }
+                CommandAction::Respond(command::response(
+                    &reply,
+                    status::UNRECOGNIZED_OPERATION,
+                    None,
+                ))
+            }
+        }
+    }
+
+    /// Finish a C-STORE: returns the context id, the response, and whether it succeeded.
+    async fn finish_store(&self, store: PendingStore, calling: &str) -> (u8, Vec<u8>, bool) {
+        let PendingStore {
+            request,
+            presentation_context_id,
+            upload,
+        } = store;
+        let result = match upload {
+            Ok(upload) => upload.finish().await.map_err(|e| {
+                let (status, comment) = status::for_ingest_error(&e);
+                self.ingest.count_failure(Source::Dimse, status);
+                if status == status::OUT_OF_RESOURCES || status == status::PROCESSING_FAILURE {
+                    tracing::error!(calling_ae = calling, error = %e, "C-STORE failed at the receiver");
+                } else {
+                    tracing::warn!(calling_ae = calling, status = format!("0x{status:04X}"), reason = %e, "C-STORE refused");
+                }
+                (status, comment)
+            }),
+            Err(refused) => Err(refused),
+        };
+        match result {
+            Ok(receipt) => {
+                if receipt.outcome == IndexOutcome::Duplicate {
+                    tracing::debug!("duplicate instance acknowledged");
+                }
+                (
+                    presentation_context_id,
+                    command::response(&request, status::SUCCESS, None),
+                    true,
+                )
+            }
+            Err((status, comment)) => (
+                presentation_context_id,
+                command::response(&request, status, Some(&comment)),
+                false,
+            ),
+        }
+    }
+}
+
+enum CommandAction {
+    Respond(Vec<u8>),
+    AwaitData(PendingStore),
+}
+
+async fn send_command<S>(
+    assoc: &mut dicom_ul::association::server::AsyncServerAssociation<S>,
+    presentation_context_id: u8,
+    bytes: Vec<u8>,
+) -> Result<(), dicom_ul::association::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: bytes,
+            }],
+        })
+        .await
+}
+
+fn pdu_kind(pdu: &Pdu) -> &'static str {
+    match pdu {
+        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
+        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
+        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
+        Pdu::PData { .. } => "P-DATA-TF",
+        Pdu::ReleaseRQ => "A-RELEASE-RQ",
+        Pdu::ReleaseRP => "A-RELEASE-RP",
+        Pdu::AbortRQ { .. } => "A-ABORT",
+        Pdu::Unknown { .. } => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_classes_cover_annex_b() {
+        let all: Vec<_> = storage_sop_classes().collect();
+        assert!(all.len() > 150, "{} classes", all.len());
+        for uid in all.iter() {
+            assert!(Uid::parse(uid).is_ok(), "{uid}");
+        }
+        for needed in [
+            "1.2.840.10008.5.1.4.1.1.2",     // CT
+            "1.2.840.10008.5.1.4.1.1.4",     // MR
+            "1.2.840.10008.5.1.4.1.1.104.1", // Encapsulated PDF
+            "1.2.840.10008.5.1.4.1.1.88.22", // Enhanced SR
+        ] {
+            assert!(all.contains(&needed), "{needed}");
+        }
+        assert!(
+            !all.contains(&"1.2.840.10008.1.20.1"),
+            "storage commitment is not storage"
+        );
+    }
+
+    #[test]
+    fn access_control_by_partner() {
+        let map = HashMap::from([(
+            "STMARY_PACS".to_owned(),
+            PartnerId::parse("st-mary").unwrap(),
+        )]);
+        let access = PartnerAccess {
+            ae_partner: Arc::new(map),
+        };
+        assert!(access
+            .check_access("KONSIL", "STMARY_PACS", "KONSIL", None)
+            .is_ok());
+        assert_eq!(
+            access.check_access("KONSIL", "STRANGER", "KONSIL", None),
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        );
+        assert_eq!(
+            access.check_access("KONSIL", "STMARY_PACS", "OTHER", None),
+            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! Konsil: a gateway that lets hospitals send a patient's case to a remote
+//! second-opinion service and get the opinion back, system to system.
+//!
+//! # Layout
+//! - [`config`]: defaults, `konsil.toml`, `KONSIL_*` env, flags.
+//! - [`ids`]: validated domain identifiers (UIDs, AE titles, partner ids).
+//! - [`store`]: the metadata index and blob store traits, with the embedded
+//!   SQLite and local-directory implementations.
+//! - [`ingest`]: the one streaming pipeline every DICOM instance goes through.
+//! - [`dimse`]: the DICOM DIMSE edge (C-ECHO, C-STORE).
+//! - [`ops`]: health, readiness and metrics over HTTP.
+//! - [`import`]: `konsil import` of a folder or DICOMDIR.
+//! - [`app`]: shared state; [`run`] is the library entry point.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod dimse;
+pub mod ids;
+pub mod import;
+pub mod ingest;
+pub mod metrics;
+pub mod ops;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use app::App;
+
+/// The sockets the gateway serves on, bound by the caller (so tests can bind
+/// port 0 and read the address back).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub dicom: TcpListener,
+}
+
+/// Serve until `shutdown` completes, then stop accepting, let in-flight
+/// work finish (bounded by `shutdown_grace_secs`) and return.
+pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let dimse = tokio::spawn(dimse::serve(
+        listeners.dicom,
+        app.config.clone(),
+        app.ingest.clone(),
+        Arc::clone(&app.metrics),
+        stop_rx.clone(),
+    ));
+    let mut http_stop = stop_rx;
+    let router = app.router();
+    let http = tokio::spawn(async move {
+        let served = axum::serve(listeners.http, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; finishing in-flight transfers");
+    let _ = stop_tx.send(true);
+    let _ = dimse.await;
+    let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_secs);
+    let _ = tokio::time::timeout(grace, http).await;
+}

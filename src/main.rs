@@ -1,0 +1,165 @@
+//! The `konsil` binary: parse the command line, bind, run, wait.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use konsil::config::{self, Overrides};
+use konsil::ids::PartnerId;
+use konsil::{App, Listeners};
+
+/// Konsil: second-opinion gateway (DICOM DIMSE, DICOMweb, FHIR R4).
+///
+/// Configuration is layered: built-in defaults, then the config file, then
+/// KONSIL_<KEY> environment variables (e.g. KONSIL_DATA_DIR, KONSIL_HTTP,
+/// KONSIL_DICOM, KONSIL_AE_TITLE, KONSIL_MAX_ASSOCIATIONS,
+/// KONSIL_IDLE_TIMEOUT_SECS, KONSIL_MAX_PDU), then these flags.
+#[derive(Parser, Debug)]
+#[command(name = "konsil", version, about, long_about)]
+struct Cli {
+    /// Configuration file (TOML; see README "Configuration"). Also KONSIL_CONFIG.
+    #[arg(long, global = true, env = "KONSIL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (index database and blobs) [default: ./konsil-data]
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address (FHIR, DICOMweb, /healthz, /readyz, /metrics) [default: 127.0.0.1:8080]
+    #[arg(long, global = true)]
+    http: Option<String>,
+    /// DICOM DIMSE listen address [default: 127.0.0.1:11112]
+    #[arg(long, global = true)]
+    dicom: Option<String>,
+    /// Our DICOM AE title [default: KONSIL]
+    #[arg(long, global = true)]
+    ae_title: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start the gateway (DIMSE SCP and HTTP). Ctrl-C / SIGTERM drain in-flight transfers, then exit 0.
+    Serve,
+    /// Import a folder, a DICOMDIR or a single file for a partner, through the ingest pipeline.
+    Import {
+        /// Folder, DICOMDIR, or file
+        path: PathBuf,
+        /// Partner id (from the config) the records belong to
+        #[arg(long)]
+        partner: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("konsil: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("konsil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        data_dir: cli.data_dir,
+        http: cli.http,
+        dicom: cli.dicom,
+        ae_title: cli.ae_title,
+    };
+    let config = config::load(cli.config.as_deref(), &config::process_env(), &overrides)?;
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Import { path, partner } => import(config, &path, &partner).await,
+    }
+}
+
+async fn serve(config: config::Config) -> anyhow::Result<ExitCode> {
+    if config.partners.is_empty() {
+        tracing::warn!("no partners configured: every DICOM association will be rejected; add [[partners]] to konsil.toml");
+    }
+    let http = TcpListener::bind(config.server.http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.server.http))?;
+    let dicom = TcpListener::bind(config.server.dicom)
+        .await
+        .with_context(|| format!("cannot listen for DICOM on {}", config.server.dicom))?;
+    let app = App::open(config).await?;
+    tracing::info!(
+        http = %http.local_addr()?,
+        dicom = %dicom.local_addr()?,
+        ae_title = %app.config.server.ae_title,
+        data_dir = %app.config.server.data_dir.display(),
+        partners = app.config.partners.len(),
+        "konsil is up"
+    );
+    konsil::run(app, Listeners { http, dicom }, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn import(
+    config: config::Config,
+    path: &std::path::Path,
+    partner: &str,
+) -> anyhow::Result<ExitCode> {
+    let partner = PartnerId::parse(partner)?;
+    if config.partner(&partner).is_none() {
+        anyhow::bail!(
+            "partner {partner} is not configured; add it as [[partners]] in the config file"
+        );
+    }
+    let app = App::open_without_recovery(config).await?;
+    let summary = konsil::import::run(&app.ingest, &partner, path).await?;
+    print!("{}", summary.report());
+    Ok(if summary.rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KONSIL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
