@@ -9,7 +9,7 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     /// A DICOM UID that breaks PS3.5 §9.1.
-    #[error("invalid UID {value:?}: {reason}")]
+    #[error("invalid UID ({reason}): {value:?}")]
     Uid { value: String, reason: &'static str },
     /// An AE title that breaks PS3.5 (1–16 characters, no backslash or control characters).
     #[error("invalid AE title {value:?}: {reason}")]

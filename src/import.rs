@@ -114,6 +114,9 @@ async fn import_file(
             "no DICOM Part 10 header (preamble + DICM)".into(),
         ));
     }
+    // Back to `DICM`: the meta reader checks the magic code itself.
+    file.seek(SeekFrom::Start(128))
+        .map_err(|e| format!("cannot seek to the file meta: {e}"))?;
     let meta = FileMetaTable::from_reader(BufReader::new(&mut file))
         .map_err(|e| format!("unreadable file meta information: {e}"))?;
     if meta.media_storage_sop_class_uid() == DICOMDIR_CLASS {

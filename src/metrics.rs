@@ -11,7 +11,7 @@ type Labels = Vec<(&'static str, String)>;
 /// The gateway's counters. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
-    /// Associations by outcome (`accepted`, `rejected`, `busy`).
+    /// Associations by outcome (`accepted`, `rejected`, `busy`, `failed`).
     pub associations: Family<Labels, Counter>,
     /// Associations open right now.
     pub associations_active: Gauge,

@@ -172,9 +172,15 @@ mod tests {
         let comment = obj.element(tags::ERROR_COMMENT).unwrap().to_str().unwrap();
         assert!(comment.trim_end().len() <= 64);
 
-        let parsed = parse_request(&bytes).unwrap();
-        assert_eq!(parsed.command_field, 0x8001);
-        assert!(!parsed.has_data_set);
+        assert_eq!(
+            obj.element(tags::COMMAND_DATA_SET_TYPE)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap(),
+            0x0101
+        );
+        // A response is not a request: it has no MessageID.
+        assert!(parse_request(&bytes).is_err());
     }
 
     #[test]

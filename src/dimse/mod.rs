@@ -237,9 +237,16 @@ impl Scp {
         let mut assoc = match self.options.establish_async(socket).await {
             Ok(a) => a,
             Err(e) => {
+                // "rejected": we sent an A-ASSOCIATE-RJ; "failed": the peer
+                // went away or spoke no DICOM (port probes, scanners).
+                let outcome = if matches!(e, dicom_ul::association::Error::Rejected { .. }) {
+                    "rejected"
+                } else {
+                    "failed"
+                };
                 self.metrics
                     .associations
-                    .get_or_create(&vec![label("outcome", "rejected")])
+                    .get_or_create(&vec![label("outcome", outcome)])
                     .inc();
                 tracing::info!(error = %e, "association not established");
                 return;

@@ -11,6 +11,7 @@
 //! buffer), never the instance size.
 
 pub mod header;
+pub mod structure;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -251,7 +252,7 @@ fn write_instance(
     mut rx: mpsc::Receiver<Chunk>,
 ) -> Result<Written, IngestError> {
     let mut blob = blobs.begin()?;
-    write_file_meta(&mut *blob, declared)?;
+    let data_start = write_file_meta(&mut *blob, declared)?;
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     loop {
@@ -274,6 +275,11 @@ fn write_instance(
         let reader = blob.read_back().map_err(BlobError::Write)?;
         header::read_and_check(reader, declared)?
     };
+    {
+        let reader = blob.read_back().map_err(BlobError::Write)?;
+        structure::check(reader, data_start, declared.transfer_syntax.as_str())
+            .map_err(IngestError::Malformed)?;
+    }
     let sha256: [u8; 32] = hasher.finalize().into();
     let key = BlobKey::for_instance(&sha256, &declared.transfer_syntax);
     blob.commit(&key)?;
@@ -287,7 +293,8 @@ fn write_instance(
 
 /// Preamble, `DICM` and a file meta group that is a function of the declared
 /// identity only, so identical data sets give identical files.
-fn write_file_meta(out: &mut dyn BlobWrite, declared: &Declared) -> Result<(), IngestError> {
+/// Returns the offset where the data set starts.
+fn write_file_meta(out: &mut dyn BlobWrite, declared: &Declared) -> Result<u64, IngestError> {
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(declared.sop_class.as_str())
         .media_storage_sop_instance_uid(declared.sop_instance.as_str())
@@ -302,7 +309,7 @@ fn write_file_meta(out: &mut dyn BlobWrite, declared: &Declared) -> Result<(), I
     meta.write(&mut head)
         .map_err(|e| IngestError::Malformed(format!("cannot encode file meta: {e}")))?;
     out.write_all(&head).map_err(BlobError::Write)?;
-    Ok(())
+    Ok(head.len() as u64)
 }
 
 fn now_ms() -> i64 {

@@ -6,7 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{BlobError, BlobKey, BlobStore, BlobWrite};
+use super::{BlobError, BlobKey, BlobStore, BlobWrite, ReadSeek};
 
 /// Blobs as files in a local directory.
 #[derive(Debug)]
@@ -119,7 +119,7 @@ impl Write for FsTemp {
 }
 
 impl BlobWrite for FsTemp {
-    fn read_back(&mut self) -> io::Result<Box<dyn Read + Send + '_>> {
+    fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>> {
         let mut reader = File::open(&self.path)?;
         reader.seek(SeekFrom::Start(0))?;
         Ok(Box::new(reader))

@@ -6,7 +6,7 @@
 pub mod fs;
 pub mod sqlite;
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 
 use crate::ids::{PartnerId, Uid};
 
@@ -81,11 +81,15 @@ pub trait BlobStore: Send + Sync + 'static {
     fn ping(&self) -> Result<(), BlobError>;
 }
 
+/// A readable, seekable view of an object.
+pub trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
 /// A temporary object being written. Dropping it without [`commit`](BlobWrite::commit)
 /// discards it.
 pub trait BlobWrite: Write + Send {
     /// Re-read what has been written so far, from the start.
-    fn read_back(&mut self) -> io::Result<Box<dyn Read + Send + '_>>;
+    fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>>;
     /// Make the object durable and publish it under `key`, atomically: a
     /// reader sees the whole object or nothing.
     fn commit(self: Box<Self>, key: &BlobKey) -> Result<(), BlobError>;

@@ -1,0 +1,283 @@
+//! A structural walk of a whole data set: every element header is decoded
+//! and every value skipped (by seeking where the bytes are stored plainly),
+//! so a truncated or overrunning instance is refused without reading its
+//! pixel data into memory. The header parse in [`super::header`] only looks
+//! at the start of the object; this is what proves the rest is whole.
+
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+
+use dicom_core::header::{HasLength, Header, Length, SequenceItemHeader};
+use dicom_core::{Tag, VR};
+use dicom_encoding::decode::DecodeFrom;
+use dicom_encoding::transfer_syntax::Codec;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+const ITEM_DELIMITER: Tag = Tag(0xFFFE, 0xE00D);
+const PIXEL_DATA: Tag = Tag(0x7FE0, 0x0010);
+/// Deeper nesting than this is refused (no real object comes close; a
+/// crafted one could otherwise exhaust the stack).
+const MAX_DEPTH: usize = 64;
+
+type Decoder<'a> = Box<dyn DecodeFrom<dyn Read + 'a>>;
+
+/// Walk the data set that starts at `data_start` in `file`, encoded in
+/// `transfer_syntax`. `Err` carries a reason a sender can act on.
+pub fn check<'a>(
+    mut file: impl Read + Seek + 'a,
+    data_start: u64,
+    transfer_syntax: &str,
+) -> Result<(), String> {
+    let ts = TransferSyntaxRegistry
+        .get(transfer_syntax)
+        .ok_or_else(|| format!("unknown transfer syntax {transfer_syntax}"))?;
+    let decoder: Decoder<'a> = ts
+        .decoder_for::<dyn Read + 'a>()
+        .ok_or_else(|| format!("cannot decode transfer syntax {transfer_syntax}"))?;
+    let total = file.seek(SeekFrom::End(0)).map_err(io_reason)?;
+    file.seek(SeekFrom::Start(data_start)).map_err(io_reason)?;
+    let mut input: Input<'a> = match ts.codec() {
+        Codec::Dataset(Some(adapter)) => {
+            // Deflated: no way to seek, so the walk reads through.
+            let stream = adapter.adapt_reader(Box::new(file));
+            Input::stream(stream)
+        }
+        Codec::Dataset(None) => {
+            return Err(format!("cannot decode transfer syntax {transfer_syntax}"))
+        }
+        _ => Input::seekable(
+            Box::new(BufReader::with_capacity(64 * 1024, file)),
+            data_start,
+            total,
+        ),
+    };
+    let walker = Walker { decoder };
+    walker.data_set(&mut input, None, false, 0)
+}
+
+fn io_reason(e: io::Error) -> String {
+    format!("cannot read the stored data set: {e}")
+}
+
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+/// The bytes being walked, with the position counted and one byte of
+/// look-ahead to tell a clean end from a truncated header.
+struct Input<'a> {
+    source: Source<'a>,
+    pos: u64,
+    peeked: Option<u8>,
+}
+
+enum Source<'a> {
+    Seekable {
+        reader: Box<dyn ReadSeek + 'a>,
+        end: u64,
+    },
+    Stream(Box<dyn Read + 'a>),
+}
+
+impl<'a> Input<'a> {
+    fn seekable(reader: Box<dyn ReadSeek + 'a>, start: u64, end: u64) -> Self {
+        Input {
+            source: Source::Seekable { reader, end },
+            pos: start,
+            peeked: None,
+        }
+    }
+
+    fn stream(reader: Box<dyn Read + 'a>) -> Self {
+        Input {
+            source: Source::Stream(reader),
+            pos: 0,
+            peeked: None,
+        }
+    }
+
+    fn at_end(&mut self) -> Result<bool, String> {
+        if self.peeked.is_some() {
+            return Ok(false);
+        }
+        match &mut self.source {
+            Source::Seekable { end, .. } => Ok(self.pos >= *end),
+            Source::Stream(r) => {
+                let mut byte = [0u8; 1];
+                loop {
+                    match r.read(&mut byte) {
+                        Ok(0) => return Ok(true),
+                        Ok(_) => {
+                            self.peeked = Some(byte[0]);
+                            return Ok(false);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(io_reason(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Skip exactly `len` bytes of value, failing if the object ends first.
+    fn skip(&mut self, len: u32, tag: Tag) -> Result<(), String> {
+        let truncated = || format!("data set truncated inside element {tag}");
+        let mut remaining = u64::from(len);
+        if remaining > 0 {
+            if let Some(_) = self.peeked.take() {
+                remaining -= 1;
+                self.pos += 1;
+            }
+        }
+        match &mut self.source {
+            Source::Seekable { reader, end } => {
+                if self.pos + remaining > *end {
+                    return Err(truncated());
+                }
+                let offset = i64::try_from(remaining).map_err(|_| truncated())?;
+                reader.seek(SeekFrom::Current(offset)).map_err(io_reason)?;
+            }
+            Source::Stream(r) => {
+                let copied = io::copy(&mut r.by_ref().take(remaining), &mut io::sink())
+                    .map_err(io_reason)?;
+                if copied != remaining {
+                    return Err(truncated());
+                }
+            }
+        }
+        self.pos += remaining;
+        Ok(())
+    }
+}
+
+impl Read for Input<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if let Some(b) = self.peeked.take() {
+            buf[0] = b;
+            self.pos += 1;
+            return Ok(1);
+        }
+        let n = match &mut self.source {
+            Source::Seekable { reader, .. } => reader.read(buf)?,
+            Source::Stream(r) => r.read(buf)?,
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+struct Walker<'a> {
+    decoder: Decoder<'a>,
+}
+
+impl<'a> Walker<'a> {
+    /// Walk elements until `end` (a defined-length item), an item delimiter
+    /// (`in_undefined_item`), or the end of the object (top level).
+    fn data_set(
+        &self,
+        input: &mut Input<'a>,
+        end: Option<u64>,
+        in_undefined_item: bool,
+        depth: usize,
+    ) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err("sequences nested too deeply".into());
+        }
+        loop {
+            match end {
+                Some(end) if input.pos == end => return Ok(()),
+                Some(end) if input.pos > end => {
+                    return Err(format!("element overruns its item (offset {})", input.pos))
+                }
+                None if !in_undefined_item && input.at_end()? => return Ok(()),
+                _ => {}
+            }
+            let at = input.pos;
+            let (header, _) = self
+                .decoder
+                .decode_header(input)
+                .map_err(|e| format!("cannot read element header at offset {at}: {e}"))?;
+            if header.tag() == ITEM_DELIMITER {
+                if in_undefined_item {
+                    return Ok(());
+                }
+                return Err(format!("unexpected item delimiter at offset {at}"));
+            }
+            let len = header.length();
+            if header.vr() == VR::SQ || (len.is_undefined() && header.tag() != PIXEL_DATA) {
+                self.sequence(input, len, header.tag(), depth + 1)?;
+            } else if len.is_undefined() {
+                self.fragments(input)?;
+            } else {
+                input.skip(defined(len, header.tag())?, header.tag())?;
+            }
+        }
+    }
+
+    fn sequence(
+        &self,
+        input: &mut Input<'a>,
+        len: Length,
+        tag: Tag,
+        depth: usize,
+    ) -> Result<(), String> {
+        let end = len.get().map(|l| input.pos + u64::from(l));
+        loop {
+            if let Some(end) = end {
+                if input.pos == end {
+                    return Ok(());
+                }
+                if input.pos > end {
+                    return Err(format!("sequence {tag} overruns its length"));
+                }
+            }
+            let at = input.pos;
+            let item = self.decoder.decode_item_header(input).map_err(|e| {
+                format!("cannot read item header in sequence {tag} at offset {at}: {e}")
+            })?;
+            match item {
+                SequenceItemHeader::Item { len } if len.is_undefined() => {
+                    self.data_set(input, None, true, depth)?;
+                }
+                SequenceItemHeader::Item { len } => {
+                    let item_end = input.pos + u64::from(defined(len, tag)?);
+                    self.data_set(input, Some(item_end), false, depth)?;
+                }
+                SequenceItemHeader::SequenceDelimiter if end.is_none() => return Ok(()),
+                other => {
+                    return Err(format!(
+                        "unexpected {other:?} in sequence {tag} at offset {at}"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Encapsulated Pixel Data: items of defined length up to a sequence delimiter.
+    fn fragments(&self, input: &mut Input<'a>) -> Result<(), String> {
+        loop {
+            let at = input.pos;
+            let item = self.decoder.decode_item_header(input).map_err(|e| {
+                format!("cannot read pixel data fragment header at offset {at}: {e}")
+            })?;
+            match item {
+                SequenceItemHeader::Item { len } => {
+                    input.skip(defined(len, PIXEL_DATA)?, PIXEL_DATA)?
+                }
+                SequenceItemHeader::SequenceDelimiter => return Ok(()),
+                SequenceItemHeader::ItemDelimiter => {
+                    return Err(format!(
+                        "item delimiter among pixel data fragments at offset {at}"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn defined(len: Length, tag: Tag) -> Result<u32, String> {
+    len.get()
+        .ok_or_else(|| format!("undefined length where a defined one is required ({tag})"))
+}

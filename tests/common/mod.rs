@@ -1,0 +1,355 @@
+//! Shared harness for the integration tests: start the real `konsil` binary
+//! on free ports with a temporary data directory, and drive real peers
+//! (DCMTK, pynetdicom) against it.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// AE titles of partner `st-mary` in every test configuration.
+pub const ST_MARY_AE: &str = "TESTSCU";
+pub const PY_AE: &str = "PYNETDICOM";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running gateway.
+pub struct Gateway {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub http: u16,
+    pub dicom: u16,
+    log_path: PathBuf,
+    config_path: PathBuf,
+}
+
+impl Gateway {
+    /// Start on a fresh data directory under `work`, with extra `[server]` keys.
+    pub fn start(work: &Path, extra_server: &str) -> Gateway {
+        let data_dir = work.join("data");
+        Self::start_with(work, &data_dir, extra_server)
+    }
+
+    /// Start (again) on `data_dir`.
+    pub fn start_with(work: &Path, data_dir: &Path, extra_server: &str) -> Gateway {
+        let http = free_port();
+        let dicom = free_port();
+        let config_path = work.join(format!("konsil-{dicom}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "[server]\ndata_dir = {data:?}\nhttp = \"127.0.0.1:{http}\"\ndicom = \"127.0.0.1:{dicom}\"\nshutdown_grace_secs = 60\n{extra_server}\n\
+                 [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's Hospital\"\nae_titles = [\"{ST_MARY_AE}\", \"{PY_AE}\"]\n\
+                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\"]\n",
+                data = data_dir.display().to_string()
+            ),
+        )
+        .unwrap();
+        let log_path = work.join(format!("konsil-{dicom}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_konsil"))
+            .args(["--config", config_path.to_str().unwrap(), "serve"])
+            .env("KONSIL_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start konsil");
+        let gw = Gateway {
+            child: Some(child),
+            data_dir: data_dir.to_owned(),
+            http,
+            dicom,
+            log_path,
+            config_path,
+        };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.dicom)).is_ok()
+                && self
+                    .try_get("/healthz")
+                    .map(|(s, _)| s == 200)
+                    .unwrap_or(false)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("gateway did not come up; log:\n{}", self.log());
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A minimal HTTP/1.1 GET (status, body).
+    pub fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.http))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.try_get(path).expect("HTTP GET")
+    }
+
+    /// Peak resident set size so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        wait_timeout(&mut child, Duration::from_secs(90)).expect("konsil exits after SIGTERM")
+    }
+
+    /// SIGKILL: the crash case.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "KILL");
+        let _ = child.wait();
+    }
+
+    /// Files in the temporary-object directory.
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        temp_files(&self.data_dir)
+    }
+
+    /// Indexed instance rows (all partners).
+    pub fn instance_count(&self) -> i64 {
+        instance_count(&self.data_dir)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn temp_files(data_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data_dir.join("tmp"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+/// Count instances straight from the SQLite file, as an operator would.
+pub fn instance_count(data_dir: &Path) -> i64 {
+    let out = sql(data_dir, "SELECT COUNT(*) FROM instances");
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("count: {out}"))
+}
+
+/// Run a query with Python's sqlite3 (read-only) and return its rows as TSV.
+pub fn sql(data_dir: &Path, query: &str) -> String {
+    let db = data_dir.join("index.sqlite");
+    let script = "import sqlite3,sys\ncon=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro',uri=True)\nfor r in con.execute(sys.argv[2]): print('\\t'.join('' if v is None else str(v) for v in r))";
+    let out = Command::new("python3")
+        .args(["-c", script, db.to_str().unwrap(), query])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "sql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+pub fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
+}
+
+/// Run a Python peer helper from tests/peers and return its output.
+pub fn python(script: &str, args: &[&str]) -> Output {
+    Command::new("python3")
+        .arg(peers_dir().join(script))
+        .args(args)
+        .output()
+        .expect("python3")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One generated or sample file: path and its UIDs.
+#[derive(Debug, Clone)]
+pub struct DicomFile {
+    pub path: PathBuf,
+    pub sop_class: String,
+    pub sop_instance: String,
+    pub transfer_syntax: String,
+}
+
+/// Make test data with tests/peers/dicom_files.py.
+pub fn dicom_files(args: &[&str]) -> Vec<DicomFile> {
+    let out = python("dicom_files.py", args);
+    assert!(
+        out.status.success(),
+        "dicom_files.py {args:?}: {}",
+        stderr(&out)
+    );
+    stdout(&out)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some(DicomFile {
+                path: PathBuf::from(f.next()?),
+                sop_class: f.next()?.to_owned(),
+                sop_instance: f.next()?.to_owned(),
+                transfer_syntax: f.next()?.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// pynetdicom store/raw/echo: lines of (status, file, comment).
+pub fn pyscu(gw: &Gateway, mode: &str, args: &[&str]) -> Vec<(String, String, String)> {
+    let port = gw.dicom.to_string();
+    let mut all = vec![mode, "127.0.0.1", port.as_str(), PY_AE, "KONSIL"];
+    all.extend_from_slice(args);
+    let out = python("pyscu.py", &all);
+    assert!(
+        out.status.success(),
+        "pyscu {all:?}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(3, '\t');
+            (
+                f.next().unwrap_or("").to_owned(),
+                f.next().unwrap_or("").to_owned(),
+                f.next().unwrap_or("").trim().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// DCMTK storescu with TCP_NODELAY, calling as `aet`.
+pub fn storescu(gw: &Gateway, aet: &str, files: &[&Path]) -> Output {
+    storescu_cmd(gw, aet, files)
+        .output()
+        .expect("/usr/bin/storescu")
+}
+
+pub fn storescu_cmd(gw: &Gateway, aet: &str, files: &[&Path]) -> Command {
+    let mut cmd = Command::new("/usr/bin/storescu");
+    cmd.env("TCP_NODELAY", "1")
+        .args([
+            "-aet",
+            aet,
+            "-aec",
+            "KONSIL",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .args(files)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Path of the stored blob of an indexed instance (by partner, SOP
+/// Instance UID and transfer syntax).
+pub fn stored_blob(data_dir: &Path, partner: &str, sop: &str, ts: &str) -> PathBuf {
+    let key = sql(
+        data_dir,
+        &format!(
+            "SELECT blob_key FROM instances WHERE partner = '{partner}' AND sop_instance_uid = '{sop}' AND transfer_syntax = '{ts}'"
+        ),
+    );
+    let key = key
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("{sop} ({ts}) not indexed"));
+    data_dir.join("blobs").join(key)
+}
+
+/// Compare the data set of a stored blob with the sent file (pydicom).
+pub fn assert_same_data_set(sent: &Path, stored: &Path) {
+    let out = python(
+        "compare.py",
+        &[sent.to_str().unwrap(), stored.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{} differs from what was sent:\n{}{}",
+        sent.display(),
+        stdout(&out),
+        stderr(&out)
+    );
+}

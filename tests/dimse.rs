@@ -1,0 +1,627 @@
+//! DIMSE C-ECHO / C-STORE against real peers: DCMTK (storescu, echoscu,
+//! dcmsend) and pynetdicom. Issue 2.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn work() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+#[test]
+fn echo_and_association_access_control() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+
+    let ok = Command::new("/usr/bin/echoscu")
+        .args([
+            "-aet",
+            ST_MARY_AE,
+            "-aec",
+            "KONSIL",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "echoscu: {}", stderr(&ok));
+    let py = pyscu(&gw, "echo", &[]);
+    assert_eq!(py[0].0, "0x0000");
+
+    let unknown = Command::new("/usr/bin/echoscu")
+        .args([
+            "-aet",
+            "STRANGER",
+            "-aec",
+            "KONSIL",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("Calling AE Title Not Recognized"),
+        "{}",
+        stderr(&unknown)
+    );
+    let wrong_called = Command::new("/usr/bin/echoscu")
+        .args([
+            "-aet",
+            ST_MARY_AE,
+            "-aec",
+            "SOMEONE",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(stderr(&wrong_called).contains("Called AE Title Not Recognized"));
+
+    let log = gw.log();
+    assert!(
+        log.contains("add it to a partner's ae_titles in konsil.toml") && log.contains("STRANGER"),
+        "the log says how to add the AE title:\n{log}"
+    );
+    let (_, metrics) = gw.get("/metrics");
+    assert!(
+        metrics.contains("konsil_dimse_associations_total{outcome=\"accepted\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("konsil_dimse_associations_total{outcome=\"rejected\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn sample_files_across_transfer_syntaxes_round_trip_unchanged() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let samples = dicom_files(&["samples", work.path().join("samples").to_str().unwrap()]);
+    assert!(samples.len() >= 19);
+    // A real sample without StudyInstanceUID: refused, see the bad-input test.
+    let (refused, good): (Vec<_>, Vec<_>) = samples
+        .iter()
+        .partition(|f| f.path.ends_with("JPEGLSNearLossless_08.dcm"));
+    assert_eq!(refused.len(), 1);
+
+    // pynetdicom: one presentation context per (SOP class, transfer syntax),
+    // so each file travels in its own transfer syntax.
+    let paths: Vec<&str> = good.iter().map(|f| f.path.to_str().unwrap()).collect();
+    let results = pyscu(&gw, "store", &paths);
+    assert_eq!(results.len(), good.len());
+    for (status, file, comment) in &results {
+        assert_eq!(status, "0x0000", "{file}: {comment}");
+    }
+    // Every transfer syntax is kept as received: nothing was transcoded.
+    let seen_ts: std::collections::BTreeSet<_> =
+        good.iter().map(|f| f.transfer_syntax.clone()).collect();
+    for ts in [
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+    ] {
+        let n = sql(
+            &gw.data_dir,
+            &format!("SELECT COUNT(*) FROM instances WHERE transfer_syntax = '{ts}'"),
+        );
+        assert!(
+            n.trim() != "0",
+            "nothing stored in transfer syntax {ts} (sent: {seen_ts:?})"
+        );
+    }
+
+    // DCMTK dcmsend proposes each file's own transfer syntax; a second
+    // partner, so nothing is a duplicate of the pynetdicom copies.
+    let dcmsend = Command::new("/usr/bin/dcmsend")
+        .env("TCP_NODELAY", "1")
+        .args([
+            "-aet",
+            "CITYPACS",
+            "-aec",
+            "KONSIL",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .args(good.iter().map(|f| f.path.as_os_str()))
+        .output()
+        .unwrap();
+    assert!(dcmsend.status.success(), "dcmsend: {}", stderr(&dcmsend));
+    for f in &good {
+        // Some samples' file meta name another instance than their data set;
+        // both peers send the data set's own UID.
+        let sop = python_sop_uid(&f.path);
+        // pynetdicom sent every file in its own transfer syntax.
+        let stored = stored_blob(&gw.data_dir, "st-mary", &sop, &f.transfer_syntax);
+        assert_same_data_set(&f.path, &stored);
+        // dcmsend converts uncompressed files to the first syntax it proposes
+        // (explicit VR little endian); compressed ones travel as they are.
+        // Either way, what arrived is what is stored.
+        let uncompressed = [
+            "1.2.840.10008.1.2",
+            "1.2.840.10008.1.2.1",
+            "1.2.840.10008.1.2.2",
+        ];
+        let arrived_ts = if uncompressed.contains(&f.transfer_syntax.as_str()) {
+            "1.2.840.10008.1.2.1"
+        } else {
+            f.transfer_syntax.as_str()
+        };
+        let from_dcmsend = stored_blob(&gw.data_dir, "city-clinic", &sop, arrived_ts);
+        if arrived_ts == f.transfer_syntax {
+            assert_same_data_set(&f.path, &from_dcmsend);
+        }
+    }
+    // Character sets survive into the index as text.
+    let names = sql(
+        &gw.data_dir,
+        "SELECT patient_name FROM studies WHERE partner = 'city-clinic'",
+    );
+    assert!(
+        names.contains("Wang^XiaoDong=王^小東"),
+        "ISO 2022 Chinese name decoded: {names}"
+    );
+}
+
+fn python_sop_uid(path: &std::path::Path) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import pydicom,sys; print(pydicom.dcmread(sys.argv[1], stop_before_pixels=True).SOPInstanceUID)",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    stdout(&out).trim().to_owned()
+}
+
+#[test]
+fn ct_study_via_storescu_is_indexed_and_logs_carry_no_phi() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let files = dicom_files(&[
+        "ct",
+        work.path().join("ct").to_str().unwrap(),
+        "12",
+        "GW-PHI-4711",
+        "ACC-PHI-1",
+    ]);
+    let paths: Vec<_> = files.iter().map(|f| f.path.as_path()).collect();
+    let out = storescu(&gw, ST_MARY_AE, &paths);
+    assert!(out.status.success(), "storescu: {}", stderr(&out));
+    assert_eq!(gw.instance_count(), 12);
+    let study = sql(
+        &gw.data_dir,
+        "SELECT partner, patient_id, accession_number, patient_name, study_date FROM studies",
+    );
+    assert_eq!(
+        study.trim(),
+        "st-mary\tGW-PHI-4711\tACC-PHI-1\tMüller^Jürgen\t20260101"
+    );
+    let series = sql(&gw.data_dir, "SELECT modality, series_number FROM series");
+    assert_eq!(series.trim(), "CT\t1");
+    let row = sql(
+        &gw.data_dir,
+        &format!(
+            "SELECT source, calling_ae, length(dataset_sha256), rows, columns, instance_number, size > 500000, conflict FROM instances WHERE sop_instance_uid = '{}'",
+            files[3].sop_instance
+        ),
+    );
+    assert_eq!(row.trim(), "dimse\tTESTSCU\t64\t512\t512\t4\t1\t0");
+    for f in files.iter().step_by(5) {
+        let stored = stored_blob(&gw.data_dir, "st-mary", &f.sop_instance, &f.transfer_syntax);
+        assert_same_data_set(&f.path, &stored);
+    }
+    let (_, metrics) = gw.get("/metrics");
+    assert!(
+        metrics.contains("konsil_instances_received_total{source=\"dimse\",outcome=\"stored\"} 12"),
+        "{metrics}"
+    );
+    assert!(gw.temp_files().is_empty());
+    let log = gw.log();
+    for phi in ["GW-PHI-4711", "ACC-PHI-1", "Müller", "Jürgen", "19700101"] {
+        assert!(!log.contains(phi), "log contains PHI {phi:?}:\n{log}");
+    }
+}
+
+#[test]
+fn bad_input_gets_its_status_and_nothing_is_stored() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let dir = work.path().join("bad");
+    let out = python("dicom_files.py", &["bad", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let samples = dicom_files(&["samples", work.path().join("samples").to_str().unwrap()]);
+    let sample = |name: &str| {
+        samples
+            .iter()
+            .find(|f| f.path.ends_with(name))
+            .unwrap()
+            .path
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (vec![file("garbage.dcm")], "0xC000", "cannot parse"),
+        (
+            vec![
+                file("conflict_a.dcm"),
+                "--instance".into(),
+                "1.2.3.4".into(),
+            ],
+            "0xA900",
+            "SOPInstanceUID in data set",
+        ),
+        (
+            vec![file("nostudy.dcm")],
+            "0xA900",
+            "StudyInstanceUID (0020,000D) is missing",
+        ),
+        (vec![file("baduid.dcm")], "0xC001", "leading zero"),
+        (
+            vec![sample("MR_small.dcm"), "--cut".into(), "5".into()],
+            "0xC000",
+            "truncated",
+        ),
+        (
+            vec![sample("JPEG2000.dcm"), "--cut".into(), "20".into()],
+            "0xC000",
+            "truncated inside element (7FE0,0010)",
+        ),
+        (
+            vec![sample("test-SR.dcm"), "--cut".into(), "100".into()],
+            "0xC000",
+            "truncated",
+        ),
+        (
+            vec![sample("image_dfl.dcm"), "--cut".into(), "20".into()],
+            "0xC000",
+            "deflate",
+        ),
+        (
+            vec![sample("MR_small.dcm"), "--garbage".into()],
+            "0xC000",
+            "cannot parse",
+        ),
+        (
+            vec![sample("JPEGLSNearLossless_08.dcm")],
+            "0xA900",
+            "StudyInstanceUID",
+        ),
+    ];
+    for (args, status, reason) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = pyscu(&gw, "raw", &args);
+        assert_eq!(&result[0].0, status, "{args:?}: {:?}", result[0]);
+        assert!(
+            result[0].2.contains(reason),
+            "{args:?}: comment {:?} lacks {reason:?}",
+            result[0].2
+        );
+    }
+    assert_eq!(gw.instance_count(), 0, "nothing refused is indexed");
+    assert!(
+        gw.temp_files().is_empty(),
+        "no temp files: {:?}",
+        gw.temp_files()
+    );
+    let blobs: Vec<_> = walk(&gw.data_dir.join("blobs"));
+    assert!(blobs.is_empty(), "nothing refused is published: {blobs:?}");
+    let (_, metrics) = gw.get("/metrics");
+    assert!(
+        metrics.contains("konsil_store_failures_total{source=\"dimse\",status=\"0xC000\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("konsil_store_failures_total{source=\"dimse\",status=\"0xA900\"} 3"),
+        "{metrics}"
+    );
+
+    // The same good file afterwards is stored: the association state is clean.
+    let ok = pyscu(&gw, "raw", &[&sample("MR_small.dcm")]);
+    assert_eq!(ok[0].0, "0x0000");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn resend_is_stored_once_and_conflicts_keep_both() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let dir = work.path().join("bad");
+    assert!(python("dicom_files.py", &["bad", dir.to_str().unwrap()])
+        .status
+        .success());
+    let a = dir.join("conflict_a.dcm");
+    let b = dir.join("conflict_b.dcm");
+    let first = pyscu(&gw, "store", &[a.to_str().unwrap()]);
+    let again = storescu(&gw, ST_MARY_AE, &[&a]);
+    assert_eq!(first[0].0, "0x0000");
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(gw.instance_count(), 1, "an identical resend is stored once");
+
+    let other = pyscu(&gw, "store", &[b.to_str().unwrap()]);
+    assert_eq!(
+        other[0].0, "0x0000",
+        "a conflicting object is accepted, not lost"
+    );
+    let rows = sql(
+        &gw.data_dir,
+        "SELECT conflict, blob_key FROM instances ORDER BY id",
+    );
+    let rows: Vec<_> = rows.lines().collect();
+    assert_eq!(rows.len(), 2, "both versions kept: {rows:?}");
+    assert!(
+        rows.iter().all(|r| r.starts_with("1\t")),
+        "both flagged: {rows:?}"
+    );
+    assert_ne!(rows[0], rows[1]);
+    assert!(gw.log().contains("both kept and flagged as conflict"));
+    let (_, metrics) = gw.get("/metrics");
+    assert!(metrics.contains("outcome=\"duplicate\"} 1"), "{metrics}");
+    assert!(metrics.contains("outcome=\"conflict\"} 1"), "{metrics}");
+}
+
+#[test]
+fn storage_failure_is_a700_and_recovers() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let files = dicom_files(&["tiny", work.path().join("t").to_str().unwrap(), "2"]);
+    // Make the temporary-object directory unusable: every store now fails with
+    // an I/O error, as on a full or broken disk (root ignores permissions, so
+    // replace the directory with a file).
+    let tmp = gw.data_dir.join("tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    let failed = pyscu(&gw, "store", &[files[0].path.to_str().unwrap()]);
+    assert_eq!(failed[0].0, "0xA700");
+    assert!(failed[0].2.contains("storage failure"), "{:?}", failed[0]);
+    assert!(
+        !failed[0].2.contains(gw.data_dir.to_str().unwrap()),
+        "no paths leak to the peer"
+    );
+    assert!(gw.log().contains("C-STORE failed at the receiver"));
+    assert_eq!(gw.instance_count(), 0);
+
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    let ok = pyscu(&gw, "store", &[files[1].path.to_str().unwrap()]);
+    assert_eq!(ok[0].0, "0x0000");
+    assert_eq!(gw.instance_count(), 1);
+}
+
+#[test]
+fn over_the_association_cap_is_a_transient_rejection() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "max_associations = 1");
+    let mut holder = Command::new("python3")
+        .arg(peers_dir().join("pyscu.py"))
+        .args([
+            "hold",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+            PY_AE,
+            "KONSIL",
+            "6",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    let busy = Command::new("/usr/bin/echoscu")
+        .args([
+            "-aet",
+            ST_MARY_AE,
+            "-aec",
+            "KONSIL",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    let err = stderr(&busy);
+    assert!(err.contains("Rejected Transient"), "{err}");
+    assert!(
+        err.contains("Local Limit Exceeded")
+            || err.contains("local-limit-exceeded")
+            || err.contains("Service Provider"),
+        "{err}"
+    );
+    assert!(holder.wait().unwrap().success());
+    // Once the slot is free the same caller gets in.
+    let ok = Command::new("/usr/bin/echoscu")
+        .args([
+            "-aet",
+            ST_MARY_AE,
+            "-aec",
+            "KONSIL",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
+#[test]
+fn idle_association_is_closed_after_the_idle_timeout() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "idle_timeout_secs = 1");
+    // pynetdicom holds the association open without sending anything.
+    let out = python(
+        "pyscu.py",
+        &[
+            "hold",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+            PY_AE,
+            "KONSIL",
+            "3",
+        ],
+    );
+    let _ = out;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("idle timeout") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gw.log().contains("idle timeout"), "{}", gw.log());
+}
+
+/// Wait until a temporary object of at least `min` bytes exists.
+fn wait_for_partial(data_dir: &std::path::Path, min: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if temp_files(data_dir).iter().any(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len() >= min)
+                .unwrap_or(false)
+        }) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no partial temp object appeared");
+}
+
+#[test]
+fn kill_9_during_a_transfer_leaves_nothing_and_resend_succeeds() {
+    let work = work();
+    let big = dicom_files(&["big", work.path().join("big.dcm").to_str().unwrap(), "300"]);
+    let gw = Gateway::start(work.path(), "");
+    let data_dir = gw.data_dir.clone();
+    let mut sender = storescu_cmd(&gw, ST_MARY_AE, &[&big[0].path])
+        .spawn()
+        .unwrap();
+    wait_for_partial(&data_dir, 8 << 20);
+    gw.kill9();
+    let sent = sender.wait().unwrap();
+    assert!(!sent.success(), "the sender must not see success");
+    assert!(
+        !temp_files(&data_dir).is_empty(),
+        "the crash left a partial object behind"
+    );
+
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    assert!(
+        gw.temp_files().is_empty(),
+        "restart removed the partial object"
+    );
+    assert_eq!(gw.instance_count(), 0, "no partial instance is visible");
+    assert!(gw
+        .log()
+        .contains("removed temporary objects left by an earlier run"));
+    let again = storescu(&gw, ST_MARY_AE, &[&big[0].path]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(gw.instance_count(), 1);
+    let stored = stored_blob(
+        &gw.data_dir,
+        "st-mary",
+        &big[0].sop_instance,
+        &big[0].transfer_syntax,
+    );
+    let sent_len = std::fs::metadata(&big[0].path).unwrap().len();
+    let stored_len = std::fs::metadata(&stored).unwrap().len();
+    // Same data set; only the file meta header differs in size.
+    assert!(
+        sent_len.abs_diff(stored_len) < 512,
+        "{sent_len} vs {stored_len}"
+    );
+}
+
+#[test]
+fn sender_abort_mid_transfer_discards_the_partial_instance() {
+    let work = work();
+    let big = dicom_files(&["big", work.path().join("big.dcm").to_str().unwrap(), "300"]);
+    let gw = Gateway::start(work.path(), "");
+    let mut sender = storescu_cmd(&gw, ST_MARY_AE, &[&big[0].path])
+        .spawn()
+        .unwrap();
+    wait_for_partial(&gw.data_dir, 8 << 20);
+    signal(sender.id(), "KILL");
+    let _ = sender.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.temp_files().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        gw.temp_files().is_empty(),
+        "partial object removed without a restart"
+    );
+    assert_eq!(gw.instance_count(), 0);
+    assert!(
+        gw.log().contains("the partial instance is discarded"),
+        "{}",
+        gw.log()
+    );
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_transfer_finish_then_exits_0() {
+    let work = work();
+    let big = dicom_files(&["big", work.path().join("big.dcm").to_str().unwrap(), "300"]);
+    let gw = Gateway::start(work.path(), "");
+    let data_dir = gw.data_dir.clone();
+    let sender = storescu_cmd(&gw, ST_MARY_AE, &[&big[0].path])
+        .spawn()
+        .unwrap();
+    wait_for_partial(&data_dir, 8 << 20);
+    let status = gw.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let sent = sender.wait_with_output().unwrap();
+    assert!(
+        sent.status.success(),
+        "the in-flight C-STORE completed: {}",
+        stderr(&sent)
+    );
+    assert_eq!(instance_count(&data_dir), 1);
+}
+
+#[test]
+fn peak_memory_is_bounded_by_buffers_not_instance_size() {
+    let work = work();
+    let big = dicom_files(&["big", work.path().join("big.dcm").to_str().unwrap(), "512"]);
+    let gw = Gateway::start(work.path(), "");
+    let out = storescu(&gw, ST_MARY_AE, &[&big[0].path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(gw.instance_count(), 1);
+    let peak_mib = gw.peak_rss_kib() / 1024;
+    assert!(
+        peak_mib <= 64,
+        "peak RSS {peak_mib} MiB for a 512 MiB instance"
+    );
+}

@@ -1,0 +1,147 @@
+//! `konsil import`, the operational endpoints and the CLI. Issue 2.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn konsil(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_konsil"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn import_a_dicomdir_and_a_folder() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let cd = work.path().join("cd");
+    let files = dicom_files(&[
+        "ct",
+        cd.join("IMG").to_str().unwrap(),
+        "4",
+        "CD-PID",
+        "CD-ACC",
+        "--noext",
+    ]);
+    let mk = Command::new("dcmmkdir")
+        .current_dir(&cd)
+        .args(["+r", "IMG"])
+        .output()
+        .unwrap();
+    assert!(mk.status.success(), "dcmmkdir: {}", stderr(&mk));
+    // Not referenced by the DICOMDIR: ignored on the DICOMDIR path.
+    std::fs::write(cd.join("AUTORUN.INF"), b"[autorun]").unwrap();
+    let config = gw.config_path().to_str().unwrap().to_owned();
+
+    let out = konsil(&[
+        "--config",
+        &config,
+        "import",
+        cd.join("DICOMDIR").to_str().unwrap(),
+        "--partner",
+        "st-mary",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let report = stdout(&out);
+    assert!(report.contains("stored: 4"), "{report}");
+    assert!(report.contains("rejected: 0"), "{report}");
+    assert_eq!(gw.instance_count(), 4);
+    let source = sql(
+        &gw.data_dir,
+        "SELECT DISTINCT source, partner FROM instances",
+    );
+    assert_eq!(source.trim(), "import\tst-mary");
+    let stored = stored_blob(
+        &gw.data_dir,
+        "st-mary",
+        &files[0].sop_instance,
+        &files[0].transfer_syntax,
+    );
+    assert_same_data_set(&files[0].path, &stored);
+
+    // A folder: the same files again are duplicates; the non-DICOM file is
+    // skipped; a broken DICOM file is rejected with its reason (exit 1).
+    let bad = work.path().join("bad");
+    assert!(python("dicom_files.py", &["bad", bad.to_str().unwrap()])
+        .status
+        .success());
+    std::fs::copy(bad.join("nostudy.dcm"), cd.join("IMG/NOSTUDY")).unwrap();
+    let out = konsil(&[
+        "--config",
+        &config,
+        "import",
+        cd.join("IMG").to_str().unwrap(),
+        "--partner",
+        "st-mary",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report = stdout(&out);
+    assert!(report.contains("duplicate: 4"), "{report}");
+    assert!(report.contains("rejected: 1"), "{report}");
+    assert!(
+        report.contains("NOSTUDY: StudyInstanceUID (0020,000D) is missing"),
+        "{report}"
+    );
+    assert_eq!(gw.instance_count(), 4);
+
+    let out = konsil(&[
+        "--config",
+        &config,
+        "import",
+        cd.to_str().unwrap(),
+        "--partner",
+        "nobody",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("partner nobody is not configured"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn health_readiness_and_metrics() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    assert_eq!(gw.get("/healthz").0, 200);
+    assert_eq!(gw.get("/readyz").0, 200);
+    let (status, metrics) = gw.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("# TYPE konsil_dimse_associations_active gauge"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# EOF"), "{metrics}");
+    // The blob directory gone: not ready.
+    std::fs::rename(gw.data_dir.join("blobs"), gw.data_dir.join("blobs.moved")).unwrap();
+    assert_eq!(gw.get("/readyz").0, 503);
+    assert_eq!(gw.get("/healthz").0, 200);
+}
+
+#[test]
+fn cli_documents_flags_and_rejects_bad_config() {
+    let help = konsil(&["--help"]);
+    let text = stdout(&help);
+    for flag in [
+        "--config",
+        "--data-dir",
+        "--http",
+        "--dicom",
+        "--ae-title",
+        "serve",
+        "import",
+        "KONSIL_",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let bad = work.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nmax_pdu = 12\n").unwrap();
+    let out = konsil(&["--config", bad.to_str().unwrap(), "serve"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("max_pdu"), "{}", stderr(&out));
+}

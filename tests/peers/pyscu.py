@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""pynetdicom as a second, independent SCU.
+
+  pyscu.py echo HOST PORT AET AEC
+  pyscu.py store HOST PORT AET AEC FILE...   one presentation context per (SOP class, transfer syntax)
+  pyscu.py hold HOST PORT AET AEC SECONDS    associate, wait, release
+  pyscu.py raw HOST PORT AET AEC FILE [--instance UID] [--cut N] [--garbage]
+      send FILE's data set bytes exactly as they are (or cut short, or replaced by
+      garbage) in a C-STORE whose command names FILE's meta UIDs (or --instance):
+      real SCUs re-encode what they send, so this is how bad bytes reach the SCP.
+
+store prints "0xSSSS<TAB>FILE<TAB>error comment" per file; exit 0 once every file got a response.
+"""
+import os, struct, sys, time
+from io import BytesIO
+import pydicom
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+def associate(ae, host, port, aec):
+    assoc = ae.associate(host, int(port), ae_title=aec)
+    if not assoc.is_established:
+        print("association not established", file=sys.stderr)
+        sys.exit(2)
+    return assoc
+
+def main():
+    cmd, host, port, aet, aec = sys.argv[1:6]
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    if cmd == "echo":
+        ae.add_requested_context(Verification)
+        assoc = associate(ae, host, port, aec)
+        status = assoc.send_c_echo()
+        print(f"0x{status.Status:04X}")
+        assoc.release()
+    elif cmd == "store":
+        files = sys.argv[6:]
+        contexts = set()
+        for f in files:
+            meta = pydicom.dcmread(f, stop_before_pixels=True).file_meta
+            contexts.add((meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID))
+        for sop_class, ts in sorted(contexts):
+            ae.add_requested_context(sop_class, [ts])
+        assoc = associate(ae, host, port, aec)
+        for f in files:
+            status = assoc.send_c_store(f)
+            if not status:
+                print(f"none\t{f}\tno response")
+                continue
+            comment = status.get("ErrorComment", "")
+            print(f"0x{status.Status:04X}\t{f}\t{comment}")
+        assoc.release()
+    elif cmd == "raw":
+        path, opts = sys.argv[6], sys.argv[7:]
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        with open(path, "rb") as f:
+            raw = f.read()
+        start = 132 + 12 + struct.unpack("<I", raw[140:144])[0]
+        data = raw[start:]
+        instance = meta.MediaStorageSOPInstanceUID
+        if "--instance" in opts:
+            instance = opts[opts.index("--instance") + 1]
+        if "--cut" in opts:
+            data = data[: len(data) - int(opts[opts.index("--cut") + 1])]
+        if "--garbage" in opts:
+            data = b"\x08\x00\x16\x00UI\xff\xff" + os.urandom(200)
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+        assoc = associate(ae, host, port, aec)
+        context = assoc.accepted_contexts[0]
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+        req.AffectedSOPInstanceUID = instance
+        req.Priority = 2
+        req.DataSet = BytesIO(data)
+        # As Association.send_c_store does: pause the reactor, send, wait.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        if rsp is None:
+            print("none\tno response")
+        else:
+            print(f"0x{rsp.Status:04X}\t{path}\t{rsp.ErrorComment or ''}")
+        assoc.release()
+    elif cmd == "hold":
+        ae.add_requested_context(Verification)
+        assoc = associate(ae, host, port, aec)
+        print("held", flush=True)
+        time.sleep(float(sys.argv[6]))
+        assoc.release()
+    else:
+        sys.exit(__doc__)
+
+main()
