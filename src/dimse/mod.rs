@@ -322,7 +322,7 @@ impl Scp {
                                             break;
                                         }
                                     }
-                                    CommandAction::AwaitData(store) => pending = Some(store),
+                                    CommandAction::AwaitData(store) => pending = Some(*store),
                                 }
                             }
                             PDataValueType::Data => {
@@ -402,11 +402,11 @@ impl Scp {
             command::C_STORE_RQ if request.has_data_set => {
                 let refuse = |status: u16, comment: String| {
                     self.ingest.count_failure(Source::Dimse, status);
-                    CommandAction::AwaitData(PendingStore {
+                    CommandAction::AwaitData(Box::new(PendingStore {
                         request: request.clone(),
                         presentation_context_id: pc_id,
                         upload: Err((status, comment)),
-                    })
+                    }))
                 };
                 let Some(context) = context else {
                     return refuse(
@@ -453,11 +453,11 @@ impl Scp {
                         transfer_syntax,
                     },
                 );
-                CommandAction::AwaitData(PendingStore {
+                CommandAction::AwaitData(Box::new(PendingStore {
                     request,
                     presentation_context_id: pc_id,
                     upload: Ok(upload),
-                })
+                }))
             }
             other => {
                 tracing::info!(
@@ -520,7 +520,7 @@ impl Scp {
 
 enum CommandAction {
     Respond(Vec<u8>),
-    AwaitData(PendingStore),
+    AwaitData(Box<PendingStore>),
 }
 
 async fn send_command<S>(

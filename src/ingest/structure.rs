@@ -122,11 +122,10 @@ impl<'a> Input<'a> {
     fn skip(&mut self, len: u32, tag: Tag) -> Result<(), String> {
         let truncated = || format!("data set truncated inside element {tag}");
         let mut remaining = u64::from(len);
-        if remaining > 0 {
-            if let Some(_) = self.peeked.take() {
-                remaining -= 1;
-                self.pos += 1;
-            }
+        // The look-ahead byte, if any, is the first byte of this value.
+        if remaining > 0 && self.peeked.take().is_some() {
+            remaining -= 1;
+            self.pos += 1;
         }
         match &mut self.source {
             Source::Seekable { reader, end } => {
@@ -280,4 +279,92 @@ impl<'a> Walker<'a> {
 fn defined(len: Length, tag: Tag) -> Result<u32, String> {
     len.get()
         .ok_or_else(|| format!("undefined length where a defined one is required ({tag})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use dicom_core::value::{DataSetSequence, PixelFragmentSequence};
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    use dicom_transfer_syntax_registry::entries;
+
+    use super::*;
+
+    const ELE: &str = "1.2.840.10008.1.2.1";
+    const ILE: &str = "1.2.840.10008.1.2";
+    const JPEG: &str = "1.2.840.10008.1.2.4.50";
+
+    fn encode(obj: &InMemDicomObject, ts: &str) -> Vec<u8> {
+        let ts = TransferSyntaxRegistry.get(ts).unwrap();
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, ts).unwrap();
+        out
+    }
+
+    fn sample(pixel: DataElement<InMemDicomObject>) -> InMemDicomObject {
+        let item = InMemDicomObject::from_element_iter([DataElement::new(
+            tags::CODE_VALUE,
+            VR::SH,
+            PrimitiveValue::from("T-0001"),
+        )]);
+        InMemDicomObject::from_element_iter([
+            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3")),
+            DataElement::new(
+                tags::ANATOMIC_REGION_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(vec![item]),
+            ),
+            DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(2u16)),
+            pixel,
+        ])
+    }
+
+    fn native() -> InMemDicomObject {
+        sample(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(vec![7u8; 4096])))
+    }
+
+    fn encapsulated() -> InMemDicomObject {
+        let fragments = PixelFragmentSequence::new(vec![], vec![vec![1u8; 1000], vec![2u8; 2000]]);
+        sample(DataElement::new(tags::PIXEL_DATA, VR::OB, fragments))
+    }
+
+    #[test]
+    fn whole_data_sets_pass() {
+        for (obj, ts) in [(native(), ELE), (native(), ILE), (encapsulated(), JPEG)] {
+            let bytes = encode(&obj, ts);
+            assert_eq!(check(Cursor::new(&bytes), 0, ts), Ok(()), "{ts}");
+        }
+        assert_eq!(check(Cursor::new(Vec::new()), 0, ELE), Ok(()), "empty data set walks");
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        for (obj, ts) in [(native(), ELE), (native(), ILE), (encapsulated(), JPEG)] {
+            let bytes = encode(&obj, ts);
+            // Cutting anywhere inside an element must fail; cutting exactly
+            // at an element boundary is a shorter valid data set, which the
+            // header check catches when required attributes go missing.
+            for cut in [1, 2, 7, 100, 1001, bytes.len() - 12] {
+                let short = &bytes[..bytes.len() - cut];
+                let result = check(Cursor::new(short), 0, ts);
+                assert!(result.is_err(), "{ts}: cut {cut} accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn data_start_offset_is_honoured_and_deflate_is_walked() {
+        let mut bytes = vec![0xAAu8; 300];
+        bytes.extend(encode(&native(), ELE));
+        assert_eq!(check(Cursor::new(&bytes), 300, ELE), Ok(()));
+
+        let deflated = encode(&native(), entries::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid());
+        let ts = entries::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid();
+        assert_eq!(check(Cursor::new(&deflated), 0, ts), Ok(()));
+        let cut = &deflated[..deflated.len() - 10];
+        assert!(check(Cursor::new(cut), 0, ts).is_err());
+    }
 }
