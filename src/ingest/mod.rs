@@ -184,7 +184,9 @@ impl InstanceUpload {
         } = self;
         let _ = tx.send(Chunk::End).await;
         drop(tx);
+        let finishing = std::time::Instant::now();
         let written = worker.await.map_err(|_| IngestError::Internal)??;
+        let durable = finishing.elapsed();
         let record = InstanceRecord {
             partner: origin.partner.clone(),
             study_uid: written.header.study_uid.clone(),
@@ -201,6 +203,12 @@ impl InstanceUpload {
             calling_ae: origin.calling_ae.as_ref().map(|ae| ae.to_string()),
         };
         let outcome = ingest.index.record_instance(&record).await?;
+        tracing::debug!(
+            size = written.size,
+            check_and_publish_us = durable.as_micros() as u64,
+            index_us = (finishing.elapsed() - durable).as_micros() as u64,
+            "instance ingested"
+        );
         let source = origin.source.as_str();
         let outcome_label = match outcome {
             IndexOutcome::Stored => "stored",

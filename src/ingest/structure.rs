@@ -311,7 +311,11 @@ mod tests {
             PrimitiveValue::from("T-0001"),
         )]);
         InMemDicomObject::from_element_iter([
-            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3")),
+            DataElement::new(
+                tags::SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3"),
+            ),
             DataElement::new(
                 tags::ANATOMIC_REGION_SEQUENCE,
                 VR::SQ,
@@ -323,7 +327,11 @@ mod tests {
     }
 
     fn native() -> InMemDicomObject {
-        sample(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(vec![7u8; 4096])))
+        sample(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(vec![7u8; 4096]),
+        ))
     }
 
     fn encapsulated() -> InMemDicomObject {
@@ -337,7 +345,11 @@ mod tests {
             let bytes = encode(&obj, ts);
             assert_eq!(check(Cursor::new(&bytes), 0, ts), Ok(()), "{ts}");
         }
-        assert_eq!(check(Cursor::new(Vec::new()), 0, ELE), Ok(()), "empty data set walks");
+        assert_eq!(
+            check(Cursor::new(Vec::new()), 0, ELE),
+            Ok(()),
+            "empty data set walks"
+        );
     }
 
     #[test]
