@@ -7,7 +7,7 @@ use axum::Router;
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::store::fs::FsBlobStore;
+use crate::store::segments::SegmentStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{BlobStore, MetadataStore};
 
@@ -21,8 +21,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Index(#[from] crate::store::MetaError),
-    #[error(transparent)]
-    Blobs(#[from] crate::store::BlobError),
+    #[error("start-up recovery failed: {0}")]
+    Recover(#[from] crate::ingest::IngestError),
 }
 
 /// Shared state of one gateway node.
@@ -54,14 +54,25 @@ impl App {
             source,
         };
         std::fs::create_dir_all(&data_dir).map_err(dir_err)?;
-        let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&data_dir).map_err(dir_err)?);
-        let removed = if recover { blobs.recover()? } else { 0 };
-        if removed > 0 {
-            tracing::info!(removed, "removed temporary objects left by an earlier run");
-        }
+        let blobs: Arc<dyn BlobStore> = Arc::new(SegmentStore::open(&data_dir).map_err(dir_err)?);
         let index: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&data_dir).await?);
         let metrics = Arc::new(Metrics::new());
         let ingest = Ingest::new(Arc::clone(&blobs), Arc::clone(&index), Arc::clone(&metrics));
+        if recover {
+            let (reindexed, discarded) = ingest.recover().await?;
+            if discarded > 0 {
+                tracing::info!(
+                    discarded_bytes = discarded,
+                    "discarded unfinished objects left by an earlier run"
+                );
+            }
+            if reindexed > 0 {
+                tracing::warn!(
+                    reindexed,
+                    "re-indexed stored instances the index had lost (OS crash?)"
+                );
+            }
+        }
         Ok(Arc::new(App {
             config,
             index,

@@ -230,7 +230,11 @@ fn ct_study_via_storescu_is_indexed_and_logs_carry_no_phi() {
         metrics.contains("konsil_instances_received_total{source=\"dimse\",outcome=\"stored\"} 12"),
         "{metrics}"
     );
-    assert!(gw.temp_files().is_empty());
+    let (indexed, rows) = indexed_bytes(&gw.data_dir);
+    assert!(
+        gw.segment_bytes() - indexed < rows * 512,
+        "nothing but the instances and their framing is stored"
+    );
     let log = gw.log();
     for phi in ["GW-PHI-4711", "ACC-PHI-1", "Müller", "Jürgen", "19700101"] {
         assert!(!log.contains(phi), "log contains PHI {phi:?}:\n{log}");
@@ -316,13 +320,11 @@ fn bad_input_gets_its_status_and_nothing_is_stored() {
         );
     }
     assert_eq!(gw.instance_count(), 0, "nothing refused is indexed");
-    assert!(
-        gw.temp_files().is_empty(),
-        "no temp files: {:?}",
-        gw.temp_files()
+    assert_eq!(
+        gw.segment_bytes(),
+        0,
+        "nothing refused is kept in the blob store"
     );
-    let blobs: Vec<_> = walk(&gw.data_dir.join("blobs"));
-    assert!(blobs.is_empty(), "nothing refused is published: {blobs:?}");
     let (_, metrics) = gw.get("/metrics");
     assert!(
         metrics.contains("konsil_store_failures_total{source=\"dimse\",status=\"0xC000\"} 6"),
@@ -336,21 +338,6 @@ fn bad_input_gets_its_status_and_nothing_is_stored() {
     // The same good file afterwards is stored: the association state is clean.
     let ok = pyscu(&gw, "raw", &[&sample("MR_small.dcm")]);
     assert_eq!(ok[0].0, "0x0000");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -368,6 +355,11 @@ fn resend_is_stored_once_and_conflicts_keep_both() {
     assert_eq!(first[0].0, "0x0000");
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(gw.instance_count(), 1, "an identical resend is stored once");
+    let one_copy = gw.segment_bytes();
+    assert!(
+        one_copy < 2 * std::fs::metadata(&a).unwrap().len(),
+        "the resent bytes were not kept"
+    );
 
     let other = pyscu(&gw, "store", &[b.to_str().unwrap()]);
     assert_eq!(
@@ -376,7 +368,7 @@ fn resend_is_stored_once_and_conflicts_keep_both() {
     );
     let rows = sql(
         &gw.data_dir,
-        "SELECT conflict, blob_key FROM instances ORDER BY id",
+        "SELECT conflict, blob_offset FROM instances ORDER BY id",
     );
     let rows: Vec<_> = rows.lines().collect();
     assert_eq!(rows.len(), 2, "both versions kept: {rows:?}");
@@ -396,10 +388,10 @@ fn storage_failure_is_a700_and_recovers() {
     let work = work();
     let gw = Gateway::start(work.path(), "");
     let files = dicom_files(&["tiny", work.path().join("t").to_str().unwrap(), "2"]);
-    // Make the temporary-object directory unusable: every store now fails with
-    // an I/O error, as on a full or broken disk (root ignores permissions, so
-    // replace the directory with a file).
-    let tmp = gw.data_dir.join("tmp");
+    // Make the blob store unusable: a new segment cannot be created, as on a
+    // full or broken disk (root ignores permissions, so replace the directory
+    // with a file).
+    let tmp = gw.data_dir.join("segments");
     std::fs::remove_dir(&tmp).unwrap();
     std::fs::write(&tmp, b"not a directory").unwrap();
     let failed = pyscu(&gw, "store", &[files[0].path.to_str().unwrap()]);
@@ -502,20 +494,16 @@ fn idle_association_is_closed_after_the_idle_timeout() {
     assert!(gw.log().contains("idle timeout"), "{}", gw.log());
 }
 
-/// Wait until a temporary object of at least `min` bytes exists.
+/// Wait until at least `min` bytes of an unfinished object are on disk.
 fn wait_for_partial(data_dir: &std::path::Path, min: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if temp_files(data_dir).iter().any(|p| {
-            std::fs::metadata(p)
-                .map(|m| m.len() >= min)
-                .unwrap_or(false)
-        }) {
+        if segment_bytes(data_dir) >= min {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("no partial temp object appeared");
+    panic!("no partial object appeared");
 }
 
 #[test]
@@ -532,19 +520,19 @@ fn kill_9_during_a_transfer_leaves_nothing_and_resend_succeeds() {
     let sent = sender.wait().unwrap();
     assert!(!sent.success(), "the sender must not see success");
     assert!(
-        !temp_files(&data_dir).is_empty(),
+        segment_bytes(&data_dir) >= 8 << 20,
         "the crash left a partial object behind"
     );
 
     let gw = Gateway::start_with(work.path(), &data_dir, "");
-    assert!(
-        gw.temp_files().is_empty(),
-        "restart removed the partial object"
-    );
+    assert_eq!(gw.segment_bytes(), 0, "restart removed the partial object");
     assert_eq!(gw.instance_count(), 0, "no partial instance is visible");
-    assert!(gw
-        .log()
-        .contains("removed temporary objects left by an earlier run"));
+    assert!(
+        gw.log()
+            .contains("discarded unfinished objects left by an earlier run"),
+        "{}",
+        gw.log()
+    );
     let again = storescu(&gw, ST_MARY_AE, &[&big[0].path]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(gw.instance_count(), 1);
@@ -575,11 +563,12 @@ fn sender_abort_mid_transfer_discards_the_partial_instance() {
     signal(sender.id(), "KILL");
     let _ = sender.wait();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !gw.temp_files().is_empty() && Instant::now() < deadline {
+    while gw.segment_bytes() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        gw.temp_files().is_empty(),
+    assert_eq!(
+        gw.segment_bytes(),
+        0,
         "partial object removed without a restart"
     );
     assert_eq!(gw.instance_count(), 0);
@@ -624,4 +613,66 @@ fn peak_memory_is_bounded_by_buffers_not_instance_size() {
         peak_mib <= 64,
         "peak RSS {peak_mib} MiB for a 512 MiB instance"
     );
+}
+
+#[test]
+fn index_commits_lost_with_the_os_are_rebuilt_from_the_blob_store() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let files = dicom_files(&["tiny", work.path().join("t").to_str().unwrap(), "6"]);
+    let paths: Vec<_> = files.iter().map(|f| f.path.as_path()).collect();
+    let out = storescu(&gw, ST_MARY_AE, &paths);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(gw.instance_count(), 6);
+    let data_dir = gw.data_dir.clone();
+    gw.kill9();
+
+    // What an OS crash can do with synchronous=NORMAL: the last commits
+    // never reached the disk. Roll the index back to after the second
+    // instance, with a recovery point that is not even a record boundary
+    // (inside the second record's trailer): recovery must rescan, not cut.
+    let lose = "import sqlite3,sys\ncon=sqlite3.connect(sys.argv[1])\n\
+        keep=con.execute('SELECT id FROM instances ORDER BY id LIMIT 1 OFFSET 1').fetchone()[0]\n\
+        end=con.execute('SELECT blob_offset+blob_length FROM instances WHERE id=?',(keep,)).fetchone()[0]\n\
+        con.execute('DELETE FROM instances WHERE id>?',(keep,))\n\
+        con.execute('UPDATE blob_objects SET resume_at=?',(end,))\n\
+        con.commit()";
+    let rolled = Command::new("python3")
+        .args(["-c", lose, data_dir.join("index.sqlite").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(rolled.status.success(), "{}", stderr(&rolled));
+    assert_eq!(instance_count(&data_dir), 2);
+
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    assert_eq!(
+        gw.instance_count(),
+        6,
+        "every acknowledged instance is back"
+    );
+    assert!(
+        gw.log()
+            .contains("re-indexed stored instances the index had lost"),
+        "{}",
+        gw.log()
+    );
+    let row = sql(
+        &gw.data_dir,
+        &format!(
+            "SELECT source, calling_ae, partner FROM instances WHERE sop_instance_uid = '{}'",
+            files[5].sop_instance
+        ),
+    );
+    assert_eq!(
+        row.trim(),
+        "dimse\tTESTSCU\tst-mary",
+        "provenance restored too"
+    );
+    let stored = stored_blob(
+        &gw.data_dir,
+        "st-mary",
+        &files[5].sop_instance,
+        &files[5].transfer_syntax,
+    );
+    assert_same_data_set(&files[5].path, &stored);
 }

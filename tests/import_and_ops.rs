@@ -116,8 +116,12 @@ fn health_readiness_and_metrics() {
         "{metrics}"
     );
     assert!(metrics.contains("# EOF"), "{metrics}");
-    // The blob directory gone: not ready.
-    std::fs::rename(gw.data_dir.join("blobs"), gw.data_dir.join("blobs.moved")).unwrap();
+    // The blob store's directory gone: not ready.
+    std::fs::rename(
+        gw.data_dir.join("segments"),
+        gw.data_dir.join("segments.moved"),
+    )
+    .unwrap();
     assert_eq!(gw.get("/readyz").0, 503);
     assert_eq!(gw.get("/healthz").0, 200);
 }

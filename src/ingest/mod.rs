@@ -1,9 +1,10 @@
 //! The one streaming ingest pipeline, shared by C-STORE, STOW-RS and
 //! `konsil import`.
 //!
-//! bytes → temporary object (hashed as they pass) → header parsed up to,
-//! not into, Pixel Data and checked → fsync + atomic publish → indexed in one
-//! transaction → only then does the caller acknowledge.
+//! bytes → a new blob-store record (hashed as they pass) → header parsed up
+//! to, not into, Pixel Data and checked → structure walked → fsync → indexed
+//! in one transaction (the index row is what makes it visible) → only then
+//! does the caller acknowledge.
 //!
 //! Two stages joined by a bounded channel: the protocol edge pushes chunks
 //! from its async task; a blocking thread hashes and writes them. Memory per
@@ -13,11 +14,11 @@
 pub mod header;
 pub mod structure;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -25,8 +26,8 @@ use tokio::task::JoinHandle;
 use crate::ids::{AeTitle, PartnerId, Uid};
 use crate::metrics::{label, Metrics};
 use crate::store::{
-    BlobError, BlobKey, BlobStore, BlobWrite, IndexOutcome, InstanceRecord, MetaError,
-    MetadataStore, Source,
+    BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, Durable, IndexOutcome,
+    InstanceRecord, MetaError, MetadataStore, RecoveredBlob, Source,
 };
 
 /// Chunks in flight between the edge and the writer thread.
@@ -121,8 +122,10 @@ impl Ingest {
         let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_DEPTH);
         let blobs = Arc::clone(&self.blobs);
         let worker_declared = declared.clone();
-        let worker =
-            tokio::task::spawn_blocking(move || write_instance(&*blobs, &worker_declared, rx));
+        let worker_origin = origin.clone();
+        let worker = tokio::task::spawn_blocking(move || {
+            write_instance(&*blobs, &worker_origin, &worker_declared, rx)
+        });
         InstanceUpload {
             ingest: self.clone(),
             origin,
@@ -173,7 +176,7 @@ impl InstanceUpload {
         Ok(())
     }
 
-    /// All bytes passed: check, make durable, publish and index.
+    /// All bytes passed: check, make durable and index.
     pub async fn finish(self) -> Result<Receipt, IngestError> {
         let InstanceUpload {
             ingest,
@@ -186,48 +189,109 @@ impl InstanceUpload {
         drop(tx);
         let finishing = std::time::Instant::now();
         let written = worker.await.map_err(|_| IngestError::Internal)??;
-        let durable = finishing.elapsed();
+        let checked = finishing.elapsed();
+        let receipt = ingest.index(&origin, &declared, written).await?;
+        tracing::debug!(
+            size = receipt.size,
+            checks_us = checked.as_micros() as u64,
+            sync_and_index_us = (finishing.elapsed() - checked).as_micros() as u64,
+            "instance ingested"
+        );
+        Ok(receipt)
+    }
+}
+
+impl Ingest {
+    /// Record a durable instance in the index; withdraw the blob again when
+    /// the index already holds the same bytes or cannot take the record.
+    async fn index(
+        &self,
+        origin: &Origin,
+        declared: &Declared,
+        written: Written,
+    ) -> Result<Receipt, IngestError> {
+        let Written {
+            header,
+            provenance,
+            blob,
+        } = written;
+        let (location, resume_at) = match &blob {
+            PendingBlob::Written { blob, label } => blob.planned(label.len()),
+            PendingBlob::Durable(done) => (done.location().clone(), done.resume_at()),
+        };
         let record = InstanceRecord {
             partner: origin.partner.clone(),
-            study_uid: written.header.study_uid.clone(),
-            series_uid: written.header.series_uid.clone(),
+            study_uid: header.study_uid.clone(),
+            series_uid: header.series_uid.clone(),
             sop_instance_uid: declared.sop_instance.clone(),
             sop_class_uid: declared.sop_class.clone(),
             transfer_syntax: declared.transfer_syntax.clone(),
-            attributes: written.header.attributes,
-            received_at_ms: now_ms(),
-            size: written.size,
-            dataset_sha256: written.sha256,
-            blob_key: written.key,
+            attributes: header.attributes,
+            received_at_ms: provenance.received_at_ms,
+            size: provenance.size,
+            dataset_sha256: provenance.sha256()?,
+            blob: location,
+            resume_at,
             source: origin.source,
             calling_ae: origin.calling_ae.as_ref().map(|ae| ae.to_string()),
         };
-        let outcome = ingest.index.record_instance(&record).await?;
-        tracing::debug!(
-            size = written.size,
-            check_and_publish_us = durable.as_micros() as u64,
-            index_us = (finishing.elapsed() - durable).as_micros() as u64,
-            "instance ingested"
-        );
+        // The fsync runs while the index prepares its row; the row commits
+        // only once the blob is durable.
+        let mut durable_blob: Option<Box<dyn CommittedBlob>> = None;
+        let recorded = {
+            let slot = &mut durable_blob;
+            let durable: Durable<'_> = Box::pin(async move {
+                let done = match blob {
+                    PendingBlob::Written { blob, label } => {
+                        tokio::task::spawn_blocking(move || blob.commit(&label))
+                            .await
+                            .map_err(|_| "blob writer thread failed".to_owned())?
+                            .map_err(|e| e.to_string())?
+                    }
+                    PendingBlob::Durable(done) => done,
+                };
+                *slot = Some(done);
+                Ok(())
+            });
+            self.index.record_instance(&record, durable).await
+        };
+        let withdraw = |blob: Option<Box<dyn CommittedBlob>>| async move {
+            match blob {
+                Some(blob) => tokio::task::spawn_blocking(move || blob.retract())
+                    .await
+                    .map_err(|_| IngestError::Internal)?
+                    .map_err(IngestError::from),
+                None => Ok(()),
+            }
+        };
+        let outcome = match recorded {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let _ = withdraw(durable_blob).await;
+                return Err(e.into());
+            }
+        };
+        if outcome == IndexOutcome::Duplicate {
+            // The same bytes are already stored: keep one copy.
+            withdraw(durable_blob).await?;
+        }
         let source = origin.source.as_str();
         let outcome_label = match outcome {
             IndexOutcome::Stored => "stored",
             IndexOutcome::Duplicate => "duplicate",
             IndexOutcome::Conflict => "conflict",
         };
-        ingest
-            .metrics
+        self.metrics
             .instances
             .get_or_create(&vec![
                 label("source", source),
                 label("outcome", outcome_label),
             ])
             .inc();
-        ingest
-            .metrics
+        self.metrics
             .bytes
             .get_or_create(&vec![label("source", source)])
-            .inc_by(written.size);
+            .inc_by(record.size);
         if outcome == IndexOutcome::Conflict {
             tracing::warn!(
                 partner = %origin.partner,
@@ -239,23 +303,104 @@ impl InstanceUpload {
             outcome,
             study_uid: record.study_uid,
             series_uid: record.series_uid,
-            sop_instance: declared.sop_instance,
-            size: written.size,
+            sop_instance: record.sop_instance_uid,
+            size: record.size,
+        })
+    }
+
+    /// Start-up recovery: index what the blob store holds durably but the
+    /// index lost (an OS crash between the blob fsync and the index commit).
+    /// Returns (re-indexed, discarded bytes of unfinished objects).
+    pub async fn recover(&self) -> Result<(usize, u64), IngestError> {
+        let resume_at = self.index.blob_resume_points().await?;
+        let blobs = Arc::clone(&self.blobs);
+        let recovery = tokio::task::spawn_blocking(move || blobs.recover(&resume_at))
+            .await
+            .map_err(|_| IngestError::Internal)??;
+        let mut reindexed = 0;
+        for found in recovery.unindexed {
+            let blobs = Arc::clone(&self.blobs);
+            let read = tokio::task::spawn_blocking(move || reread(&*blobs, found))
+                .await
+                .map_err(|_| IngestError::Internal)?;
+            match read {
+                Ok((origin, declared, written)) => {
+                    let receipt = self.index(&origin, &declared, written).await?;
+                    if receipt.outcome != IndexOutcome::Duplicate {
+                        reindexed += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a recovered object could not be re-indexed; left in place")
+                }
+            }
+        }
+        Ok((reindexed, recovery.discarded_bytes))
+    }
+}
+
+/// What is kept with every stored object so the index can be rebuilt from
+/// the blob store alone.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Provenance {
+    partner: String,
+    source: String,
+    calling_ae: Option<String>,
+    received_at_ms: i64,
+    dataset_sha256: String,
+    size: u64,
+}
+
+impl Provenance {
+    fn sha256(&self) -> Result<[u8; 32], IngestError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.dataset_sha256, &mut out)
+            .map_err(|_| IngestError::Malformed("stored provenance has a bad digest".into()))?;
+        Ok(out)
+    }
+
+    fn origin(&self) -> Result<Origin, IngestError> {
+        let bad =
+            |what: &str| IngestError::Malformed(format!("stored provenance has a bad {what}"));
+        Ok(Origin {
+            partner: PartnerId::parse(&self.partner).map_err(|_| bad("partner"))?,
+            source: match self.source.as_str() {
+                "dimse" => Source::Dimse,
+                "stow" => Source::Stow,
+                "import" => Source::Import,
+                _ => return Err(bad("source")),
+            },
+            calling_ae: match &self.calling_ae {
+                Some(ae) => Some(AeTitle::parse(ae).map_err(|_| bad("calling AE title"))?),
+                None => None,
+            },
         })
     }
 }
 
+/// A checked instance on its way into the index.
 struct Written {
     header: header::Header,
-    sha256: [u8; 32],
-    size: u64,
-    key: BlobKey,
+    provenance: Provenance,
+    blob: PendingBlob,
+}
+
+enum PendingBlob {
+    /// Written and checked, not yet durable: commit it with this label.
+    Written {
+        blob: Box<dyn BlobWrite>,
+        label: Vec<u8>,
+    },
+    /// Already durable (found by recovery).
+    Durable(Box<dyn CommittedBlob>),
 }
 
 /// The blocking stage: write the file meta we build from `declared`, then
-/// every chunk, hashing the data set bytes; then check the header and commit.
+/// every chunk, hashing the data set bytes; then check the header and the
+/// structure. The commit (fsync) follows in [`Ingest::index`].
 fn write_instance(
     blobs: &dyn BlobStore,
+    origin: &Origin,
     declared: &Declared,
     mut rx: mpsc::Receiver<Chunk>,
 ) -> Result<Written, IngestError> {
@@ -289,14 +434,76 @@ fn write_instance(
             .map_err(IngestError::Malformed)?;
     }
     let sha256: [u8; 32] = hasher.finalize().into();
-    let key = BlobKey::for_instance(&sha256, &declared.transfer_syntax);
-    blob.commit(&key)?;
+    let provenance = Provenance {
+        partner: origin.partner.to_string(),
+        source: origin.source.as_str().to_owned(),
+        calling_ae: origin.calling_ae.as_ref().map(|ae| ae.to_string()),
+        received_at_ms: now_ms(),
+        dataset_sha256: hex::encode(sha256),
+        size,
+    };
+    let label = serde_json::to_vec(&provenance).map_err(|_| IngestError::Internal)?;
     Ok(Written {
         header,
-        sha256,
-        size,
-        key,
+        provenance,
+        blob: PendingBlob::Written { blob, label },
     })
+}
+
+/// Recovery: rebuild what `write_instance` knew from a stored object.
+fn reread(
+    blobs: &dyn BlobStore,
+    found: RecoveredBlob,
+) -> Result<(Origin, Declared, Written), IngestError> {
+    let provenance: Provenance = serde_json::from_slice(&found.label)
+        .map_err(|e| IngestError::Malformed(format!("stored provenance unreadable: {e}")))?;
+    let origin = provenance.origin()?;
+    let mut reader = blobs.open(&found.location)?;
+    let mut preamble = [0u8; 128];
+    reader
+        .read_exact(&mut preamble)
+        .map_err(|e| IngestError::Malformed(format!("stored object unreadable: {e}")))?;
+    let meta = FileMetaTable::from_reader(reader)
+        .map_err(|e| IngestError::Malformed(format!("stored file meta unreadable: {e}")))?;
+    let uid = |v: &str| Uid::parse(v).map_err(|e| IngestError::InvalidUid(e.to_string()));
+    let declared = Declared {
+        sop_class: uid(meta.media_storage_sop_class_uid())?,
+        sop_instance: uid(meta.media_storage_sop_instance_uid())?,
+        transfer_syntax: uid(meta.transfer_syntax())?,
+    };
+    let header = header::read_and_check(blobs.open(&found.location)?, &declared)?;
+    let blob = PendingBlob::Durable(Box::new(RecoveredHandle {
+        location: found.location,
+        resume_at: found.resume_at,
+    }));
+    Ok((
+        origin,
+        declared,
+        Written {
+            header,
+            provenance,
+            blob,
+        },
+    ))
+}
+
+/// A recovered object: already durable; a duplicate is left as dead space
+/// (recovery runs before any writer, so it is not at a segment's end).
+struct RecoveredHandle {
+    location: BlobLocation,
+    resume_at: u64,
+}
+
+impl CommittedBlob for RecoveredHandle {
+    fn location(&self) -> &BlobLocation {
+        &self.location
+    }
+    fn resume_at(&self) -> u64 {
+        self.resume_at
+    }
+    fn retract(self: Box<Self>) -> Result<(), BlobError> {
+        Ok(())
+    }
 }
 
 /// Preamble, `DICM` and a file meta group that is a function of the declared

@@ -1,11 +1,12 @@
 //! Storage behind two small traits: a metadata index ([`MetadataStore`]) and
 //! a blob store ([`BlobStore`]). The embedded defaults are a SQLite file and
-//! a local directory; a PostgreSQL and an S3-compatible implementation slot
+//! append-only segment files in a local directory; a PostgreSQL and an S3-compatible implementation slot
 //! in behind the same traits without touching the edges.
 
-pub mod fs;
+pub mod segments;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::io::{self, Read, Seek, Write};
 
 use crate::ids::{PartnerId, Uid};
@@ -29,70 +30,91 @@ impl Source {
     }
 }
 
-/// The name of a published blob. Derived from the content hash, never from
-/// wire text, so it is always safe as a path or object key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BlobKey(String);
-
-impl BlobKey {
-    /// Key for a DICOM instance: the SHA-256 of its data set and its transfer
-    /// syntax (the stored file meta header is a function of both).
-    pub fn for_instance(dataset_sha256: &[u8; 32], transfer_syntax: &Uid) -> BlobKey {
-        let hex = hex::encode(dataset_sha256);
-        BlobKey(format!("{}/{}-{}.dcm", &hex[..2], hex, transfer_syntax))
-    }
-
-    /// Rebuild a key read back from the index.
-    pub fn from_stored(key: String) -> BlobKey {
-        BlobKey(key)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+/// Where a stored object lives: a byte range of a named object (a segment
+/// file of the embedded store, or a whole object in an object store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub object: String,
+    pub offset: u64,
+    pub length: u64,
 }
 
 /// Errors of the blob store.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
-    #[error("cannot create temporary object: {0}")]
-    CreateTemp(#[source] io::Error),
+    #[error("cannot create a storage object: {0}")]
+    Create(#[source] io::Error),
     #[error("cannot write object: {0}")]
     Write(#[source] io::Error),
     #[error("cannot make object durable: {0}")]
     Sync(#[source] io::Error),
-    #[error("cannot publish object {key}: {source}")]
-    Publish { key: String, source: io::Error },
-    #[error("cannot open object {key}: {source}")]
-    Open { key: String, source: io::Error },
-    #[error("cannot clean up temporary objects: {0}")]
+    #[error("cannot withdraw object: {0}")]
+    Retract(#[source] io::Error),
+    #[error("cannot open object {object}: {source}")]
+    Open { object: String, source: io::Error },
+    #[error("cannot recover the blob store: {0}")]
     Recover(#[source] io::Error),
-}
-
-/// Content-addressed storage of whole objects. Called from blocking threads.
-pub trait BlobStore: Send + Sync + 'static {
-    /// Start a new temporary object; nothing is visible until it is committed.
-    fn begin(&self) -> Result<Box<dyn BlobWrite>, BlobError>;
-    /// Read a published object.
-    fn open(&self, key: &BlobKey) -> Result<Box<dyn Read + Send>, BlobError>;
-    /// Remove temporary objects left behind by a crash. Run at start-up.
-    fn recover(&self) -> Result<usize, BlobError>;
-    /// Whether the store is reachable and writable.
-    fn ping(&self) -> Result<(), BlobError>;
 }
 
 /// A readable, seekable view of an object.
 pub trait ReadSeek: Read + Seek + Send {}
 impl<T: Read + Seek + Send> ReadSeek for T {}
 
-/// A temporary object being written. Dropping it without [`commit`](BlobWrite::commit)
+/// Durable object storage. Called from blocking threads.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Start a new object; nothing is durable or readable by others until
+    /// it is committed.
+    fn begin(&self) -> Result<Box<dyn BlobWrite>, BlobError>;
+    /// Read a committed object.
+    fn open(&self, location: &BlobLocation) -> Result<Box<dyn Read + Send>, BlobError>;
+    /// After a crash: drop unfinished objects, and return the committed ones
+    /// past each object's recovery point (`resume_at`, as recorded by the
+    /// index), which the index may not hold yet. Run at start-up, before any
+    /// writer.
+    fn recover(&self, resume_at: &HashMap<String, u64>) -> Result<Recovery, BlobError>;
+    /// Whether the store is reachable.
+    fn ping(&self) -> Result<(), BlobError>;
+}
+
+/// An object being written. Dropping it without [`commit`](BlobWrite::commit)
 /// discards it.
 pub trait BlobWrite: Write + Send {
-    /// Re-read what has been written so far, from the start.
+    /// Re-read what has been written so far, from the object's start.
     fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>>;
-    /// Make the object durable and publish it under `key`, atomically: a
-    /// reader sees the whole object or nothing.
-    fn commit(self: Box<Self>, key: &BlobKey) -> Result<(), BlobError>;
+    /// Where the object will be, and the recovery point after it, once
+    /// committed with a label of `label_len` bytes (known before the fsync,
+    /// so the index can prepare its row meanwhile).
+    fn planned(&self, label_len: usize) -> (BlobLocation, u64);
+    /// Make the object durable. `label` is kept with it and handed back by
+    /// [`BlobStore::recover`], so the index can be rebuilt from the store.
+    fn commit(self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError>;
+}
+
+/// A durable object, before the index has recorded it.
+pub trait CommittedBlob: Send {
+    fn location(&self) -> &BlobLocation;
+    /// The recovery point to record with this object in the index.
+    fn resume_at(&self) -> u64;
+    /// Withdraw the object (the index already had an identical one, or
+    /// indexing failed). Dropping the handle keeps it.
+    fn retract(self: Box<Self>) -> Result<(), BlobError>;
+}
+
+/// What [`BlobStore::recover`] found.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Bytes of unfinished objects removed.
+    pub discarded_bytes: u64,
+    /// Committed objects the index may not hold.
+    pub unindexed: Vec<RecoveredBlob>,
+}
+
+/// A committed object found by recovery.
+#[derive(Debug, Clone)]
+pub struct RecoveredBlob {
+    pub location: BlobLocation,
+    pub resume_at: u64,
+    pub label: Vec<u8>,
 }
 
 /// Attributes of one instance for the index (patient / study / series /
@@ -136,7 +158,9 @@ pub struct InstanceRecord {
     pub received_at_ms: i64,
     pub size: u64,
     pub dataset_sha256: [u8; 32],
-    pub blob_key: BlobKey,
+    pub blob: BlobLocation,
+    /// Recovery point of `blob.object` once this record is indexed.
+    pub resume_at: u64,
     pub source: Source,
     pub calling_ae: Option<String>,
 }
@@ -164,7 +188,7 @@ pub struct StoredInstance {
     pub transfer_syntax: String,
     pub size: u64,
     pub dataset_sha256: String,
-    pub blob_key: BlobKey,
+    pub blob: BlobLocation,
     pub source: String,
     pub calling_ae: Option<String>,
     pub conflict: bool,
@@ -179,19 +203,34 @@ pub enum MetaError {
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("index query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("the object did not become durable: {0}")]
+    NotDurable(String),
 }
+
+/// Resolves once the blob behind an index record is durable.
+pub type Durable<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// The metadata index.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
-    /// Record one instance and its patient/study/series levels in one transaction.
-    async fn record_instance(&self, record: &InstanceRecord) -> Result<IndexOutcome, MetaError>;
+    /// Record one instance and its patient/study/series levels in one
+    /// transaction. The statements run while `durable` is pending (the blob
+    /// fsync); the transaction commits only after it resolves `Ok`, and
+    /// `durable` is always awaited before this returns, whatever the outcome.
+    async fn record_instance<'a>(
+        &self,
+        record: &InstanceRecord,
+        durable: Durable<'a>,
+    ) -> Result<IndexOutcome, MetaError>;
     /// All indexed versions of an instance of one partner (more than one only on conflict).
     async fn instances_by_sop(
         &self,
         partner: &PartnerId,
         sop_instance_uid: &str,
     ) -> Result<Vec<StoredInstance>, MetaError>;
+    /// Recovery points of the blob store's objects, as last recorded.
+    async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError>;
     /// Number of indexed instances (all partners).
     async fn instance_count(&self) -> Result<i64, MetaError>;
     /// Whether the database answers.

@@ -153,9 +153,9 @@ impl Gateway {
         let _ = child.wait();
     }
 
-    /// Files in the temporary-object directory.
-    pub fn temp_files(&self) -> Vec<PathBuf> {
-        temp_files(&self.data_dir)
+    /// Total bytes in the blob store's segment files.
+    pub fn segment_bytes(&self) -> u64 {
+        segment_bytes(&self.data_dir)
     }
 
     /// Indexed instance rows (all partners).
@@ -173,10 +173,29 @@ impl Drop for Gateway {
     }
 }
 
-pub fn temp_files(data_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(data_dir.join("tmp"))
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default()
+/// Total bytes in the blob store's segment files.
+pub fn segment_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("segments"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes the index accounts for: every indexed object plus record framing
+/// (at most `slack` bytes per record).
+pub fn indexed_bytes(data_dir: &Path) -> (u64, u64) {
+    let out = sql(
+        data_dir,
+        "SELECT COALESCE(SUM(blob_length), 0), COUNT(*) FROM instances",
+    );
+    let mut f = out.trim().split('\t');
+    let bytes = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let rows = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (bytes, rows)
 }
 
 /// Count instances straight from the SQLite file, as an operator would.
@@ -323,20 +342,35 @@ pub fn storescu_cmd(gw: &Gateway, aet: &str, files: &[&Path]) -> Command {
     cmd
 }
 
-/// Path of the stored blob of an indexed instance (by partner, SOP
-/// Instance UID and transfer syntax).
+/// The stored Part 10 object of an indexed instance (by partner, SOP
+/// Instance UID and transfer syntax), copied out of its segment into a file
+/// next to the data directory.
 pub fn stored_blob(data_dir: &Path, partner: &str, sop: &str, ts: &str) -> PathBuf {
-    let key = sql(
+    let row = sql(
         data_dir,
         &format!(
-            "SELECT blob_key FROM instances WHERE partner = '{partner}' AND sop_instance_uid = '{sop}' AND transfer_syntax = '{ts}'"
+            "SELECT blob_object, blob_offset, blob_length FROM instances WHERE partner = '{partner}' AND sop_instance_uid = '{sop}' AND transfer_syntax = '{ts}'"
         ),
     );
-    let key = key
+    let row = row
         .lines()
         .next()
         .unwrap_or_else(|| panic!("{sop} ({ts}) not indexed"));
-    data_dir.join("blobs").join(key)
+    let mut f = row.split('\t');
+    let (object, offset, length) = (
+        f.next().unwrap(),
+        f.next().unwrap().parse::<u64>().unwrap(),
+        f.next().unwrap().parse::<usize>().unwrap(),
+    );
+    let segment = std::fs::read(data_dir.join("segments").join(object)).unwrap();
+    let start = offset as usize;
+    let bytes = &segment[start..start + length];
+    let out = data_dir
+        .parent()
+        .unwrap()
+        .join(format!("stored-{partner}-{sop}-{ts}.dcm"));
+    std::fs::write(&out, bytes).unwrap();
+    out
 }
 
 /// Compare the data set of a stored blob with the sent file (pydicom).

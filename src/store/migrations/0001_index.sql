@@ -16,8 +16,8 @@ CREATE TABLE studies (
     study_id                 TEXT,
     study_description        TEXT,
     specific_character_set   TEXT,
+    -- activity after the first instance is derived from instances.received_at_ms
     first_received_ms        INTEGER NOT NULL,
-    last_received_ms         INTEGER NOT NULL,
     PRIMARY KEY (partner, study_uid)
 );
 CREATE INDEX studies_by_patient ON studies (partner, patient_id);
@@ -53,7 +53,10 @@ CREATE TABLE instances (
     received_at_ms   INTEGER NOT NULL,
     size             INTEGER NOT NULL,
     dataset_sha256   TEXT NOT NULL,
-    blob_key         TEXT NOT NULL,
+    -- where the stored Part 10 object is: a byte range of a blob-store object
+    blob_object      TEXT NOT NULL,
+    blob_offset      INTEGER NOT NULL,
+    blob_length      INTEGER NOT NULL,
     source           TEXT NOT NULL CHECK (source IN ('dimse', 'stow', 'import')),
     calling_ae       TEXT,
     -- 1 when another object with different content exists under this SOP
@@ -65,3 +68,12 @@ CREATE TABLE instances (
 CREATE INDEX instances_by_sop ON instances (partner, sop_instance_uid);
 CREATE INDEX instances_by_series ON instances (partner, series_uid);
 CREATE INDEX instances_by_study ON instances (partner, study_uid);
+
+-- Per blob-store object (segment), the point up to which every committed
+-- record is indexed. Start-up recovery re-indexes from here, which is what
+-- makes synchronous=NORMAL safe: a commit lost with the OS is rebuilt from
+-- the (fsynced) segment.
+CREATE TABLE blob_objects (
+    object    TEXT PRIMARY KEY,
+    resume_at INTEGER NOT NULL
+);

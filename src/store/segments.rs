@@ -1,0 +1,614 @@
+//! The embedded blob store: append-only segment files under
+//! `<data_dir>/segments`.
+//!
+//! Why segments and not one file per instance: making a new file durable
+//! costs an inode allocation, a rename and a directory fsync on top of the
+//! data fsync; appending to a file this writer owns costs one `fdatasync`.
+//! That is what lets durable ingest keep up with receivers that do not sync.
+//!
+//! Each writer holds one segment exclusively (a pool hands them out), so a
+//! record is contiguous. A record is
+//!
+//! ```text
+//! "KNSLREC1" | payload length (u64 LE, 0 until committed) | payload
+//!            | label length (u32 LE) | label | "KNSLEND1"
+//! ```
+//!
+//! The payload is the object (for DICOM: preamble, file meta, data set). A
+//! record is complete only when its length is set and its end marker is in
+//! place; recovery truncates a segment at its first incomplete record, so an
+//! unfinished object never survives a restart. Discarding an object truncates
+//! the segment back to where the record began.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{
+    BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, ReadSeek, RecoveredBlob, Recovery,
+};
+
+const RECORD_MAGIC: &[u8; 8] = b"KNSLREC1";
+const END_MAGIC: &[u8; 8] = b"KNSLEND1";
+const HEADER_LEN: u64 = 16;
+/// A segment past this size takes no new records.
+const DEFAULT_SEGMENT_LIMIT: u64 = 1 << 30;
+
+/// Blobs as records in append-only segment files.
+pub struct SegmentStore {
+    dir: PathBuf,
+    /// Segments not held by a writer.
+    idle: Arc<Mutex<Vec<Segment>>>,
+    /// Names are `<start time>-<pid>-<n>.seg`: unique per process run.
+    prefix: String,
+    counter: AtomicU64,
+    segment_limit: u64,
+}
+
+struct Segment {
+    name: String,
+    file: File,
+    len: u64,
+}
+
+impl SegmentStore {
+    /// Open (creating if needed) the store under `data_dir`.
+    pub fn open(data_dir: &Path) -> io::Result<SegmentStore> {
+        let dir = data_dir.join("segments");
+        fs::create_dir_all(&dir)?;
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        Ok(SegmentStore {
+            dir,
+            idle: Arc::new(Mutex::new(Vec::new())),
+            prefix: format!("{started}-{}", std::process::id()),
+            counter: AtomicU64::new(0),
+            segment_limit: DEFAULT_SEGMENT_LIMIT,
+        })
+    }
+
+    fn take_segment(&self) -> Result<Segment, BlobError> {
+        let reusable = self
+            .idle
+            .lock()
+            .map_err(|_| BlobError::Create(io::Error::other("segment pool poisoned")))?
+            .pop();
+        match reusable {
+            Some(segment) if segment.len < self.segment_limit => Ok(segment),
+            _ => self.new_segment(),
+        }
+    }
+
+    fn new_segment(&self) -> Result<Segment, BlobError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{n:06}.seg", self.prefix);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(&name))
+            .map_err(BlobError::Create)?;
+        // The new name must survive a crash before any record in it is
+        // acknowledged; this happens once per segment, not per object.
+        sync_dir(&self.dir).map_err(BlobError::Create)?;
+        Ok(Segment { name, file, len: 0 })
+    }
+}
+
+impl BlobStore for SegmentStore {
+    fn begin(&self) -> Result<Box<dyn BlobWrite>, BlobError> {
+        let mut segment = self.take_segment()?;
+        let start = segment.len;
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[..8].copy_from_slice(RECORD_MAGIC);
+        let written = segment
+            .file
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| segment.file.write_all(&header));
+        if let Err(e) = written {
+            // Leave the segment out of the pool: its tail is unknown.
+            return Err(BlobError::Write(e));
+        }
+        Ok(Box::new(SegmentWriter {
+            segment: Some(segment),
+            path: self.dir.clone(),
+            idle: Arc::clone(&self.idle),
+            record_start: start,
+            payload_len: 0,
+        }))
+    }
+
+    fn open(&self, location: &BlobLocation) -> Result<Box<dyn Read + Send>, BlobError> {
+        let open_err = |source| BlobError::Open {
+            object: location.object.clone(),
+            source,
+        };
+        if !is_segment_name(&location.object) {
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a segment name",
+            )));
+        }
+        let mut file = File::open(self.dir.join(&location.object)).map_err(open_err)?;
+        file.seek(SeekFrom::Start(location.offset))
+            .map_err(open_err)?;
+        Ok(Box::new(file.take(location.length)))
+    }
+
+    fn recover(&self, resume_at: &HashMap<String, u64>) -> Result<Recovery, BlobError> {
+        let mut recovery = Recovery::default();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(BlobError::Recover)? {
+            let entry = entry.map_err(BlobError::Recover)?;
+            if let Some(name) = entry.file_name().to_str() {
+                if is_segment_name(name) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names.sort();
+        for name in names {
+            // A segment of another live process (an import next to us) is
+            // that process's business.
+            if owner_pid(&name).is_some_and(|pid| pid != std::process::id() && process_alive(pid)) {
+                continue;
+            }
+            let start = resume_at.get(&name).copied().unwrap_or(0);
+            scan_segment(&self.dir.join(&name), &name, start, &mut recovery)
+                .map_err(BlobError::Recover)?;
+        }
+        Ok(recovery)
+    }
+
+    fn ping(&self) -> Result<(), BlobError> {
+        match fs::metadata(&self.dir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(BlobError::Open {
+                object: String::new(),
+                source: io::Error::other("segments is not a directory"),
+            }),
+            Err(source) => Err(BlobError::Open {
+                object: String::new(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Walk the records of one segment from `start`; truncate at the first
+/// incomplete one.
+fn scan_segment(path: &Path, name: &str, start: u64, recovery: &mut Recovery) -> io::Result<()> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let mut at = start.min(len);
+    // The recovery point must be a record boundary. If it is not (an index
+    // older or newer than this segment), walk from the start rather than
+    // truncate good records: re-indexing them is idempotent.
+    if at > 0 && at < len && !starts_record(&file, at, len)? {
+        tracing::warn!(
+            segment = name,
+            resume_at = start,
+            "recovery point is not a record boundary; rescanning the segment"
+        );
+        at = 0;
+    }
+    while at < len {
+        match read_record(&file, at, len)? {
+            Some((payload_len, label, end)) => {
+                recovery.unindexed.push(RecoveredBlob {
+                    location: BlobLocation {
+                        object: name.to_owned(),
+                        offset: at + HEADER_LEN,
+                        length: payload_len,
+                    },
+                    resume_at: end,
+                    label,
+                });
+                at = end;
+            }
+            None => break,
+        }
+    }
+    if at < len {
+        file.set_len(at)?;
+        file.sync_all()?;
+        recovery.discarded_bytes += len - at;
+    }
+    Ok(())
+}
+
+/// Whether a record header (complete or not) starts at `at`.
+fn starts_record(file: &File, at: u64, len: u64) -> io::Result<bool> {
+    if at + 8 > len {
+        return Ok(false);
+    }
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, at)?;
+    Ok(&magic == RECORD_MAGIC)
+}
+
+/// A complete record at `at`: (payload length, label, end offset).
+fn read_record(file: &File, at: u64, len: u64) -> io::Result<Option<(u64, Vec<u8>, u64)>> {
+    if at + HEADER_LEN > len {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    file.read_exact_at(&mut header, at)?;
+    let payload_len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+    if &header[..8] != RECORD_MAGIC || payload_len == 0 {
+        return Ok(None);
+    }
+    let label_at = at + HEADER_LEN + payload_len;
+    if label_at + 4 > len {
+        return Ok(None);
+    }
+    let mut label_len = [0u8; 4];
+    file.read_exact_at(&mut label_len, label_at)?;
+    let label_len = u64::from(u32::from_le_bytes(label_len));
+    let end = label_at + 4 + label_len + END_MAGIC.len() as u64;
+    if end > len {
+        return Ok(None);
+    }
+    let mut end_magic = [0u8; 8];
+    file.read_exact_at(&mut end_magic, end - 8)?;
+    if &end_magic != END_MAGIC {
+        return Ok(None);
+    }
+    let mut label = vec![0u8; label_len as usize];
+    file.read_exact_at(&mut label, label_at + 4)?;
+    Ok(Some((payload_len, label, end)))
+}
+
+fn is_segment_name(name: &str) -> bool {
+    name.ends_with(".seg")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'-' || b == b'.' || b.is_ascii_lowercase())
+        && !name.contains("..")
+}
+
+fn owner_pid(name: &str) -> Option<u32> {
+    name.split('-').nth(1)?.parse().ok()
+}
+
+/// Whether a process with this id exists (Linux: /proc).
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes one record into a segment it holds.
+struct SegmentWriter {
+    segment: Option<Segment>,
+    path: PathBuf,
+    idle: Arc<Mutex<Vec<Segment>>>,
+    record_start: u64,
+    payload_len: u64,
+}
+
+impl SegmentWriter {
+    fn segment(&mut self) -> io::Result<&mut Segment> {
+        self.segment
+            .as_mut()
+            .ok_or_else(|| io::Error::other("segment already released"))
+    }
+}
+
+impl Write for SegmentWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.segment()?.file.write(buf)?;
+        self.payload_len += n as u64;
+        Ok(n)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.segment()?.file.write_all(buf)?;
+        self.payload_len += buf.len() as u64;
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.segment()?.file.flush()
+    }
+}
+
+impl BlobWrite for SegmentWriter {
+    fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>> {
+        let start = self.record_start + HEADER_LEN;
+        let end = start + self.payload_len;
+        let name = self.segment()?.name.clone();
+        // A separate handle: the writer's own cursor must not move.
+        let file = File::open(self.path.join(name))?;
+        Ok(Box::new(Window {
+            file,
+            start,
+            end,
+            pos: start,
+        }))
+    }
+
+    fn planned(&self, label_len: usize) -> (BlobLocation, u64) {
+        let name = self
+            .segment
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let payload_end = self.record_start + HEADER_LEN + self.payload_len;
+        let location = BlobLocation {
+            object: name,
+            offset: self.record_start + HEADER_LEN,
+            length: self.payload_len,
+        };
+        (
+            location,
+            payload_end + 4 + label_len as u64 + END_MAGIC.len() as u64,
+        )
+    }
+
+    fn commit(mut self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError> {
+        let label_len = u32::try_from(label.len())
+            .map_err(|_| BlobError::Write(io::Error::other("label too long")))?;
+        let record_start = self.record_start;
+        let payload_len = self.payload_len;
+        let segment = self.segment().map_err(BlobError::Write)?;
+        let mut trailer = Vec::with_capacity(label.len() + 12);
+        trailer.extend_from_slice(&label_len.to_le_bytes());
+        trailer.extend_from_slice(label);
+        trailer.extend_from_slice(END_MAGIC);
+        segment.file.write_all(&trailer).map_err(BlobError::Write)?;
+        segment
+            .file
+            .write_all_at(&payload_len.to_le_bytes(), record_start + 8)
+            .map_err(BlobError::Write)?;
+        segment.file.sync_data().map_err(BlobError::Sync)?;
+        let end = record_start + HEADER_LEN + payload_len + trailer.len() as u64;
+        segment.len = end;
+        let location = BlobLocation {
+            object: segment.name.clone(),
+            offset: record_start + HEADER_LEN,
+            length: payload_len,
+        };
+        Ok(Box::new(Committed {
+            segment: self.segment.take(),
+            idle: Arc::clone(&self.idle),
+            location,
+            record_start,
+            end,
+        }))
+    }
+}
+
+impl Drop for SegmentWriter {
+    fn drop(&mut self) {
+        if let Some(segment) = self.segment.take() {
+            release_truncated(segment, self.record_start, &self.idle);
+        }
+    }
+}
+
+/// Cut a segment back to `to` and return it to the pool; a segment that
+/// cannot be cut is retired (recovery cleans it at the next start).
+fn release_truncated(mut segment: Segment, to: u64, idle: &Mutex<Vec<Segment>>) -> bool {
+    let cut = segment
+        .file
+        .set_len(to)
+        .and_then(|_| segment.file.seek(SeekFrom::Start(to)).map(|_| ()));
+    match cut {
+        Ok(()) => {
+            segment.len = to;
+            if let Ok(mut pool) = idle.lock() {
+                pool.push(segment);
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(segment = %segment.name, error = %e, "cannot truncate a segment; retiring it");
+            false
+        }
+    }
+}
+
+struct Committed {
+    segment: Option<Segment>,
+    idle: Arc<Mutex<Vec<Segment>>>,
+    location: BlobLocation,
+    record_start: u64,
+    end: u64,
+}
+
+impl CommittedBlob for Committed {
+    fn location(&self) -> &BlobLocation {
+        &self.location
+    }
+
+    fn resume_at(&self) -> u64 {
+        self.end
+    }
+
+    fn retract(mut self: Box<Self>) -> Result<(), BlobError> {
+        match self.segment.take() {
+            Some(segment) => {
+                if release_truncated(segment, self.record_start, &self.idle) {
+                    Ok(())
+                } else {
+                    Err(BlobError::Retract(io::Error::other("truncate failed")))
+                }
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        if let Some(segment) = self.segment.take() {
+            if let Ok(mut pool) = self.idle.lock() {
+                pool.push(segment);
+            }
+        }
+    }
+}
+
+/// A byte range of a file as a seekable reader.
+struct Window {
+    file: File,
+    start: u64,
+    end: u64,
+    pos: u64,
+}
+
+impl Read for Window {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.end.saturating_sub(self.pos);
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Window {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let len = (self.end - self.start) as i128;
+        let rel = (self.pos - self.start) as i128;
+        let target = match to {
+            SeekFrom::Start(n) => n as i128,
+            SeekFrom::End(d) => len + d as i128,
+            SeekFrom::Current(d) => rel + d as i128,
+        };
+        if target < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
+        }
+        // Seeking past the end is allowed (reads then return 0), as for files.
+        self.pos = self.start + target as u64;
+        Ok(target as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_object(store: &SegmentStore, bytes: &[u8]) -> Box<dyn BlobWrite> {
+        let mut w = store.begin().unwrap();
+        w.write_all(bytes).unwrap();
+        w
+    }
+
+    fn read_all(store: &SegmentStore, loc: &BlobLocation) -> Vec<u8> {
+        let mut out = Vec::new();
+        store.open(loc).unwrap().read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn commit_read_retract_and_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SegmentStore::open(dir.path()).unwrap();
+
+        let mut w = write_object(&store, b"first object");
+        let mut back = Vec::new();
+        let mut view = w.read_back().unwrap();
+        view.seek(SeekFrom::Start(6)).unwrap();
+        view.read_to_end(&mut back).unwrap();
+        drop(view);
+        assert_eq!(back, b"object");
+        let first = w.commit(b"label-1").unwrap();
+        let first_loc = first.location().clone();
+        drop(first);
+        assert_eq!(read_all(&store, &first_loc), b"first object");
+
+        // Same segment comes back from the pool; a retracted record is gone.
+        let second = write_object(&store, b"duplicate")
+            .commit(b"label-2")
+            .unwrap();
+        assert_eq!(second.location().object, first_loc.object);
+        let size_before = fs::metadata(dir.path().join("segments").join(&first_loc.object))
+            .unwrap()
+            .len();
+        second.retract().unwrap();
+        let size_after = fs::metadata(dir.path().join("segments").join(&first_loc.object))
+            .unwrap()
+            .len();
+        assert!(size_after < size_before);
+
+        // A dropped writer leaves nothing behind.
+        drop(write_object(&store, &[9u8; 10_000]));
+        let size = fs::metadata(dir.path().join("segments").join(&first_loc.object))
+            .unwrap()
+            .len();
+        assert_eq!(size, size_after);
+
+        let third = write_object(&store, b"third").commit(b"label-3").unwrap();
+        let third_loc = third.location().clone();
+        drop(third);
+        assert_eq!(read_all(&store, &third_loc), b"third");
+        assert_eq!(read_all(&store, &first_loc), b"first object");
+    }
+
+    #[test]
+    fn recovery_returns_committed_records_and_truncates_the_unfinished_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SegmentStore::open(dir.path()).unwrap();
+        let a = write_object(&store, b"aaaa").commit(b"A").unwrap();
+        let a_resume = a.resume_at();
+        let seg = a.location().object.clone();
+        drop(a);
+        let b = write_object(&store, b"bbbbbb").commit(b"B").unwrap();
+        drop(b);
+        // A crash mid-object: the writer's bytes are on disk, not committed.
+        let w = write_object(&store, &[7u8; 5000]);
+        std::mem::forget(w);
+        let path = dir.path().join("segments").join(&seg);
+        let crashed_len = fs::metadata(&path).unwrap().len();
+
+        // Index knew about A only.
+        let store2 = SegmentStore::open(dir.path()).unwrap();
+        let found = store2
+            .recover(&HashMap::from([(seg.clone(), a_resume)]))
+            .unwrap();
+        assert_eq!(found.unindexed.len(), 1);
+        assert_eq!(found.unindexed[0].label, b"B");
+        assert_eq!(read_all(&store2, &found.unindexed[0].location), b"bbbbbb");
+        assert!(found.discarded_bytes >= 5000);
+        assert!(fs::metadata(&path).unwrap().len() < crashed_len);
+
+        // A recovery point inside a record rescans instead of truncating.
+        let inside = store2
+            .recover(&HashMap::from([(seg.clone(), a_resume - 3)]))
+            .unwrap();
+        assert_eq!(inside.unindexed.len(), 2);
+        assert_eq!(inside.discarded_bytes, 0);
+
+        // Knowing nothing, recovery hands back both.
+        let all = store2.recover(&HashMap::new()).unwrap();
+        assert_eq!(all.unindexed.len(), 2);
+        assert_eq!(all.discarded_bytes, 0);
+    }
+
+    #[test]
+    fn open_refuses_foreign_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SegmentStore::open(dir.path()).unwrap();
+        let loc = BlobLocation {
+            object: "../index.sqlite".into(),
+            offset: 0,
+            length: 10,
+        };
+        assert!(store.open(&loc).is_err());
+    }
+}
