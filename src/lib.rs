@@ -12,7 +12,7 @@
 //! - [`import`]: `konsil import` of a folder or DICOMDIR.
 //! - [`app`]: shared state; [`run`] is the library entry point.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod app;
 pub mod config;

@@ -26,12 +26,16 @@ use tokio::task::JoinHandle;
 use crate::ids::{AeTitle, PartnerId, Uid};
 use crate::metrics::{label, Metrics};
 use crate::store::{
-    BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, Durable, IndexOutcome,
-    InstanceRecord, MetaError, MetadataStore, RecoveredBlob, Source,
+    BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, IndexOutcome, InstanceRecord,
+    MetaError, MetadataStore, RecoveredBlob, Source,
 };
 
 /// Chunks in flight between the edge and the writer thread.
 const CHANNEL_DEPTH: usize = 4;
+/// Smaller pieces (16 KiB PDUs are common) are gathered up to this size
+/// before they cross to the writer thread: each crossing costs a wake-up.
+/// Memory per instance is at most (CHANNEL_DEPTH + 1) chunks of this size.
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// Our Implementation Class UID (under the pydicom-style UUID-derived root
 /// 2.25, fixed for Konsil) and version, written into stored file meta.
@@ -132,6 +136,8 @@ impl Ingest {
             declared,
             tx,
             worker,
+            hasher: Sha256::new(),
+            gathered: Vec::new(),
         }
     }
 
@@ -149,7 +155,8 @@ impl Ingest {
 
 enum Chunk {
     Data(Vec<u8>),
-    End,
+    /// All data passed; the SHA-256 of the data set.
+    End([u8; 32]),
 }
 
 /// One instance being received.
@@ -159,6 +166,11 @@ pub struct InstanceUpload {
     declared: Declared,
     tx: mpsc::Sender<Chunk>,
     worker: JoinHandle<Result<Written, IngestError>>,
+    /// Hashing here, on the receiving task, runs in parallel with the
+    /// writer thread's disk writes instead of after them.
+    hasher: Sha256,
+    /// Small pieces waiting to make up a chunk.
+    gathered: Vec<u8>,
 }
 
 impl InstanceUpload {
@@ -168,12 +180,28 @@ impl InstanceUpload {
         if chunk.is_empty() {
             return Ok(());
         }
-        if self.tx.send(Chunk::Data(chunk)).await.is_err() {
+        self.hasher.update(&chunk);
+        if self.gathered.is_empty() && chunk.len() >= CHUNK_BYTES {
+            self.send(chunk).await;
+            return Ok(());
+        }
+        if self.gathered.capacity() == 0 {
+            self.gathered.reserve_exact(CHUNK_BYTES);
+        }
+        self.gathered.extend_from_slice(&chunk);
+        if self.gathered.len() >= CHUNK_BYTES {
+            let full = std::mem::take(&mut self.gathered);
+            self.send(full).await;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, bytes: Vec<u8>) {
+        if self.tx.send(Chunk::Data(bytes)).await.is_err() {
             // The writer stopped early: it has the reason. Keep accepting
             // (and dropping) the rest so the caller can drain its input;
             // `finish` reports the error.
         }
-        Ok(())
     }
 
     /// All bytes passed: check, make durable and index.
@@ -184,8 +212,13 @@ impl InstanceUpload {
             declared,
             tx,
             worker,
+            hasher,
+            gathered,
         } = self;
-        let _ = tx.send(Chunk::End).await;
+        if !gathered.is_empty() {
+            let _ = tx.send(Chunk::Data(gathered)).await;
+        }
+        let _ = tx.send(Chunk::End(hasher.finalize().into())).await;
         drop(tx);
         let finishing = std::time::Instant::now();
         let written = worker.await.map_err(|_| IngestError::Internal)??;
@@ -193,8 +226,8 @@ impl InstanceUpload {
         let receipt = ingest.index(&origin, &declared, written).await?;
         tracing::debug!(
             size = receipt.size,
-            checks_us = checked.as_micros() as u64,
-            sync_and_index_us = (finishing.elapsed() - checked).as_micros() as u64,
+            checks_and_sync_us = checked.as_micros() as u64,
+            index_us = (finishing.elapsed() - checked).as_micros() as u64,
             "instance ingested"
         );
         Ok(receipt)
@@ -215,10 +248,7 @@ impl Ingest {
             provenance,
             blob,
         } = written;
-        let (location, resume_at) = match &blob {
-            PendingBlob::Written { blob, label } => blob.planned(label.len()),
-            PendingBlob::Durable(done) => (done.location().clone(), done.resume_at()),
-        };
+
         let record = InstanceRecord {
             partner: origin.partner.clone(),
             study_uid: header.study_uid.clone(),
@@ -230,50 +260,23 @@ impl Ingest {
             received_at_ms: provenance.received_at_ms,
             size: provenance.size,
             dataset_sha256: provenance.sha256()?,
-            blob: location,
-            resume_at,
+            blob: blob.location().clone(),
+            resume_at: blob.resume_at(),
             source: origin.source,
             calling_ae: origin.calling_ae.as_ref().map(|ae| ae.to_string()),
         };
-        // The fsync runs while the index prepares its row; the row commits
-        // only once the blob is durable.
-        let mut durable_blob: Option<Box<dyn CommittedBlob>> = None;
-        let recorded = {
-            let slot = &mut durable_blob;
-            let durable: Durable<'_> = Box::pin(async move {
-                let done = match blob {
-                    PendingBlob::Written { blob, label } => {
-                        tokio::task::spawn_blocking(move || blob.commit(&label))
-                            .await
-                            .map_err(|_| "blob writer thread failed".to_owned())?
-                            .map_err(|e| e.to_string())?
-                    }
-                    PendingBlob::Durable(done) => done,
-                };
-                *slot = Some(done);
-                Ok(())
-            });
-            self.index.record_instance(&record, durable).await
-        };
-        let withdraw = |blob: Option<Box<dyn CommittedBlob>>| async move {
-            match blob {
-                Some(blob) => tokio::task::spawn_blocking(move || blob.retract())
-                    .await
-                    .map_err(|_| IngestError::Internal)?
-                    .map_err(IngestError::from),
-                None => Ok(()),
-            }
-        };
-        let outcome = match recorded {
+        let outcome = match self.index.record_instance(&record).await {
             Ok(outcome) => outcome,
             Err(e) => {
-                let _ = withdraw(durable_blob).await;
+                let _ = tokio::task::spawn_blocking(move || blob.retract()).await;
                 return Err(e.into());
             }
         };
         if outcome == IndexOutcome::Duplicate {
             // The same bytes are already stored: keep one copy.
-            withdraw(durable_blob).await?;
+            tokio::task::spawn_blocking(move || blob.retract())
+                .await
+                .map_err(|_| IngestError::Internal)??;
         }
         let source = origin.source.as_str();
         let outcome_label = match outcome {
@@ -378,26 +381,16 @@ impl Provenance {
     }
 }
 
-/// A checked instance on its way into the index.
+/// A checked, durable instance on its way into the index.
 struct Written {
     header: header::Header,
     provenance: Provenance,
-    blob: PendingBlob,
-}
-
-enum PendingBlob {
-    /// Written and checked, not yet durable: commit it with this label.
-    Written {
-        blob: Box<dyn BlobWrite>,
-        label: Vec<u8>,
-    },
-    /// Already durable (found by recovery).
-    Durable(Box<dyn CommittedBlob>),
+    blob: Box<dyn CommittedBlob>,
 }
 
 /// The blocking stage: write the file meta we build from `declared`, then
-/// every chunk, hashing the data set bytes; then check the header and the
-/// structure. The commit (fsync) follows in [`Ingest::index`].
+/// every chunk; then check the header and the structure, and commit (fsync)
+/// with the provenance label.
 fn write_instance(
     blobs: &dyn BlobStore,
     origin: &Origin,
@@ -406,20 +399,18 @@ fn write_instance(
 ) -> Result<Written, IngestError> {
     let mut blob = blobs.begin()?;
     let data_start = write_file_meta(&mut *blob, declared)?;
-    let mut hasher = Sha256::new();
     let mut size: u64 = 0;
-    loop {
+    let sha256 = loop {
         match rx.blocking_recv() {
             Some(Chunk::Data(bytes)) => {
-                hasher.update(&bytes);
                 size += bytes.len() as u64;
                 blob.write_all(&bytes).map_err(BlobError::Write)?;
             }
-            Some(Chunk::End) => break,
+            Some(Chunk::End(sha256)) => break sha256,
             // The edge dropped the upload: the transfer was aborted.
             None => return Err(IngestError::Aborted),
         }
-    }
+    };
     blob.flush().map_err(BlobError::Write)?;
     if size == 0 {
         return Err(IngestError::Malformed("empty data set".into()));
@@ -433,7 +424,6 @@ fn write_instance(
         structure::check(reader, data_start, declared.transfer_syntax.as_str())
             .map_err(IngestError::Malformed)?;
     }
-    let sha256: [u8; 32] = hasher.finalize().into();
     let provenance = Provenance {
         partner: origin.partner.to_string(),
         source: origin.source.as_str().to_owned(),
@@ -443,10 +433,11 @@ fn write_instance(
         size,
     };
     let label = serde_json::to_vec(&provenance).map_err(|_| IngestError::Internal)?;
+    let blob = blob.commit(&label)?;
     Ok(Written {
         header,
         provenance,
-        blob: PendingBlob::Written { blob, label },
+        blob,
     })
 }
 
@@ -472,10 +463,10 @@ fn reread(
         transfer_syntax: uid(meta.transfer_syntax())?,
     };
     let header = header::read_and_check(blobs.open(&found.location)?, &declared)?;
-    let blob = PendingBlob::Durable(Box::new(RecoveredHandle {
+    let blob = Box::new(RecoveredHandle {
         location: found.location,
         resume_at: found.resume_at,
-    }));
+    });
     Ok((
         origin,
         declared,

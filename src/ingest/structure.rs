@@ -46,7 +46,7 @@ pub fn check<'a>(
             return Err(format!("cannot decode transfer syntax {transfer_syntax}"))
         }
         _ => Input::seekable(
-            Box::new(BufReader::with_capacity(64 * 1024, file)),
+            Box::new(BufReader::with_capacity(8 * 1024, file)),
             data_start,
             total,
         ),

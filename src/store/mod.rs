@@ -81,10 +81,6 @@ pub trait BlobStore: Send + Sync + 'static {
 pub trait BlobWrite: Write + Send {
     /// Re-read what has been written so far, from the object's start.
     fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>>;
-    /// Where the object will be, and the recovery point after it, once
-    /// committed with a label of `label_len` bytes (known before the fsync,
-    /// so the index can prepare its row meanwhile).
-    fn planned(&self, label_len: usize) -> (BlobLocation, u64);
     /// Make the object durable. `label` is kept with it and handed back by
     /// [`BlobStore::recover`], so the index can be rebuilt from the store.
     fn commit(self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError>;
@@ -203,26 +199,14 @@ pub enum MetaError {
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("index query failed: {0}")]
     Query(#[from] sqlx::Error),
-    #[error("the object did not become durable: {0}")]
-    NotDurable(String),
 }
-
-/// Resolves once the blob behind an index record is durable.
-pub type Durable<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// The metadata index.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
-    /// Record one instance and its patient/study/series levels in one
-    /// transaction. The statements run while `durable` is pending (the blob
-    /// fsync); the transaction commits only after it resolves `Ok`, and
-    /// `durable` is always awaited before this returns, whatever the outcome.
-    async fn record_instance<'a>(
-        &self,
-        record: &InstanceRecord,
-        durable: Durable<'a>,
-    ) -> Result<IndexOutcome, MetaError>;
+    /// Record one instance (whose blob is already durable) and its
+    /// patient/study/series levels, atomically.
+    async fn record_instance(&self, record: &InstanceRecord) -> Result<IndexOutcome, MetaError>;
     /// All indexed versions of an instance of one partner (more than one only on conflict).
     async fn instances_by_sop(
         &self,

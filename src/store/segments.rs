@@ -283,6 +283,27 @@ fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// Ask the kernel to start writing `len` bytes at `offset` to disk now,
+/// without waiting. The fsync at commit then waits only for the tail of the
+/// object instead of all of it (about half the commit latency for a CT
+/// slice here). Purely advisory: failure changes nothing but speed.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is
+    // valid for the duration of the call because `file` is borrowed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -311,7 +332,10 @@ impl Write for SegmentWriter {
         Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.segment()?.file.write_all(buf)?;
+        let at = self.record_start + HEADER_LEN + self.payload_len;
+        let segment = self.segment()?;
+        segment.file.write_all(buf)?;
+        start_writeback(&segment.file, at, buf.len() as u64);
         self.payload_len += buf.len() as u64;
         Ok(())
     }
@@ -333,24 +357,6 @@ impl BlobWrite for SegmentWriter {
             end,
             pos: start,
         }))
-    }
-
-    fn planned(&self, label_len: usize) -> (BlobLocation, u64) {
-        let name = self
-            .segment
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        let payload_end = self.record_start + HEADER_LEN + self.payload_len;
-        let location = BlobLocation {
-            object: name,
-            offset: self.record_start + HEADER_LEN,
-            length: self.payload_len,
-        };
-        (
-            location,
-            payload_end + 4 + label_len as u64 + END_MAGIC.len() as u64,
-        )
     }
 
     fn commit(mut self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError> {

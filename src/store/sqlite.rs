@@ -10,9 +10,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{
-    BlobLocation, Durable, IndexOutcome, InstanceRecord, MetaError, MetadataStore, StoredInstance,
-};
+use super::{BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore, StoredInstance};
 use crate::ids::PartnerId;
 
 /// Schema migrations, applied in order at start-up.
@@ -72,177 +70,131 @@ impl SqliteStore {
             known_series: moka::sync::Cache::new(100_000),
         })
     }
+}
+/// The study and series rows of a record, if they are new.
+async fn upsert_study_and_series(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    r: &InstanceRecord,
+) -> Result<(), MetaError> {
+    let a = &r.attributes;
+    let partner = r.partner.as_str();
+    sqlx::query(
+        "INSERT INTO studies (partner, study_uid, patient_name, patient_id, issuer_of_patient_id,
+            patient_birth_date, patient_sex, study_date, study_time, accession_number,
+            referring_physician_name, study_id, study_description, specific_character_set,
+            first_received_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (partner, study_uid) DO NOTHING",
+    )
+    .bind(partner)
+    .bind(r.study_uid.as_str())
+    .bind(&a.patient_name)
+    .bind(&a.patient_id)
+    .bind(&a.issuer_of_patient_id)
+    .bind(&a.patient_birth_date)
+    .bind(&a.patient_sex)
+    .bind(&a.study_date)
+    .bind(&a.study_time)
+    .bind(&a.accession_number)
+    .bind(&a.referring_physician_name)
+    .bind(&a.study_id)
+    .bind(&a.study_description)
+    .bind(&a.specific_character_set)
+    .bind(r.received_at_ms)
+    .execute(&mut **tx)
+    .await?;
 
-    /// Run the statements of [`MetadataStore::record_instance`] in an open
-    /// transaction; the caller commits or rolls back.
-    async fn prepare_instance(&self, r: &InstanceRecord) -> Result<Prepared, MetaError> {
-        let a = &r.attributes;
-        let partner = r.partner.as_str();
-        let sha = hex::encode(r.dataset_sha256);
-        let series_key = (partner.to_owned(), r.series_uid.as_str().to_owned());
-        let series_known = self.known_series.contains_key(&series_key);
-        // BEGIN IMMEDIATE takes the write lock up front: the duplicate and
-        // conflict decisions below see the state they change. Few statements,
-        // because each is a round trip to the connection's thread.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-
-        if !series_known {
-            sqlx::query(
-                "INSERT INTO studies (partner, study_uid, patient_name, patient_id, issuer_of_patient_id,
-                    patient_birth_date, patient_sex, study_date, study_time, accession_number,
-                    referring_physician_name, study_id, study_description, specific_character_set,
-                    first_received_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (partner, study_uid) DO NOTHING",
-            )
-            .bind(partner)
-            .bind(r.study_uid.as_str())
-            .bind(&a.patient_name)
-            .bind(&a.patient_id)
-            .bind(&a.issuer_of_patient_id)
-            .bind(&a.patient_birth_date)
-            .bind(&a.patient_sex)
-            .bind(&a.study_date)
-            .bind(&a.study_time)
-            .bind(&a.accession_number)
-            .bind(&a.referring_physician_name)
-            .bind(&a.study_id)
-            .bind(&a.study_description)
-            .bind(&a.specific_character_set)
-            .bind(r.received_at_ms)
-            .execute(&mut *tx)
-            .await?;
-
-            sqlx::query(
-                "INSERT INTO series (partner, series_uid, study_uid, modality, series_number,
-                    series_description, series_date, series_time, body_part_examined)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (partner, series_uid) DO NOTHING",
-            )
-            .bind(partner)
-            .bind(r.series_uid.as_str())
-            .bind(r.study_uid.as_str())
-            .bind(&a.modality)
-            .bind(a.series_number)
-            .bind(&a.series_description)
-            .bind(&a.series_date)
-            .bind(&a.series_time)
-            .bind(&a.body_part_examined)
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        // The same bytes under the same UID: the unique key says duplicate.
-        let inserted = sqlx::query(
-            "INSERT INTO instances (partner, study_uid, series_uid, sop_instance_uid, sop_class_uid,
-                transfer_syntax, instance_number, rows, columns, number_of_frames, received_at_ms,
-                size, dataset_sha256, blob_object, blob_offset, blob_length, source, calling_ae)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (partner, sop_instance_uid, dataset_sha256, transfer_syntax) DO NOTHING",
-        )
-        .bind(partner)
-        .bind(r.study_uid.as_str())
-        .bind(r.series_uid.as_str())
-        .bind(r.sop_instance_uid.as_str())
-        .bind(r.sop_class_uid.as_str())
-        .bind(r.transfer_syntax.as_str())
-        .bind(a.instance_number)
-        .bind(a.rows)
-        .bind(a.columns)
-        .bind(a.number_of_frames)
-        .bind(r.received_at_ms)
-        .bind(to_i64(r.size))
-        .bind(&sha)
-        .bind(&r.blob.object)
-        .bind(to_i64(r.blob.offset))
-        .bind(to_i64(r.blob.length))
-        .bind(r.source.as_str())
-        .bind(&r.calling_ae)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            return Ok(Prepared {
-                tx,
-                outcome: IndexOutcome::Duplicate,
-                new_series: None,
-            });
-        }
-
-        // Another object under this UID: flag every version, keep all.
-        let flagged = sqlx::query(
-            "UPDATE instances SET conflict = 1
-             WHERE partner = ?1 AND sop_instance_uid = ?2
-               AND (SELECT COUNT(*) FROM instances WHERE partner = ?1 AND sop_instance_uid = ?2) > 1",
-        )
-        .bind(partner)
-        .bind(r.sop_instance_uid.as_str())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let conflict = flagged > 0;
-
-        sqlx::query(
-            "INSERT INTO blob_objects (object, resume_at) VALUES (?, ?)
-             ON CONFLICT (object) DO UPDATE SET resume_at = MAX(resume_at, excluded.resume_at)",
-        )
-        .bind(&r.blob.object)
-        .bind(to_i64(r.resume_at))
-        .execute(&mut *tx)
-        .await?;
-
-        Ok(Prepared {
-            tx,
-            outcome: if conflict {
-                IndexOutcome::Conflict
-            } else {
-                IndexOutcome::Stored
-            },
-            new_series: (!series_known).then_some(series_key),
-        })
-    }
+    sqlx::query(
+        "INSERT INTO series (partner, series_uid, study_uid, modality, series_number,
+            series_description, series_date, series_time, body_part_examined)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (partner, series_uid) DO NOTHING",
+    )
+    .bind(partner)
+    .bind(r.series_uid.as_str())
+    .bind(r.study_uid.as_str())
+    .bind(&a.modality)
+    .bind(a.series_number)
+    .bind(&a.series_description)
+    .bind(&a.series_date)
+    .bind(&a.series_time)
+    .bind(&a.body_part_examined)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
-/// An open transaction holding one instance's statements.
-struct Prepared {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
-    outcome: IndexOutcome,
-    /// A series recorded for the first time (to remember once committed).
-    new_series: Option<(String, String)>,
+/// The instance row.
+async fn insert_instance<'e, E>(executor: E, r: &InstanceRecord) -> Result<IndexOutcome, MetaError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let a = &r.attributes;
+    let partner = r.partner.as_str();
+    let sha = hex::encode(r.dataset_sha256);
+    // One statement: the unique key says duplicate (no row returned);
+    // the subquery says conflict; triggers flag the other versions and
+    // advance the blob store's recovery point.
+    let inserted = sqlx::query(
+        "INSERT INTO instances (partner, study_uid, series_uid, sop_instance_uid, sop_class_uid,
+            transfer_syntax, instance_number, rows, columns, number_of_frames, received_at_ms,
+            size, dataset_sha256, blob_object, blob_offset, blob_length, blob_resume_at,
+            source, calling_ae, conflict)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+            EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND sop_instance_uid = ?4))
+         ON CONFLICT (partner, sop_instance_uid, dataset_sha256, transfer_syntax) DO NOTHING
+         RETURNING conflict",
+    )
+    .bind(partner)
+    .bind(r.study_uid.as_str())
+    .bind(r.series_uid.as_str())
+    .bind(r.sop_instance_uid.as_str())
+    .bind(r.sop_class_uid.as_str())
+    .bind(r.transfer_syntax.as_str())
+    .bind(a.instance_number)
+    .bind(a.rows)
+    .bind(a.columns)
+    .bind(a.number_of_frames)
+    .bind(r.received_at_ms)
+    .bind(to_i64(r.size))
+    .bind(&sha)
+    .bind(&r.blob.object)
+    .bind(to_i64(r.blob.offset))
+    .bind(to_i64(r.blob.length))
+    .bind(to_i64(r.resume_at))
+    .bind(r.source.as_str())
+    .bind(&r.calling_ae)
+    .fetch_optional(executor)
+    .await?;
+    let Some(row) = inserted else {
+        return Ok(IndexOutcome::Duplicate);
+    };
+    Ok(if row.try_get::<i64, _>(0)? != 0 {
+        IndexOutcome::Conflict
+    } else {
+        IndexOutcome::Stored
+    })
 }
 
 #[async_trait::async_trait]
 impl MetadataStore for SqliteStore {
-    async fn record_instance<'a>(
-        &self,
-        r: &InstanceRecord,
-        durable: Durable<'a>,
-    ) -> Result<IndexOutcome, MetaError> {
-        let prepared = self.prepare_instance(r).await;
-        // Whatever happened, the blob's fate must be settled before we return.
-        let synced = durable.await;
-        let Prepared {
-            tx,
-            outcome,
-            new_series,
-        } = prepared?;
-        match (outcome, synced) {
-            (IndexOutcome::Duplicate, _) => {
-                tx.rollback().await?;
-                Ok(IndexOutcome::Duplicate)
-            }
-            (_, Err(e)) => {
-                tx.rollback().await?;
-                Err(MetaError::NotDurable(e))
-            }
-            (outcome, Ok(())) => {
-                tx.commit().await?;
-                if let Some(key) = new_series {
-                    self.known_series.insert(key, ());
-                }
-                Ok(outcome)
-            }
+    async fn record_instance(&self, r: &InstanceRecord) -> Result<IndexOutcome, MetaError> {
+        let series_key = (
+            r.partner.as_str().to_owned(),
+            r.series_uid.as_str().to_owned(),
+        );
+        if self.known_series.contains_key(&series_key) {
+            // The common case: one statement, atomic on its own. Each
+            // statement is a round trip to the connection's thread, and that
+            // is most of what an insert costs.
+            return insert_instance(&self.pool, r).await;
         }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        upsert_study_and_series(&mut tx, r).await?;
+        let outcome = insert_instance(&mut *tx, r).await?;
+        tx.commit().await?;
+        self.known_series.insert(series_key, ());
+        Ok(outcome)
     }
 
     async fn instances_by_sop(

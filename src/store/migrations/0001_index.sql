@@ -57,6 +57,8 @@ CREATE TABLE instances (
     blob_object      TEXT NOT NULL,
     blob_offset      INTEGER NOT NULL,
     blob_length      INTEGER NOT NULL,
+    -- the blob store's recovery point once this row is committed
+    blob_resume_at   INTEGER NOT NULL,
     source           TEXT NOT NULL CHECK (source IN ('dimse', 'stow', 'import')),
     calling_ae       TEXT,
     -- 1 when another object with different content exists under this SOP
@@ -77,3 +79,21 @@ CREATE TABLE blob_objects (
     object    TEXT PRIMARY KEY,
     resume_at INTEGER NOT NULL
 );
+
+-- Both triggers run inside the inserting transaction, so recording an
+-- instance is a single statement (each statement is a round trip to the
+-- connection's thread, which dominates the cost of an insert).
+
+-- Another object under the same SOP Instance UID: the new row is inserted
+-- with conflict = 1 (see the INSERT in store/sqlite.rs); flag the others too.
+CREATE TRIGGER instances_flag_conflicts AFTER INSERT ON instances WHEN NEW.conflict = 1
+BEGIN
+    UPDATE instances SET conflict = 1
+    WHERE partner = NEW.partner AND sop_instance_uid = NEW.sop_instance_uid AND conflict = 0;
+END;
+
+CREATE TRIGGER instances_advance_recovery_point AFTER INSERT ON instances
+BEGIN
+    INSERT INTO blob_objects (object, resume_at) VALUES (NEW.blob_object, NEW.blob_resume_at)
+    ON CONFLICT (object) DO UPDATE SET resume_at = MAX(resume_at, excluded.resume_at);
+END;
