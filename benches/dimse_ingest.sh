@@ -8,7 +8,7 @@
 # Konsil fsyncs every instance (file + directory + SQLite commit) before it
 # answers; storescp and dicom-storescp do not fsync.
 #
-# Usage: benches/dimse_ingest.sh [WORKDIR]   (needs dcmtk, python3 with
+# Usage: benches/dimse_ingest.sh [WORKDIR]   (needs dcmtk, bc, python3 with
 # tests/requirements.txt; builds konsil --release and installs dicom-storescp
 # from crates.io into target/bench-tools on first use)
 set -euo pipefail
