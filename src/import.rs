@@ -240,7 +240,7 @@ fn dicomdir_files(dicomdir: &Path) -> Result<Vec<PathBuf>, ImportError> {
         .ok_or_else(|| fail("DirectoryRecordSequence is not a sequence".into()))?;
     let mut files = Vec::new();
     for item in items {
-        let Ok(Some(id)) = item.element_opt(tags::REFERENCED_FILE_ID) else {
+        let Some(id) = item.get(tags::REFERENCED_FILE_ID) else {
             continue;
         };
         let parts = id.to_multi_str().map_err(|e| fail(e.to_string()))?;

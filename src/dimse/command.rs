@@ -28,16 +28,9 @@ pub struct Request {
 pub fn parse_request(bytes: &[u8]) -> Result<Request, String> {
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .map_err(|e| format!("cannot parse command set: {e}"))?;
-    let u16_of = |tag: Tag| -> Option<u16> {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_int::<u16>().ok())
-    };
+    let u16_of = |tag: Tag| -> Option<u16> { obj.get(tag).and_then(|e| e.to_int::<u16>().ok()) };
     let str_of = |tag: Tag| -> Option<String> {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
+        obj.get(tag)
             .and_then(|e| e.to_str().ok())
             .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
     };

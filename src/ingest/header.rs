@@ -30,7 +30,9 @@ pub struct Header {
 }
 
 /// Parse the Part 10 stream `file` (preamble, meta, data set) and check it
-/// against what the sender declared.
+/// against what the sender declared. (Lookups use `get`, not `element_opt`:
+/// the latter builds an error, with a captured backtrace, for every absent
+/// attribute, which cost more than the rest of the parse.)
 pub fn read_and_check(file: impl Read, declared: &Declared) -> Result<Header, IngestError> {
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Always)
@@ -81,9 +83,7 @@ fn check(obj: &DefaultDicomObject, declared: &Declared) -> Result<Header, Ingest
         columns: int(obj, tags::COLUMNS),
         number_of_frames: int(obj, tags::NUMBER_OF_FRAMES),
         specific_character_set: obj
-            .element_opt(tags::SPECIFIC_CHARACTER_SET)
-            .ok()
-            .flatten()
+            .get(tags::SPECIFIC_CHARACTER_SET)
             .and_then(|e| e.to_multi_str().ok())
             .map(|v| v.join("\\")),
     };
@@ -96,9 +96,7 @@ fn check(obj: &DefaultDicomObject, declared: &Declared) -> Result<Header, Ingest
 
 fn required_uid(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<Uid, IngestError> {
     let raw = obj
-        .element_opt(tag)
-        .ok()
-        .flatten()
+        .get(tag)
         .and_then(|e| e.to_str().ok())
         .ok_or_else(|| IngestError::MissingAttribute(format!("{name} {tag} is missing")))?;
     if raw.trim_end_matches(['\0', ' ']).is_empty() {
@@ -110,11 +108,11 @@ fn required_uid(obj: &DefaultDicomObject, tag: Tag, name: &str) -> Result<Uid, I
 }
 
 fn text(obj: &DefaultDicomObject, tag: Tag) -> Option<String> {
-    let value = obj.element_opt(tag).ok().flatten()?.to_str().ok()?;
+    let value = obj.get(tag)?.to_str().ok()?;
     let value = value.trim_end_matches(['\0', ' ']).trim_start();
     (!value.is_empty()).then(|| value.to_owned())
 }
 
 fn int(obj: &DefaultDicomObject, tag: Tag) -> Option<i64> {
-    obj.element_opt(tag).ok().flatten()?.to_int::<i64>().ok()
+    obj.get(tag)?.to_int::<i64>().ok()
 }

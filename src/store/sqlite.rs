@@ -20,7 +20,10 @@ const MIGRATIONS: &[(i64, &str, &str)] =
 /// The index in a SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    /// The single connection that writes.
+    writer: SqlitePool,
+    /// Connections for queries.
+    reader: SqlitePool,
     known_series: KnownSeries,
 }
 
@@ -43,9 +46,12 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+        // SQLite has one writer at a time anyway. One connection for all
+        // writes keeps its page cache valid between transactions; with a
+        // pool, each write on another connection re-read pages from disk.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
             .await
             .map_err(MetaError::Open)?;
         let migrations = MIGRATIONS
@@ -64,13 +70,20 @@ impl SqliteStore {
             migrations: Cow::Owned(migrations),
             ..Migrator::DEFAULT
         };
-        migrator.run(&pool).await.map_err(MetaError::Migrate)?;
+        migrator.run(&writer).await.map_err(MetaError::Migrate)?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(MetaError::Open)?;
         Ok(SqliteStore {
-            pool,
+            writer,
+            reader,
             known_series: moka::sync::Cache::new(100_000),
         })
     }
 }
+
 /// The study and series rows of a record, if they are new.
 async fn upsert_study_and_series(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -187,9 +200,9 @@ impl MetadataStore for SqliteStore {
             // The common case: one statement, atomic on its own. Each
             // statement is a round trip to the connection's thread, and that
             // is most of what an insert costs.
-            return insert_instance(&self.pool, r).await;
+            return insert_instance(&self.writer, r).await;
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         upsert_study_and_series(&mut tx, r).await?;
         let outcome = insert_instance(&mut *tx, r).await?;
         tx.commit().await?;
@@ -209,7 +222,7 @@ impl MetadataStore for SqliteStore {
         )
         .bind(partner.as_str())
         .bind(sop_instance_uid)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.into_iter()
             .map(|row| {
@@ -237,7 +250,7 @@ impl MetadataStore for SqliteStore {
 
     async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError> {
         let rows = sqlx::query("SELECT object, resume_at FROM blob_objects")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         rows.into_iter()
             .map(|row| {
@@ -249,12 +262,12 @@ impl MetadataStore for SqliteStore {
 
     async fn instance_count(&self) -> Result<i64, MetaError> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM instances")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.reader)
             .await?)
     }
 
     async fn ping(&self) -> Result<(), MetaError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
 }

@@ -67,7 +67,7 @@ CREATE TABLE instances (
     UNIQUE (partner, sop_instance_uid, dataset_sha256, transfer_syntax),
     FOREIGN KEY (partner, series_uid) REFERENCES series (partner, series_uid)
 );
-CREATE INDEX instances_by_sop ON instances (partner, sop_instance_uid);
+-- Lookups by (partner, sop_instance_uid) use the UNIQUE key's prefix.
 CREATE INDEX instances_by_series ON instances (partner, series_uid);
 CREATE INDEX instances_by_study ON instances (partner, study_uid);
 
