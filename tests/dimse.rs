@@ -17,49 +17,19 @@ fn echo_and_association_access_control() {
     let work = work();
     let gw = Gateway::start(work.path(), "");
 
-    let ok = Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            ST_MARY_AE,
-            "-aec",
-            "KONSIL",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let ok = echoscu(&gw, ST_MARY_AE, "KONSIL");
     assert!(ok.status.success(), "echoscu: {}", stderr(&ok));
     let py = pyscu(&gw, "echo", &[]);
     assert_eq!(py[0].0, "0x0000");
 
-    let unknown = Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            "STRANGER",
-            "-aec",
-            "KONSIL",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let unknown = echoscu(&gw, "STRANGER", "KONSIL");
     assert!(!unknown.status.success());
     assert!(
         stderr(&unknown).contains("Calling AE Title Not Recognized"),
         "{}",
         stderr(&unknown)
     );
-    let wrong_called = Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            ST_MARY_AE,
-            "-aec",
-            "SOMEONE",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let wrong_called = echoscu(&gw, ST_MARY_AE, "SOMEONE");
     assert!(stderr(&wrong_called).contains("Called AE Title Not Recognized"));
 
     let log = gw.log();
@@ -434,17 +404,7 @@ fn over_the_association_cap_is_a_transient_rejection() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "held");
-    let busy = Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            ST_MARY_AE,
-            "-aec",
-            "KONSIL",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let busy = echoscu(&gw, ST_MARY_AE, "KONSIL");
     assert!(!busy.status.success());
     let err = stderr(&busy);
     assert!(err.contains("Rejected Transient"), "{err}");
@@ -456,17 +416,7 @@ fn over_the_association_cap_is_a_transient_rejection() {
     );
     assert!(holder.wait().unwrap().success());
     // Once the slot is free the same caller gets in.
-    let ok = Command::new("/usr/bin/echoscu")
-        .args([
-            "-aet",
-            ST_MARY_AE,
-            "-aec",
-            "KONSIL",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-        ])
-        .output()
-        .unwrap();
+    let ok = echoscu(&gw, ST_MARY_AE, "KONSIL");
     assert!(ok.status.success(), "{}", stderr(&ok));
 }
 
@@ -474,8 +424,9 @@ fn over_the_association_cap_is_a_transient_rejection() {
 fn idle_association_is_closed_after_the_idle_timeout() {
     let work = work();
     let gw = Gateway::start(work.path(), "idle_timeout_secs = 1");
-    // pynetdicom holds the association open without sending anything.
-    let out = python(
+    // pynetdicom holds the association open without sending anything; its
+    // own outcome does not matter, the gateway's log below does.
+    let _held = python(
         "pyscu.py",
         &[
             "hold",
@@ -486,7 +437,6 @@ fn idle_association_is_closed_after_the_idle_timeout() {
             "3",
         ],
     );
-    let _ = out;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !gw.log().contains("idle timeout") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -675,4 +625,92 @@ fn index_commits_lost_with_the_os_are_rebuilt_from_the_blob_store() {
         &files[5].transfer_syntax,
     );
     assert_same_data_set(&files[5].path, &stored);
+}
+
+#[test]
+fn unknown_sop_classes_only_with_the_switch() {
+    let work = work();
+    let private = dicom_files(&["private", work.path().join("private.dcm").to_str().unwrap()]);
+    let file = &private[0];
+    let negotiate = |gw: &Gateway| {
+        pyscu(gw, "negotiate", &[&file.sop_class, &file.transfer_syntax])[0]
+            .1
+            .clone()
+    };
+    let (strict_dir, open_dir) = (work.path().join("strict"), work.path().join("open"));
+    std::fs::create_dir_all(&strict_dir).unwrap();
+    std::fs::create_dir_all(&open_dir).unwrap();
+    let strict = Gateway::start(&strict_dir, "");
+    assert_eq!(negotiate(&strict), "rejected");
+    drop(strict);
+
+    let open = Gateway::start(&open_dir, "accept_unknown_sop_classes = true");
+    assert_eq!(negotiate(&open), "accepted");
+    let stored = pyscu(&open, "store", &[file.path.to_str().unwrap()]);
+    assert_eq!(stored[0].0, "0x0000");
+    assert_eq!(open.instance_count(), 1);
+}
+
+#[test]
+fn every_standard_transfer_syntax_is_negotiated_as_proposed() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let mut syntaxes: Vec<String> = [
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // JPEG, JPEG-LS, JPEG 2000, JPIP, MPEG-2, H.264, HEVC, HTJ2K.
+    for suffix in [
+        "50", "51", "57", "70", "80", "81", "90", "91", "92", "93", "94", "95", "100", "101",
+        "102", "103", "104", "105", "106", "107", "108", "201", "202", "203",
+    ] {
+        syntaxes.push(format!("1.2.840.10008.1.2.4.{suffix}"));
+    }
+    let mut args: Vec<&str> = vec!["1.2.840.10008.5.1.4.1.1.2"];
+    args.extend(syntaxes.iter().map(String::as_str));
+    args.push("1.2.3.4.5.6.7"); // not a transfer syntax anyone knows
+    let result = pyscu(&gw, "negotiate", &args);
+    for (ts, verdict, _) in &result {
+        let expected = if ts == "1.2.3.4.5.6.7" {
+            "rejected"
+        } else {
+            "accepted"
+        };
+        assert_eq!(verdict, expected, "transfer syntax {ts}");
+    }
+    assert_eq!(result.len(), syntaxes.len() + 1);
+}
+
+#[test]
+fn concurrent_senders_are_all_stored() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let senders: Vec<_> = (0..4)
+        .map(|i| {
+            let files = dicom_files(&[
+                "tiny",
+                work.path().join(format!("t{i}")).to_str().unwrap(),
+                "25",
+            ]);
+            let paths: Vec<_> = files.iter().map(|f| f.path.clone()).collect();
+            let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+            storescu_cmd(&gw, ST_MARY_AE, &refs).spawn().unwrap()
+        })
+        .collect();
+    for sender in senders {
+        let out = sender.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(gw.instance_count(), 100);
+    let (_, metrics) = gw.get("/metrics");
+    assert!(
+        metrics.contains("konsil_dimse_associations_total{outcome=\"accepted\"} 4"),
+        "{metrics}"
+    );
 }

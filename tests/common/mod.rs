@@ -318,6 +318,14 @@ pub fn pyscu(gw: &Gateway, mode: &str, args: &[&str]) -> Vec<(String, String, St
         .collect()
 }
 
+/// DCMTK echoscu calling `aec` as `aet`.
+pub fn echoscu(gw: &Gateway, aet: &str, aec: &str) -> Output {
+    Command::new("/usr/bin/echoscu")
+        .args(["-aet", aet, "-aec", aec, "127.0.0.1", &gw.dicom.to_string()])
+        .output()
+        .expect("/usr/bin/echoscu")
+}
+
 /// DCMTK storescu with TCP_NODELAY, calling as `aet`.
 pub fn storescu(gw: &Gateway, aet: &str, files: &[&Path]) -> Output {
     storescu_cmd(gw, aet, files)

@@ -6,6 +6,7 @@
   dicom_files.py tiny OUTDIR N       N tiny (8x8) secondary capture instances
   dicom_files.py big PATH MIB        one multiframe instance of about MIB MiB, written in chunks
   dicom_files.py bad OUTDIR          files that must be refused, and a conflicting pair
+  dicom_files.py private PATH        one instance of a private (non-standard) storage SOP class
 
 Each command prints one TSV line per file: path, SOP class, SOP instance, transfer syntax.
 """
@@ -160,6 +161,12 @@ def bad(out):
     for name in sorted(os.listdir(out)):
         print(os.path.join(out, name))
 
+def private(path):
+    ds = base_dataset("1.2.826.0.1.3680043.8.498.77.1", generate_uid(ROOT), generate_uid(ROOT), generate_uid(ROOT))
+    ds.Modality = "OT"
+    ds.save_as(path, enforce_file_format=True)
+    row(path)
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "samples": samples(args[0])
@@ -167,6 +174,7 @@ def main():
     elif cmd == "tiny": tiny(args[0], int(args[1]))
     elif cmd == "big": big(args[0], int(args[1]))
     elif cmd == "bad": bad(args[0])
+    elif cmd == "private": private(args[0])
     else: sys.exit(__doc__)
 
 main()

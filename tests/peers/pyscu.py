@@ -4,6 +4,8 @@
   pyscu.py echo HOST PORT AET AEC
   pyscu.py store HOST PORT AET AEC FILE...   one presentation context per (SOP class, transfer syntax)
   pyscu.py hold HOST PORT AET AEC SECONDS    associate, wait, release
+  pyscu.py negotiate HOST PORT AET AEC SOP_CLASS TS...
+      one presentation context per transfer syntax; prints "TS<TAB>accepted|rejected"
   pyscu.py raw HOST PORT AET AEC FILE [--instance UID] [--cut N] [--garbage]
       send FILE's data set bytes exactly as they are (or cut short, or replaced by
       garbage) in a C-STORE whose command names FILE's meta UIDs (or --instance):
@@ -86,6 +88,18 @@ def main():
             print("none\tno response")
         else:
             print(f"0x{rsp.Status:04X}\t{path}\t{rsp.ErrorComment or ''}")
+        assoc.release()
+    elif cmd == "negotiate":
+        sop_class, syntaxes = sys.argv[6], sys.argv[7:]
+        for ts in syntaxes:
+            ae.add_requested_context(sop_class, [ts])
+        # pynetdicom aborts an association without any accepted context.
+        ae.add_requested_context(Verification)
+        assoc = associate(ae, host, port, aec)
+        accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                    if cx.abstract_syntax == sop_class}
+        for ts in syntaxes:
+            print(f"{ts}\t{'accepted' if ts in accepted else 'rejected'}")
         assoc.release()
     elif cmd == "hold":
         ae.add_requested_context(Verification)
