@@ -173,23 +173,6 @@ pub enum IndexOutcome {
     Conflict,
 }
 
-/// An indexed instance, as read back.
-#[derive(Debug, Clone)]
-pub struct StoredInstance {
-    pub partner: PartnerId,
-    pub study_uid: String,
-    pub series_uid: String,
-    pub sop_instance_uid: String,
-    pub sop_class_uid: String,
-    pub transfer_syntax: String,
-    pub size: u64,
-    pub dataset_sha256: String,
-    pub blob: BlobLocation,
-    pub source: String,
-    pub calling_ae: Option<String>,
-    pub conflict: bool,
-}
-
 /// Errors of the metadata store.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -207,16 +190,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Record one instance (whose blob is already durable) and its
     /// patient/study/series levels, atomically.
     async fn record_instance(&self, record: &InstanceRecord) -> Result<IndexOutcome, MetaError>;
-    /// All indexed versions of an instance of one partner (more than one only on conflict).
-    async fn instances_by_sop(
-        &self,
-        partner: &PartnerId,
-        sop_instance_uid: &str,
-    ) -> Result<Vec<StoredInstance>, MetaError>;
     /// Recovery points of the blob store's objects, as last recorded.
     async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError>;
-    /// Number of indexed instances (all partners).
-    async fn instance_count(&self) -> Result<i64, MetaError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), MetaError>;
 }

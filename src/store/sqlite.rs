@@ -10,8 +10,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore, StoredInstance};
-use crate::ids::PartnerId;
+use super::{IndexOutcome, InstanceRecord, MetaError, MetadataStore};
 
 /// Schema migrations, applied in order at start-up.
 const MIGRATIONS: &[(i64, &str, &str)] =
@@ -210,44 +209,6 @@ impl MetadataStore for SqliteStore {
         Ok(outcome)
     }
 
-    async fn instances_by_sop(
-        &self,
-        partner: &PartnerId,
-        sop_instance_uid: &str,
-    ) -> Result<Vec<StoredInstance>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax, size,
-                    dataset_sha256, blob_object, blob_offset, blob_length, source, calling_ae, conflict
-             FROM instances WHERE partner = ? AND sop_instance_uid = ? ORDER BY id",
-        )
-        .bind(partner.as_str())
-        .bind(sop_instance_uid)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(StoredInstance {
-                    partner: partner.clone(),
-                    study_uid: row.try_get(0)?,
-                    series_uid: row.try_get(1)?,
-                    sop_instance_uid: row.try_get(2)?,
-                    sop_class_uid: row.try_get(3)?,
-                    transfer_syntax: row.try_get(4)?,
-                    size: u64::try_from(row.try_get::<i64, _>(5)?).unwrap_or(0),
-                    dataset_sha256: row.try_get(6)?,
-                    blob: BlobLocation {
-                        object: row.try_get(7)?,
-                        offset: u64::try_from(row.try_get::<i64, _>(8)?).unwrap_or(0),
-                        length: u64::try_from(row.try_get::<i64, _>(9)?).unwrap_or(0),
-                    },
-                    source: row.try_get(10)?,
-                    calling_ae: row.try_get(11)?,
-                    conflict: row.try_get::<i64, _>(12)? != 0,
-                })
-            })
-            .collect()
-    }
-
     async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError> {
         let rows = sqlx::query("SELECT object, resume_at FROM blob_objects")
             .fetch_all(&self.reader)
@@ -258,12 +219,6 @@ impl MetadataStore for SqliteStore {
                 Ok((row.try_get(0)?, u64::try_from(at).unwrap_or(0)))
             })
             .collect()
-    }
-
-    async fn instance_count(&self) -> Result<i64, MetaError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM instances")
-            .fetch_one(&self.reader)
-            .await?)
     }
 
     async fn ping(&self) -> Result<(), MetaError> {
