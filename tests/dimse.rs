@@ -714,3 +714,57 @@ fn concurrent_senders_are_all_stored() {
         "{metrics}"
     );
 }
+
+#[test]
+fn orthanc_as_referring_pacs_pushes_a_study_unchanged() {
+    let work = work();
+    let gw = Gateway::start(work.path(), "");
+    let mut files = dicom_files(&[
+        "ct",
+        work.path().join("ct").to_str().unwrap(),
+        "3",
+        "ORTH-PID",
+        "ORTH-ACC",
+    ]);
+    let samples = dicom_files(&["samples", work.path().join("samples").to_str().unwrap()]);
+    files.extend(samples.into_iter().filter(|f| {
+        [
+            "JPEG2000.dcm",
+            "MR_small_jpeg_ls_lossless.dcm",
+            "image_dfl.dcm",
+        ]
+        .iter()
+        .any(|name| f.path.ends_with(name))
+    }));
+    assert_eq!(files.len(), 6);
+    let mut args = vec![
+        "push".to_owned(),
+        work.path().join("orthanc").to_str().unwrap().to_owned(),
+        gw.dicom.to_string(),
+    ];
+    args.extend(files.iter().map(|f| f.path.to_str().unwrap().to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = python("orthanc.py", &args);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("\"FailedInstancesCount\": 0"),
+        "{}",
+        stdout(&out)
+    );
+
+    let rows = sql(
+        &gw.data_dir,
+        "SELECT partner, calling_ae, COUNT(*) FROM instances GROUP BY partner, calling_ae",
+    );
+    assert_eq!(rows.trim(), "city-clinic\tORTHANC\t6");
+    // Orthanc sends what it stores; Konsil keeps each file's transfer syntax.
+    for f in &files {
+        let stored = stored_blob(
+            &gw.data_dir,
+            "city-clinic",
+            &f.sop_instance,
+            &f.transfer_syntax,
+        );
+        assert_same_data_set(&f.path, &stored);
+    }
+}

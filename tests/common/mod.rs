@@ -48,7 +48,7 @@ impl Gateway {
             format!(
                 "[server]\ndata_dir = {data:?}\nhttp = \"127.0.0.1:{http}\"\ndicom = \"127.0.0.1:{dicom}\"\nshutdown_grace_secs = 60\n{extra_server}\n\
                  [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's Hospital\"\nae_titles = [\"{ST_MARY_AE}\", \"{PY_AE}\"]\n\
-                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\"]\n",
+                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\", \"ORTHANC\"]\n",
                 data = data_dir.display().to_string()
             ),
         )
