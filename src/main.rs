@@ -16,7 +16,8 @@ use konsil::{App, Listeners};
 /// Configuration is layered: built-in defaults, then the config file, then
 /// KONSIL_<KEY> environment variables (e.g. KONSIL_DATA_DIR, KONSIL_HTTP,
 /// KONSIL_DICOM, KONSIL_AE_TITLE, KONSIL_MAX_ASSOCIATIONS,
-/// KONSIL_IDLE_TIMEOUT_SECS, KONSIL_MAX_PDU), then these flags.
+/// KONSIL_IDLE_TIMEOUT_SECS, KONSIL_MAX_PDU), then these flags. Logging:
+/// KONSIL_LOG (filter, default info), KONSIL_LOG_FORMAT=json.
 #[derive(Parser, Debug)]
 #[command(name = "konsil", version, about, long_about)]
 struct Cli {
@@ -155,13 +156,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// Logs go to stderr: `KONSIL_LOG` filters (tracing EnvFilter syntax,
+/// default `info`), `KONSIL_LOG_FORMAT=json` gives one JSON object per line
+/// for log shippers.
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KONSIL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("KONSIL_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }

@@ -149,3 +149,38 @@ fn cli_documents_flags_and_rejects_bad_config() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("max_pdu"), "{}", stderr(&out));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_full(
+        work.path(),
+        &work.path().join("data"),
+        "",
+        &[("KONSIL_LOG_FORMAT", "json")],
+    );
+    let ok = echoscu(&gw, ST_MARY_AE, "KONSIL");
+    assert!(ok.status.success());
+    assert!(gw.terminate().success());
+    let log = std::fs::read_dir(work.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 3, "{log}");
+    let check = "import json,sys\nfor l in sys.stdin: json.loads(l)";
+    let mut py = Command::new("python3")
+        .args(["-c", check])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    py.stdin.take().unwrap().write_all(log.as_bytes()).unwrap();
+    assert!(py.wait().unwrap().success(), "not JSON lines:\n{log}");
+    assert!(
+        log.contains("\"message\":\"association accepted\""),
+        "{log}"
+    );
+}

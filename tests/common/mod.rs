@@ -40,6 +40,16 @@ impl Gateway {
 
     /// Start (again) on `data_dir`.
     pub fn start_with(work: &Path, data_dir: &Path, extra_server: &str) -> Gateway {
+        Self::start_full(work, data_dir, extra_server, &[])
+    }
+
+    /// Start on `data_dir` with extra environment variables.
+    pub fn start_full(
+        work: &Path,
+        data_dir: &Path,
+        extra_server: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let http = free_port();
         let dicom = free_port();
         let config_path = work.join(format!("konsil-{dicom}.toml"));
@@ -58,6 +68,7 @@ impl Gateway {
         let child = Command::new(env!("CARGO_BIN_EXE_konsil"))
             .args(["--config", config_path.to_str().unwrap(), "serve"])
             .env("KONSIL_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
