@@ -11,7 +11,7 @@ use dicom_object::meta::FileMetaTable;
 use dicom_object::OpenFileOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::ids::{PartnerId, Uid};
+use crate::ids::PartnerId;
 use crate::ingest::{Declared, Ingest, IngestError, Origin};
 use crate::store::{IndexOutcome, Source};
 
@@ -124,18 +124,7 @@ async fn import_file(
             "DICOMDIR (directory, not an instance)".into(),
         ));
     }
-    let uid = |name: &str, raw: &str| Uid::parse(raw).map_err(|e| format!("{name}: {e}"));
-    let declared = Declared {
-        sop_class: uid(
-            "MediaStorageSOPClassUID",
-            meta.media_storage_sop_class_uid(),
-        )?,
-        sop_instance: uid(
-            "MediaStorageSOPInstanceUID",
-            meta.media_storage_sop_instance_uid(),
-        )?,
-        transfer_syntax: uid("TransferSyntaxUID", meta.transfer_syntax())?,
-    };
+    let declared = Declared::from_file_meta(&meta).map_err(|e| e.to_string())?;
     // The data set starts after the group length element (12 bytes) and the
     // group it announces.
     let data_start = 132 + 12 + u64::from(meta.information_group_length);
@@ -157,7 +146,7 @@ async fn import_file(
             break;
         }
         chunk.truncate(n);
-        upload.write(chunk).await.map_err(|e| e.to_string())?;
+        upload.write(chunk).await;
     }
     match upload.finish().await {
         Ok(receipt) => Ok(FileOutcome::Stored(receipt.outcome)),

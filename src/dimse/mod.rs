@@ -263,7 +263,8 @@ impl Scp {
             .associations
             .get_or_create(&vec![label("outcome", "accepted")])
             .inc();
-        self.metrics.associations_active.inc();
+        // Decrements on every way out of this function.
+        let _active = ActiveAssociation::new(&self.metrics);
         tracing::info!(calling_ae = %calling, partner = %partner, "association accepted");
 
         let mut command_buf: Vec<u8> = Vec::new();
@@ -336,8 +337,7 @@ impl Scp {
                                 }
                                 let is_last = pdv.is_last;
                                 if let Ok(upload) = store.upload.as_mut() {
-                                    // Never fails; a writer error surfaces at finish.
-                                    let _ = upload.write(pdv.data).await;
+                                    upload.write(pdv.data).await;
                                 }
                                 if is_last {
                                     if let Some(store) = pending.take() {
@@ -357,7 +357,6 @@ impl Scp {
                     }
                     if let Some(reason) = abort_reason {
                         tracing::warn!(calling_ae = %calling, reason, "aborting association");
-                        self.metrics.associations_active.dec();
                         let _ = assoc.abort().await;
                         return;
                     }
@@ -369,7 +368,6 @@ impl Scp {
                 Pdu::AbortRQ { .. } => break "aborted by peer".to_owned(),
                 other => {
                     tracing::warn!(calling_ae = %calling, pdu = ?pdu_kind(&other), "unexpected PDU; aborting");
-                    self.metrics.associations_active.dec();
                     let _ = assoc.abort().await;
                     return;
                 }
@@ -379,7 +377,6 @@ impl Scp {
         if pending.is_some() {
             tracing::warn!(calling_ae = %calling, "association ended during a C-STORE; the partial instance is discarded");
         }
-        self.metrics.associations_active.dec();
         tracing::info!(calling_ae = %calling, stored, end = %end, "association closed");
     }
 
@@ -515,6 +512,22 @@ impl Scp {
                 false,
             ),
         }
+    }
+}
+
+/// Counts an open association in the metrics for as long as it lives.
+struct ActiveAssociation<'a>(&'a Metrics);
+
+impl<'a> ActiveAssociation<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.associations_active.inc();
+        ActiveAssociation(metrics)
+    }
+}
+
+impl Drop for ActiveAssociation<'_> {
+    fn drop(&mut self) {
+        self.0.associations_active.dec();
     }
 }
 

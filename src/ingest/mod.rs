@@ -89,6 +89,27 @@ pub struct Declared {
     pub transfer_syntax: Uid,
 }
 
+impl Declared {
+    /// The identity a Part 10 file meta header declares (a file to import,
+    /// or a stored object being re-indexed).
+    pub fn from_file_meta(meta: &FileMetaTable) -> Result<Declared, IngestError> {
+        let uid = |name: &str, raw: &str| {
+            Uid::parse(raw).map_err(|e| IngestError::InvalidUid(format!("{name}: {e}")))
+        };
+        Ok(Declared {
+            sop_class: uid(
+                "MediaStorageSOPClassUID",
+                meta.media_storage_sop_class_uid(),
+            )?,
+            sop_instance: uid(
+                "MediaStorageSOPInstanceUID",
+                meta.media_storage_sop_instance_uid(),
+            )?,
+            transfer_syntax: uid("TransferSyntaxUID", meta.transfer_syntax())?,
+        })
+    }
+}
+
 /// The result of a successful ingest.
 #[derive(Debug, Clone)]
 pub struct Receipt {
@@ -175,15 +196,16 @@ pub struct InstanceUpload {
 
 impl InstanceUpload {
     /// Pass the next chunk of data set bytes. Waits while the writer is
-    /// behind (back-pressure reaches the socket).
-    pub async fn write(&mut self, chunk: Vec<u8>) -> Result<(), IngestError> {
+    /// behind (back-pressure reaches the socket). A writer failure is
+    /// reported by [`finish`](Self::finish); until then input is drained.
+    pub async fn write(&mut self, chunk: Vec<u8>) {
         if chunk.is_empty() {
-            return Ok(());
+            return;
         }
         self.hasher.update(&chunk);
         if self.gathered.is_empty() && chunk.len() >= CHUNK_BYTES {
             self.send(chunk).await;
-            return Ok(());
+            return;
         }
         if self.gathered.capacity() == 0 {
             self.gathered.reserve_exact(CHUNK_BYTES);
@@ -193,7 +215,6 @@ impl InstanceUpload {
             let full = std::mem::take(&mut self.gathered);
             self.send(full).await;
         }
-        Ok(())
     }
 
     async fn send(&mut self, bytes: Vec<u8>) {
@@ -416,14 +437,14 @@ fn write_instance(
         return Err(IngestError::Malformed("empty data set".into()));
     }
     let header = {
-        let reader = blob.read_back().map_err(BlobError::Write)?;
-        header::read_and_check(reader, declared)?
-    };
-    {
-        let reader = blob.read_back().map_err(BlobError::Write)?;
-        structure::check(reader, data_start, declared.transfer_syntax.as_str())
+        // One view of the object for both checks: the header parse reads
+        // the start, the walk seeks back and goes through it all.
+        let mut reader = blob.read_back().map_err(BlobError::Write)?;
+        let header = header::read_and_check(&mut reader, declared)?;
+        structure::check(&mut reader, data_start, declared.transfer_syntax.as_str())
             .map_err(IngestError::Malformed)?;
-    }
+        header
+    };
     let provenance = Provenance {
         partner: origin.partner.to_string(),
         source: origin.source.as_str().to_owned(),
@@ -456,12 +477,7 @@ fn reread(
         .map_err(|e| IngestError::Malformed(format!("stored object unreadable: {e}")))?;
     let meta = FileMetaTable::from_reader(reader)
         .map_err(|e| IngestError::Malformed(format!("stored file meta unreadable: {e}")))?;
-    let uid = |v: &str| Uid::parse(v).map_err(|e| IngestError::InvalidUid(e.to_string()));
-    let declared = Declared {
-        sop_class: uid(meta.media_storage_sop_class_uid())?,
-        sop_instance: uid(meta.media_storage_sop_instance_uid())?,
-        transfer_syntax: uid(meta.transfer_syntax())?,
-    };
+    let declared = Declared::from_file_meta(&meta)?;
     let header = header::read_and_check(blobs.open(&found.location)?, &declared)?;
     let blob = Box::new(RecoveredHandle {
         location: found.location,
