@@ -82,9 +82,11 @@ impl App {
         }))
     }
 
-    /// The HTTP router: operational endpoints now; FHIR at `/fhir` and
-    /// DICOMweb at `/dicomweb` as their issues land.
+    /// The HTTP router: operational endpoints and DICOMweb at `/dicomweb`
+    /// (FHIR at `/fhir` as its issue lands).
     pub fn router(self: &Arc<Self>) -> Router {
-        crate::ops::routes().with_state(Arc::clone(self))
+        crate::ops::routes()
+            .merge(crate::dicomweb::routes(self))
+            .with_state(Arc::clone(self))
     }
 }

@@ -84,10 +84,83 @@ pub struct Partner {
     pub ae_titles: Vec<AeTitle>,
 }
 
+/// The `[dicomweb]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DicomwebConfig {
+    /// The DICOMweb base URL as clients reach it (behind a proxy), used in
+    /// RetrieveURL and BulkDataURI; by default `http://<Host header>/dicomweb`.
+    pub public_url: Option<String>,
+    /// Largest STOW-RS request body in bytes; none by default.
+    pub max_request_bytes: Option<u64>,
+    /// Largest single STOW-RS part in bytes; none by default.
+    pub max_part_bytes: Option<u64>,
+    /// Most QIDO-RS results in one answer (also the default `limit`).
+    pub max_results: u32,
+    /// Origins allowed by CORS (`["*"]` for any); empty turns CORS off.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for DicomwebConfig {
+    fn default() -> Self {
+        DicomwebConfig {
+            public_url: None,
+            max_request_bytes: None,
+            max_part_bytes: None,
+            max_results: 1000,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+impl DicomwebConfig {
+    /// `KONSIL_DICOMWEB_<KEY>` variables replace file values.
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let get = |key: &str| env.get(&format!("KONSIL_DICOMWEB_{}", key.to_uppercase()));
+        if let Some(v) = get("public_url") {
+            self.public_url = Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("max_request_bytes") {
+            self.max_request_bytes = Some(parse_value("dicomweb.max_request_bytes", v)?);
+        }
+        if let Some(v) = get("max_part_bytes") {
+            self.max_part_bytes = Some(parse_value("dicomweb.max_part_bytes", v)?);
+        }
+        if let Some(v) = get("max_results") {
+            self.max_results = parse_value("dicomweb.max_results", v)?;
+        }
+        if let Some(v) = get("cors_origins") {
+            self.cors_origins = v
+                .split(',')
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect();
+        }
+        if self.max_results == 0 {
+            return Err(value_error(
+                "dicomweb.max_results",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(value_error(
+                    "dicomweb.public_url",
+                    url,
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration after layering.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub dicomweb: DicomwebConfig,
     pub partners: Vec<Partner>,
 }
 
@@ -117,6 +190,8 @@ pub struct Overrides {
 struct FileConfig {
     #[serde(default)]
     server: FileServer,
+    #[serde(default)]
+    dicomweb: DicomwebConfig,
     #[serde(default)]
     partners: Vec<FilePartner>,
 }
@@ -234,7 +309,13 @@ pub fn load(
             ae_titles,
         });
     }
-    Ok(Config { server, partners })
+    let mut dicomweb = parsed.dicomweb;
+    dicomweb.apply_env(env)?;
+    Ok(Config {
+        server,
+        dicomweb,
+        partners,
+    })
 }
 
 /// The process environment as a map, for [`load`].

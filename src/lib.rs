@@ -8,6 +8,8 @@
 //!   SQLite and local-directory implementations.
 //! - [`ingest`]: the one streaming pipeline every DICOM instance goes through.
 //! - [`dimse`]: the DICOM DIMSE edge (C-ECHO, C-STORE).
+//! - [`dicomweb`]: the DICOMweb edge (STOW-RS, QIDO-RS, WADO-RS).
+//! - [`auth`]: who is calling (the development identity until tokens land).
 //! - [`ops`]: health, readiness and metrics over HTTP.
 //! - [`import`]: `konsil import` of a folder or DICOMDIR.
 //! - [`app`]: shared state; [`run`] is the library entry point.
@@ -15,7 +17,9 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod config;
+pub mod dicomweb;
 pub mod dimse;
 pub mod ids;
 pub mod import;

@@ -3,7 +3,6 @@
 //! pipeline PDU by PDU.
 
 pub mod command;
-pub mod status;
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -25,6 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::ids::{AeTitle, PartnerId, Uid};
+use crate::ingest::status;
 use crate::ingest::{Declared, Ingest, InstanceUpload, Origin};
 use crate::metrics::{label, Metrics};
 use crate::store::{IndexOutcome, Source};
@@ -34,15 +34,6 @@ use command::Request;
 const VERIFICATION: &str = "1.2.840.10008.1.1";
 /// Command sets are small; a larger one is a protocol violation.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
-
-/// The Storage SOP Classes we accept (PS3.4 Annex B, generated from PS3.6;
-/// see conformance/dicom/).
-pub fn storage_sop_classes() -> impl Iterator<Item = &'static str> {
-    include_str!("../../conformance/dicom/storage-sop-classes.tsv")
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split('\t').next())
-}
 
 /// Who may associate: the called AE title must be ours, the calling AE
 /// title must belong to a configured partner.
@@ -121,7 +112,7 @@ pub async fn serve(
         .write_timeout(idle)
         .promiscuous(server.accept_unknown_sop_classes)
         .with_abstract_syntax(VERIFICATION);
-    for uid in storage_sop_classes() {
+    for uid in crate::ingest::storage_sop_classes() {
         options = options.with_abstract_syntax(uid);
     }
     let scp = Arc::new(Scp {
@@ -448,6 +439,7 @@ impl Scp {
                         sop_class,
                         sop_instance,
                         transfer_syntax,
+                        study: None,
                     },
                 );
                 CommandAction::AwaitData(Box::new(PendingStore {
@@ -575,7 +567,7 @@ mod tests {
 
     #[test]
     fn storage_classes_cover_annex_b() {
-        let all: Vec<_> = storage_sop_classes().collect();
+        let all: Vec<_> = crate::ingest::storage_sop_classes().collect();
         assert!(all.len() > 150, "{} classes", all.len());
         for uid in all.iter() {
             assert!(Uid::parse(uid).is_ok(), "{uid}");

@@ -58,6 +58,13 @@ fn check(obj: &DefaultDicomObject, declared: &Declared) -> Result<Header, Ingest
         )));
     }
     let study_uid = required_uid(obj, tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?;
+    if let Some(expected) = &declared.study {
+        if study_uid != *expected {
+            return Err(IngestError::StudyMismatch(format!(
+                "StudyInstanceUID in data set ({study_uid}) differs from the study in the request ({expected})"
+            )));
+        }
+    }
     let series_uid = required_uid(obj, tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?;
 
     let attributes = InstanceAttributes {

@@ -12,6 +12,7 @@
 //! buffer), never the instance size.
 
 pub mod header;
+pub mod status;
 pub mod structure;
 
 use std::io::{Read, Write};
@@ -42,6 +43,22 @@ const CHUNK_BYTES: usize = 256 * 1024;
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.186902510573612203944478410911735393153";
 pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("KONSIL_", env!("CARGO_PKG_VERSION"));
 
+/// The Storage SOP Classes we accept (PS3.4 Annex B, generated from PS3.6;
+/// see conformance/dicom/).
+pub fn storage_sop_classes() -> impl Iterator<Item = &'static str> {
+    include_str!("../../conformance/dicom/storage-sop-classes.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split('\t').next())
+}
+
+/// Whether `uid` is one of [`storage_sop_classes`].
+pub fn is_storage_sop_class(uid: &str) -> bool {
+    static CLASSES: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+        std::sync::LazyLock::new(|| storage_sop_classes().collect());
+    CLASSES.contains(uid)
+}
+
 /// Why an instance was not stored. Each edge maps these to its own error
 /// form exactly once (a DIMSE status, a STOW FailureReason, an import line).
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +75,9 @@ pub enum IngestError {
     /// A UID value is not a valid UID.
     #[error("{0}")]
     InvalidUid(String),
+    /// The instance belongs to another study than the one it was sent to.
+    #[error("{0}")]
+    StudyMismatch(String),
     /// The sender stopped before the end of the instance.
     #[error("transfer aborted before the end of the instance")]
     Aborted,
@@ -87,6 +107,8 @@ pub struct Declared {
     pub sop_class: Uid,
     pub sop_instance: Uid,
     pub transfer_syntax: Uid,
+    /// The study the instance must belong to (STOW-RS to `/studies/{study}`).
+    pub study: Option<Uid>,
 }
 
 impl Declared {
@@ -106,6 +128,7 @@ impl Declared {
                 meta.media_storage_sop_instance_uid(),
             )?,
             transfer_syntax: uid("TransferSyntaxUID", meta.transfer_syntax())?,
+            study: None,
         })
     }
 }

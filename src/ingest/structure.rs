@@ -51,8 +51,61 @@ pub fn check<'a>(
             total,
         ),
     };
-    let walker = Walker { decoder };
+    let mut walker = Walker {
+        decoder,
+        layout: None,
+    };
     walker.data_set(&mut input, None, false, 0)
+}
+
+/// Where one top-level element's value lies in a stored object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ElementSpan {
+    pub tag: Tag,
+    pub vr: VR,
+    /// Offset of the value (after the element header) from the object's start.
+    pub offset: u64,
+    /// Value length; `None` for undefined length (sequences, encapsulated
+    /// pixel data).
+    pub length: Option<u32>,
+    /// Encapsulated pixel data: (offset, length) of each item, the Basic
+    /// Offset Table first.
+    pub fragments: Vec<(u64, u32)>,
+}
+
+/// The top-level elements of the data set at `data_start`, with where their
+/// values are, for serving bulk data and frames by seeking. Objects in a
+/// deflated transfer syntax have no addressable values.
+pub fn layout<'a>(
+    mut file: impl Read + Seek + 'a,
+    data_start: u64,
+    transfer_syntax: &str,
+) -> Result<Vec<ElementSpan>, String> {
+    let ts = TransferSyntaxRegistry
+        .get(transfer_syntax)
+        .ok_or_else(|| format!("unknown transfer syntax {transfer_syntax}"))?;
+    if !matches!(ts.codec(), Codec::None | Codec::EncapsulatedPixelData(..)) {
+        return Err(format!(
+            "values of a {} object are not addressable",
+            ts.name()
+        ));
+    }
+    let decoder: Decoder<'a> = ts
+        .decoder_for::<dyn Read + 'a>()
+        .ok_or_else(|| format!("cannot decode transfer syntax {transfer_syntax}"))?;
+    let total = file.seek(SeekFrom::End(0)).map_err(io_reason)?;
+    file.seek(SeekFrom::Start(data_start)).map_err(io_reason)?;
+    let mut input = Input::seekable(
+        Box::new(BufReader::with_capacity(8 * 1024, file)),
+        data_start,
+        total,
+    );
+    let mut walker = Walker {
+        decoder,
+        layout: Some(Vec::new()),
+    };
+    walker.data_set(&mut input, None, false, 0)?;
+    Ok(walker.layout.unwrap_or_default())
 }
 
 fn io_reason(e: io::Error) -> String {
@@ -169,13 +222,15 @@ impl Read for Input<'_> {
 
 struct Walker<'a> {
     decoder: Decoder<'a>,
+    /// Top-level element positions, when asked for.
+    layout: Option<Vec<ElementSpan>>,
 }
 
 impl<'a> Walker<'a> {
     /// Walk elements until `end` (a defined-length item), an item delimiter
     /// (`in_undefined_item`), or the end of the object (top level).
     fn data_set(
-        &self,
+        &mut self,
         input: &mut Input<'a>,
         end: Option<u64>,
         in_undefined_item: bool,
@@ -205,10 +260,21 @@ impl<'a> Walker<'a> {
                 return Err(format!("unexpected item delimiter at offset {at}"));
             }
             let len = header.length();
+            if depth == 0 {
+                if let Some(layout) = &mut self.layout {
+                    layout.push(ElementSpan {
+                        tag: header.tag(),
+                        vr: header.vr(),
+                        offset: input.pos,
+                        length: len.get(),
+                        fragments: Vec::new(),
+                    });
+                }
+            }
             if header.vr() == VR::SQ || (len.is_undefined() && header.tag() != PIXEL_DATA) {
                 self.sequence(input, len, header.tag(), depth + 1)?;
             } else if len.is_undefined() {
-                self.fragments(input)?;
+                self.fragments(input, depth == 0)?;
             } else {
                 input.skip(defined(len, header.tag())?, header.tag())?;
             }
@@ -216,7 +282,7 @@ impl<'a> Walker<'a> {
     }
 
     fn sequence(
-        &self,
+        &mut self,
         input: &mut Input<'a>,
         len: Length,
         tag: Tag,
@@ -255,7 +321,7 @@ impl<'a> Walker<'a> {
     }
 
     /// Encapsulated Pixel Data: items of defined length up to a sequence delimiter.
-    fn fragments(&self, input: &mut Input<'a>) -> Result<(), String> {
+    fn fragments(&mut self, input: &mut Input<'a>, top_level: bool) -> Result<(), String> {
         loop {
             let at = input.pos;
             let item = self.decoder.decode_item_header(input).map_err(|e| {
@@ -263,7 +329,16 @@ impl<'a> Walker<'a> {
             })?;
             match item {
                 SequenceItemHeader::Item { len } => {
-                    input.skip(defined(len, PIXEL_DATA)?, PIXEL_DATA)?
+                    let len = defined(len, PIXEL_DATA)?;
+                    if let Some(span) = self
+                        .layout
+                        .as_mut()
+                        .filter(|_| top_level)
+                        .and_then(|l| l.last_mut())
+                    {
+                        span.fragments.push((input.pos, len));
+                    }
+                    input.skip(len, PIXEL_DATA)?
                 }
                 SequenceItemHeader::SequenceDelimiter => return Ok(()),
                 SequenceItemHeader::ItemDelimiter => {

@@ -3,6 +3,7 @@
 //! append-only segment files in a local directory; a PostgreSQL and an S3-compatible implementation slot
 //! in behind the same traits without touching the edges.
 
+pub mod query;
 pub mod segments;
 pub mod sqlite;
 
@@ -66,7 +67,7 @@ pub trait BlobStore: Send + Sync + 'static {
     /// it is committed.
     fn begin(&self) -> Result<Box<dyn BlobWrite>, BlobError>;
     /// Read a committed object.
-    fn open(&self, location: &BlobLocation) -> Result<Box<dyn Read + Send>, BlobError>;
+    fn open(&self, location: &BlobLocation) -> Result<Box<dyn ReadSeek>, BlobError>;
     /// After a crash: drop unfinished objects, and return the committed ones
     /// past each object's recovery point (`resume_at`, as recorded by the
     /// index), which the index may not hold yet. Run at start-up, before any
@@ -182,6 +183,8 @@ pub enum MetaError {
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("index query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("index holds an invalid value: {0}")]
+    Corrupt(String),
 }
 
 /// The metadata index.
@@ -194,4 +197,14 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError>;
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), MetaError>;
+    /// Search the index (QIDO-RS).
+    async fn search(&self, search: &query::Search) -> Result<Vec<query::SearchRow>, MetaError>;
+    /// The stored instances of a study, series or instance, in series and
+    /// instance-number order (one version per SOP Instance UID).
+    async fn locate(&self, locate: &query::Locate)
+        -> Result<Vec<query::StoredInstance>, MetaError>;
+    /// Previously computed DICOM JSON metadata of these instances, by id.
+    async fn cached_metadata(&self, ids: &[i64]) -> Result<HashMap<i64, String>, MetaError>;
+    /// Keep computed metadata for later requests.
+    async fn cache_metadata(&self, entries: &[(i64, String)]) -> Result<(), MetaError>;
 }

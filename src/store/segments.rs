@@ -125,7 +125,7 @@ impl BlobStore for SegmentStore {
         }))
     }
 
-    fn open(&self, location: &BlobLocation) -> Result<Box<dyn Read + Send>, BlobError> {
+    fn open(&self, location: &BlobLocation) -> Result<Box<dyn ReadSeek>, BlobError> {
         let open_err = |source| BlobError::Open {
             object: location.object.clone(),
             source,
@@ -136,10 +136,22 @@ impl BlobStore for SegmentStore {
                 "not a segment name",
             )));
         }
-        let mut file = File::open(self.dir.join(&location.object)).map_err(open_err)?;
-        file.seek(SeekFrom::Start(location.offset))
-            .map_err(open_err)?;
-        Ok(Box::new(file.take(location.length)))
+        let file = File::open(self.dir.join(&location.object)).map_err(open_err)?;
+        let end = location
+            .offset
+            .checked_add(location.length)
+            .ok_or_else(|| {
+                open_err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "range overflows",
+                ))
+            })?;
+        Ok(Box::new(Window {
+            file,
+            start: location.offset,
+            end,
+            pos: location.offset,
+        }))
     }
 
     fn recover(&self, resume_at: &HashMap<String, u64>) -> Result<Recovery, BlobError> {

@@ -10,11 +10,19 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{IndexOutcome, InstanceRecord, MetaError, MetadataStore};
+use super::query::{self, Level, Locate, Matcher, Search, SearchRow, StoredInstance};
+use super::{BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore};
+use crate::ids::{PartnerId, Uid};
 
 /// Schema migrations, applied in order at start-up.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "dicom index", include_str!("migrations/0001_index.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "dicom index", include_str!("migrations/0001_index.sql")),
+    (
+        2,
+        "dicomweb metadata",
+        include_str!("migrations/0002_dicomweb.sql"),
+    ),
+];
 
 /// The index in a SQLite file.
 #[derive(Clone)]
@@ -225,6 +233,282 @@ impl MetadataStore for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
+
+    async fn search(&self, search: &Search) -> Result<Vec<SearchRow>, MetaError> {
+        let width = search.columns().count();
+        let rows = search_sql(search).build().fetch_all(&self.reader).await?;
+        rows.into_iter()
+            .map(|row| {
+                let values = (0..width)
+                    .map(|n| row.try_get::<Option<String>, _>(n))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(SearchRow { values })
+            })
+            .collect()
+    }
+
+    async fn locate(&self, locate: &Locate) -> Result<Vec<StoredInstance>, MetaError> {
+        let mut sql = sqlx::QueryBuilder::new(
+            "SELECT i.id, i.study_uid, i.series_uid, i.sop_instance_uid, i.sop_class_uid,
+                i.transfer_syntax, i.received_at_ms, i.dataset_sha256, i.blob_object,
+                i.blob_offset, i.blob_length
+             FROM instances i WHERE ",
+        );
+        partner_scope(&mut sql, "i", &locate.partners);
+        sql.push(" AND i.study_uid = ")
+            .push_bind(locate.study_uid.as_str().to_owned());
+        if let Some(series) = &locate.series_uid {
+            sql.push(" AND i.series_uid = ")
+                .push_bind(series.as_str().to_owned());
+        }
+        if let Some(sop) = &locate.sop_instance_uid {
+            sql.push(" AND i.sop_instance_uid = ")
+                .push_bind(sop.as_str().to_owned());
+        }
+        sql.push(" AND ").push(LATEST_VERSION);
+        sql.push(" ORDER BY i.series_uid, i.instance_number, i.id");
+        let rows = sql.build().fetch_all(&self.reader).await?;
+        rows.into_iter().map(stored_instance).collect()
+    }
+
+    async fn cached_metadata(&self, ids: &[i64]) -> Result<HashMap<i64, String>, MetaError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        // Bounded batches: SQLite limits the number of bound parameters.
+        for batch in ids.chunks(500) {
+            let mut sql = sqlx::QueryBuilder::new(
+                "SELECT instance_id, json FROM instance_metadata WHERE instance_id IN (",
+            );
+            let mut list = sql.separated(", ");
+            for id in batch {
+                list.push_bind(*id);
+            }
+            sql.push(")");
+            for row in sql.build().fetch_all(&self.reader).await? {
+                found.insert(row.try_get(0)?, row.try_get(1)?);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn cache_metadata(&self, entries: &[(i64, String)]) -> Result<(), MetaError> {
+        let mut tx = self.writer.begin().await?;
+        for (id, json) in entries {
+            sqlx::query(
+                "INSERT INTO instance_metadata (instance_id, json) VALUES (?, ?)
+                 ON CONFLICT (instance_id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(json)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Of several versions kept under one SOP Instance UID (a conflict), only
+/// the most recent is served.
+const LATEST_VERSION: &str = "(i.conflict = 0 OR i.id = (SELECT max(y.id) FROM instances y
+    WHERE y.partner = i.partner AND y.sop_instance_uid = i.sop_instance_uid))";
+
+fn partner_scope(
+    sql: &mut sqlx::QueryBuilder<'_, sqlx::Sqlite>,
+    alias: &str,
+    partners: &[PartnerId],
+) {
+    if partners.is_empty() {
+        // Nobody's data.
+        sql.push("0");
+        return;
+    }
+    // An IN list on the leading column lets SQLite use the (partner, …)
+    // indexes for staff searches across partners too.
+    sql.push(format!("{alias}.partner IN ("));
+    let mut list = sql.separated(", ");
+    for p in partners {
+        list.push_bind(p.as_str().to_owned());
+    }
+    sql.push(")");
+}
+
+/// The SQL of a search.
+fn search_sql(search: &Search) -> sqlx::QueryBuilder<'static, sqlx::Sqlite> {
+    let mut sql = sqlx::QueryBuilder::new("SELECT ");
+    let mut select = sql.separated(", ");
+    for column in search.columns() {
+        select.push(column.sql);
+    }
+    let (from, driving) = match search.level {
+        Level::Study => (" FROM studies s", "s"),
+        Level::Series => (
+            " FROM series r JOIN studies s ON s.partner = r.partner AND s.study_uid = r.study_uid",
+            "r",
+        ),
+        Level::Instance => (
+            " FROM instances i
+              JOIN series r ON r.partner = i.partner AND r.series_uid = i.series_uid
+              JOIN studies s ON s.partner = i.partner AND s.study_uid = i.study_uid",
+            "i",
+        ),
+    };
+    sql.push(from).push(" WHERE ");
+    partner_scope(&mut sql, driving, &search.partners);
+    if search.level == Level::Instance {
+        sql.push(" AND ").push(LATEST_VERSION);
+    }
+    for condition in &search.conditions {
+        let a = condition.attribute;
+        sql.push(" AND ");
+        if a.keyword == "ModalitiesInStudy" {
+            sql.push(
+                "EXISTS (SELECT 1 FROM series x WHERE x.partner = s.partner
+                 AND x.study_uid = s.study_uid AND ",
+            );
+            push_match(&mut sql, "x.modality", a.vr, &condition.matcher);
+            sql.push(")");
+        } else {
+            push_match(
+                &mut sql,
+                match_column(a, search.level),
+                a.vr,
+                &condition.matcher,
+            );
+        }
+    }
+    sql.push(match search.level {
+        Level::Study => " ORDER BY s.rowid",
+        Level::Series => " ORDER BY r.series_number, r.rowid",
+        Level::Instance => " ORDER BY i.instance_number, i.id",
+    });
+    sql.push(" LIMIT ").push_bind(i64::from(search.limit));
+    sql.push(" OFFSET ").push_bind(i64::from(search.offset));
+    sql
+}
+
+/// Where to match a UID: on the most specific table of the search, so the
+/// (partner, study_uid) and (partner, series_uid) indexes drive the query.
+fn match_column(a: &query::Attribute, level: Level) -> &'static str {
+    match (a.keyword, level) {
+        ("StudyInstanceUID", Level::Series) => "r.study_uid",
+        ("StudyInstanceUID", Level::Instance) => "i.study_uid",
+        ("SeriesInstanceUID", Level::Instance) => "i.series_uid",
+        ("SeriesNumber", _) => "r.series_number",
+        ("InstanceNumber", _) => "i.instance_number",
+        ("NumberOfFrames", _) => "i.number_of_frames",
+        ("Rows", _) => "i.rows",
+        ("Columns", _) => "i.columns",
+        _ => a.sql,
+    }
+}
+
+fn push_match(
+    sql: &mut sqlx::QueryBuilder<'static, sqlx::Sqlite>,
+    column: &str,
+    vr: dicom_core::VR,
+    matcher: &Matcher,
+) {
+    use dicom_core::VR;
+    let person_name = vr == VR::PN;
+    match matcher {
+        Matcher::Exact(v) if matches!(vr, VR::IS | VR::US) => {
+            sql.push(column)
+                .push(" = ")
+                .push_bind(v.parse::<i64>().unwrap_or(i64::MIN));
+        }
+        // Person names match case-insensitively (PS3.18 8.3.4.1); LIKE is
+        // case-insensitive for ASCII.
+        Matcher::Exact(v) if person_name => {
+            sql.push(column)
+                .push(" LIKE ")
+                .push_bind(query::like_literal(v))
+                .push(" ESCAPE '\\'");
+        }
+        Matcher::Exact(v) => {
+            sql.push(column).push(" = ").push_bind(v.clone());
+        }
+        Matcher::Wildcard(v) if person_name => {
+            sql.push(column)
+                .push(" LIKE ")
+                .push_bind(query::like_pattern(v))
+                .push(" ESCAPE '\\'");
+        }
+        Matcher::Wildcard(v) => {
+            sql.push(column)
+                .push(" GLOB ")
+                .push_bind(query::glob_pattern(v));
+        }
+        Matcher::AnyOf(values) => {
+            sql.push(column).push(" IN (");
+            let mut list = sql.separated(", ");
+            for v in values {
+                list.push_bind(v.clone());
+            }
+            sql.push(")");
+        }
+        Matcher::Range(low, high) => {
+            sql.push("(1");
+            if let Some(low) = low {
+                sql.push(" AND ")
+                    .push(column)
+                    .push(" >= ")
+                    .push_bind(low.clone());
+            }
+            if let Some(high) = high {
+                // Compare only as many characters as the bound has, so a
+                // time bound "1200" includes "120000.5".
+                sql.push(format!(" AND substr({column}, 1, "))
+                    .push_bind(high.len() as i64)
+                    .push(") <= ")
+                    .push_bind(high.clone());
+            }
+            sql.push(")");
+        }
+        Matcher::Fuzzy(v) => {
+            // Any name component (family, given, …; words within them)
+            // starting with the value.
+            let start = format!("{}%", query::like_literal(v));
+            sql.push("(")
+                .push(column)
+                .push(" LIKE ")
+                .push_bind(start.clone())
+                .push(" ESCAPE '\\'");
+            for separator in ["^", " ", "="] {
+                sql.push(" OR ")
+                    .push(column)
+                    .push(" LIKE ")
+                    .push_bind(format!("%{}{start}", query::like_literal(separator)))
+                    .push(" ESCAPE '\\'");
+            }
+            sql.push(")");
+        }
+    }
+}
+
+fn stored_instance(row: sqlx::sqlite::SqliteRow) -> Result<StoredInstance, MetaError> {
+    let uid = |n: usize| -> Result<Uid, MetaError> {
+        let raw: String = row.try_get(n)?;
+        Uid::parse(&raw).map_err(|e| MetaError::Corrupt(e.to_string()))
+    };
+    let unsigned = |n: usize| -> Result<u64, MetaError> {
+        let v: i64 = row.try_get(n)?;
+        u64::try_from(v).map_err(|_| MetaError::Corrupt(format!("negative blob offset {v}")))
+    };
+    Ok(StoredInstance {
+        id: row.try_get(0)?,
+        study_uid: uid(1)?,
+        series_uid: uid(2)?,
+        sop_instance_uid: uid(3)?,
+        sop_class_uid: uid(4)?,
+        transfer_syntax: uid(5)?,
+        received_at_ms: row.try_get(6)?,
+        dataset_sha256: row.try_get(7)?,
+        blob: BlobLocation {
+            object: row.try_get(8)?,
+            offset: unsigned(9)?,
+            length: unsigned(10)?,
+        },
+    })
 }
 
 fn to_i64(v: u64) -> i64 {

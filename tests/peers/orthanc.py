@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Orthanc as a referring PACS: push files to the gateway by C-STORE.
+"""Orthanc as a referring PACS: push files to the gateway.
 
-  orthanc.py push WORKDIR GATEWAY_PORT FILE...
+  orthanc.py push WORKDIR GATEWAY_DICOM_PORT FILE...
+  orthanc.py stow WORKDIR GATEWAY_HTTP_PORT PARTNER FILE...
 
 Starts /usr/sbin/Orthanc with a private configuration in WORKDIR (loopback
-only, high ports, AE title ORTHANC), uploads the files over its REST API,
-registers the gateway as modality "konsil" (AE KONSIL at 127.0.0.1:PORT),
-pushes every uploaded study synchronously, prints Orthanc's JSON answer and
-stops Orthanc. Exit 0 when Orthanc reports the push done.
+only, high ports, AE title ORTHANC) and uploads the files over its REST API.
+`push` registers the gateway as modality "konsil" (AE KONSIL at
+127.0.0.1:PORT) and pushes every uploaded study by C-STORE; `stow` loads the
+DICOMweb plugin, registers the gateway as DICOMweb server "konsil" (sending
+X-Konsil-Partner: PARTNER) and pushes every study by STOW-RS (Orthanc sends
+chunked bodies and parses the gateway's response). Prints Orthanc's JSON
+answer and stops Orthanc; exit 0 when Orthanc reports the push done.
 """
 import json, os, socket, subprocess, sys, time, urllib.request
 
@@ -23,10 +27,14 @@ def call(base, method, path, body=None, raw=None):
         text = r.read()
     return json.loads(text) if text else None
 
+DICOMWEB_PLUGIN = "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"
+
 def main():
-    if len(sys.argv) < 5 or sys.argv[1] != "push":
+    if len(sys.argv) < 5 or sys.argv[1] not in ("push", "stow"):
         sys.exit(__doc__)
-    work, gateway_port, files = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    mode, work, gateway_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    partner = sys.argv[4] if mode == "stow" else None
+    files = sys.argv[5:] if mode == "stow" else sys.argv[4:]
     os.makedirs(work, exist_ok=True)
     http, dicom = free_port(), free_port()
     config = {
@@ -35,6 +43,15 @@ def main():
         "StorageDirectory": os.path.join(work, "storage"), "IndexDirectory": os.path.join(work, "index"),
         "Plugins": [], "DicomScpTimeout": 30,
     }
+    if mode == "stow":
+        config["Plugins"] = [DICOMWEB_PLUGIN]
+        config["DicomWeb"] = {
+            "Enable": True,
+            "Servers": {"konsil": {
+                "Url": f"http://127.0.0.1:{gateway_port}/dicomweb/",
+                "HttpHeaders": {"X-Konsil-Partner": partner},
+            }},
+        }
     cfg = os.path.join(work, "orthanc.json")
     with open(cfg, "w") as f:
         json.dump(config, f)
@@ -55,10 +72,14 @@ def main():
             with open(path, "rb") as f:
                 answer = call(base, "POST", "/instances", raw=f.read())
             studies.add(answer["ParentStudy"])
-        call(base, "PUT", "/modalities/konsil",
-             {"AET": "KONSIL", "Host": "127.0.0.1", "Port": gateway_port})
-        result = call(base, "POST", "/modalities/konsil/store",
-                      {"Resources": sorted(studies), "Synchronous": True})
+        if mode == "stow":
+            result = call(base, "POST", "/dicom-web/servers/konsil/stow",
+                          {"Resources": sorted(studies), "Synchronous": True})
+        else:
+            call(base, "PUT", "/modalities/konsil",
+                 {"AET": "KONSIL", "Host": "127.0.0.1", "Port": gateway_port})
+            result = call(base, "POST", "/modalities/konsil/store",
+                          {"Resources": sorted(studies), "Synchronous": True})
         print(json.dumps(result))
     finally:
         proc.terminate()

@@ -1,5 +1,7 @@
-//! The one place where ingest errors become DIMSE C-STORE statuses (PS3.4
-//! Annex B.2.3). The DICOM Conformance Statement lists the same table.
+//! The one place where ingest errors become DICOM storage statuses (PS3.4
+//! Annex B.2.3): the C-STORE response status, and the same codes as a STOW-RS
+//! FailureReason (PS3.18 Table 10.5.3-3). The DICOM Conformance Statement
+//! lists the same table.
 
 use crate::ingest::IngestError;
 
@@ -32,6 +34,7 @@ pub fn for_ingest_error(err: &IngestError) -> (u16, String) {
             OUT_OF_RESOURCES,
             "storage failure at the receiver; retry later".into(),
         ),
+        IngestError::StudyMismatch(m) => (PROCESSING_FAILURE, m.clone()),
         IngestError::Internal => (PROCESSING_FAILURE, "internal error at the receiver".into()),
     }
 }
@@ -52,6 +55,7 @@ mod tests {
                 IngestError::Blob(BlobError::Write(std::io::Error::other("disk full"))),
                 0xA700,
             ),
+            (IngestError::StudyMismatch("x".into()), 0x0110),
             (IngestError::Internal, 0x0110),
         ];
         for (err, status) in cases {

@@ -1,0 +1,165 @@
+//! The DICOMweb edge (PS3.18) at `/dicomweb`: STOW-RS into the ingest
+//! pipeline, QIDO-RS from the index, WADO-RS streamed from the blob store.
+//! Errors of the layers below are mapped to HTTP statuses here, once
+//! ([`WebError`]).
+
+mod dataset;
+mod media;
+mod metadata;
+mod multipart;
+mod qido;
+mod stow;
+mod wado;
+
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::app::App;
+use crate::auth::CallerError;
+use crate::ids::Uid;
+use crate::store::{BlobError, MetaError};
+
+/// The routes under `/dicomweb`.
+pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
+    let studies = "/dicomweb/studies/{study}";
+    let series = "/dicomweb/studies/{study}/series/{series}";
+    let instance = "/dicomweb/studies/{study}/series/{series}/instances/{instance}";
+    let router = Router::new()
+        .route("/dicomweb/studies", get(qido::studies).post(stow::store))
+        .route("/dicomweb/series", get(qido::all_series))
+        .route("/dicomweb/instances", get(qido::all_instances))
+        .route(studies, get(wado::study).post(stow::store_in_study))
+        .route(&format!("{studies}/metadata"), get(wado::study_metadata))
+        .route(&format!("{studies}/series"), get(qido::study_series))
+        .route(&format!("{studies}/instances"), get(qido::study_instances))
+        .route(series, get(wado::series))
+        .route(&format!("{series}/metadata"), get(wado::series_metadata))
+        .route(&format!("{series}/instances"), get(qido::series_instances))
+        .route(instance, get(wado::instance))
+        .route(
+            &format!("{instance}/metadata"),
+            get(wado::instance_metadata),
+        )
+        .route(&format!("{instance}/frames/{{frames}}"), get(wado::frames))
+        .route(&format!("{instance}/bulkdata/{{tag}}"), get(wado::bulkdata));
+    match cors(&app.config.dicomweb.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// CORS for web viewers (OHIF): off unless origins are configured.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::ACCEPT,
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                HeaderName::from_static(crate::auth::PARTNER_HEADER),
+            ])
+            .expose_headers([header::WARNING, header::CONTENT_LENGTH, header::ETAG])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// A failed DICOMweb request. The body is a plain-text reason a client's
+/// operator can act on; storage internals go to our log only.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("index unavailable: {0}")]
+    Index(#[from] MetaError),
+    #[error("blob store unavailable: {0}")]
+    Blob(#[from] BlobError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        let (status, text) = match &self {
+            WebError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            WebError::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),
+            WebError::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()),
+            WebError::NotAcceptable(m) => (StatusCode::NOT_ACCEPTABLE, m.clone()),
+            WebError::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m.clone()),
+            WebError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
+            WebError::Index(_) | WebError::Blob(_) | WebError::Internal(_) => {
+                tracing::error!(error = %self, "DICOMweb request failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage temporarily unavailable; retry later".to_owned(),
+                )
+            }
+        };
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{text}\n"),
+        )
+            .into_response()
+    }
+}
+
+impl From<CallerError> for WebError {
+    fn from(e: CallerError) -> Self {
+        WebError::Forbidden(e.to_string())
+    }
+}
+
+/// A UID from the request path, validated before any use.
+fn path_uid(name: &str, raw: &str) -> Result<Uid, WebError> {
+    Uid::parse(raw).map_err(|e| WebError::BadRequest(format!("{name} in the path: {e}")))
+}
+
+/// The DICOMweb base URL clients use, for RetrieveURL and BulkDataURI: the
+/// configured public URL, else from the request's Host header.
+fn base_url(app: &App, headers: &HeaderMap) -> String {
+    if let Some(url) = &app.config.dicomweb.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        // Only what a host[:port] can hold: the value ends up in URLs.
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| app.config.server.http.to_string());
+    format!("http://{host}/dicomweb")
+}

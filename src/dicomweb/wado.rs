@@ -1,0 +1,474 @@
+//! WADO-RS (PS3.18 10.4): instances, frames and bulk data streamed from the
+//! blob store as stored (never transcoded), and metadata from the cache in
+//! [`super::metadata`].
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dicom_dictionary_std::tags;
+
+use super::metadata::{self, OpenedInstance, PIXEL_DATA};
+use super::multipart::{self, Part, Piece};
+use super::{base_url, media, path_uid, WebError};
+use crate::app::App;
+use crate::auth::{Caller, CallerError};
+use crate::store::query::{Locate, StoredInstance};
+
+type Study = Path<String>;
+type Series = Path<(String, String)>;
+type Instance = Path<(String, String, String)>;
+
+pub async fn study(
+    State(app): State<Arc<App>>,
+    Path(study): Study,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    reply(retrieve(&app, caller, &headers, (&study, None, None)).await)
+}
+
+pub async fn series(
+    State(app): State<Arc<App>>,
+    Path((study, series)): Series,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    reply(retrieve(&app, caller, &headers, (&study, Some(&series), None)).await)
+}
+
+pub async fn instance(
+    State(app): State<Arc<App>>,
+    Path((study, series, instance)): Instance,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    reply(
+        retrieve(
+            &app,
+            caller,
+            &headers,
+            (&study, Some(&series), Some(&instance)),
+        )
+        .await,
+    )
+}
+
+pub async fn study_metadata(
+    State(app): State<Arc<App>>,
+    Path(study): Study,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    reply(metadata(&app, caller, &headers, (&study, None, None)).await)
+}
+
+pub async fn series_metadata(
+    State(app): State<Arc<App>>,
+    Path((study, series)): Series,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    reply(metadata(&app, caller, &headers, (&study, Some(&series), None)).await)
+}
+
+pub async fn instance_metadata(
+    State(app): State<Arc<App>>,
+    Path((study, series, instance)): Instance,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    reply(
+        metadata(
+            &app,
+            caller,
+            &headers,
+            (&study, Some(&series), Some(&instance)),
+        )
+        .await,
+    )
+}
+
+pub async fn frames(
+    State(app): State<Arc<App>>,
+    Path((study, series, instance, list)): Path<(String, String, String, String)>,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    let target = (
+        study.as_str(),
+        Some(series.as_str()),
+        Some(instance.as_str()),
+    );
+    reply(pixels(&app, caller, &headers, target, Wanted::Frames(list)).await)
+}
+
+pub async fn bulkdata(
+    State(app): State<Arc<App>>,
+    Path((study, series, instance, tag)): Path<(String, String, String, String)>,
+    caller: Result<Caller, CallerError>,
+    headers: HeaderMap,
+) -> Response {
+    let target = (
+        study.as_str(),
+        Some(series.as_str()),
+        Some(instance.as_str()),
+    );
+    reply(pixels(&app, caller, &headers, target, Wanted::Bulk(tag)).await)
+}
+
+fn reply(result: Result<Response, WebError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Study, series and instance UIDs from the path.
+type Target<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
+
+/// The caller's stored instances under `target`; 404 when there are none
+/// (another partner's study is as absent as a missing one).
+async fn locate(
+    app: &Arc<App>,
+    caller: Result<Caller, CallerError>,
+    target: Target<'_>,
+) -> Result<Vec<StoredInstance>, WebError> {
+    let caller = caller?;
+    let (study, series, instance) = target;
+    let locate = Locate {
+        partners: caller.visible_partners(&app.config),
+        study_uid: path_uid("StudyInstanceUID", study)?,
+        series_uid: series
+            .map(|s| path_uid("SeriesInstanceUID", s))
+            .transpose()?,
+        sop_instance_uid: instance
+            .map(|i| path_uid("SOPInstanceUID", i))
+            .transpose()?,
+    };
+    let found = app.index.locate(&locate).await?;
+    if found.is_empty() {
+        let what = match (series, instance) {
+            (_, Some(i)) => format!("instance {i}"),
+            (Some(s), None) => format!("series {s}"),
+            (None, None) => format!("study {study}"),
+        };
+        return Err(WebError::NotFound(format!("{what} not found")));
+    }
+    Ok(found)
+}
+
+/// Cheap validators: an instance's content hash; for a study or series the
+/// newest row and the count, which change whenever an instance arrives.
+fn validators(found: &[StoredInstance]) -> (String, Option<String>) {
+    let etag = match found {
+        [one] => format!("\"{}\"", one.dataset_sha256),
+        many => format!(
+            "\"{}-{}\"",
+            many.len(),
+            many.iter().map(|i| i.id).max().unwrap_or(0)
+        ),
+    };
+    let newest = found.iter().map(|i| i.received_at_ms).max().unwrap_or(0);
+    let last_modified = u64::try_from(newest).ok().map(|ms| {
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    });
+    (etag, last_modified)
+}
+
+/// Set ETag and Last-Modified; `Some(304)` when the client's copy is current.
+fn conditional(headers: &HeaderMap, found: &[StoredInstance], response: &mut HeaderMap) -> bool {
+    let (etag, last_modified) = validators(found);
+    let current = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().trim_start_matches("W/") == etag)
+        });
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.insert(header::ETAG, v);
+    }
+    if let Some(v) = last_modified.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        response.insert(header::LAST_MODIFIED, v);
+    }
+    current
+}
+
+async fn retrieve(
+    app: &Arc<App>,
+    caller: Result<Caller, CallerError>,
+    headers: &HeaderMap,
+    target: (&String, Option<&String>, Option<&String>),
+) -> Result<Response, WebError> {
+    let target = (
+        target.0.as_str(),
+        target.1.map(String::as_str),
+        target.2.map(String::as_str),
+    );
+    let found = locate(app, caller, target).await?;
+    let syntaxes: Vec<&str> = found.iter().map(|i| i.transfer_syntax.as_str()).collect();
+    let packaging = media::instances(headers, &syntaxes, found.len())?;
+    let mut response_headers = HeaderMap::new();
+    if conditional(headers, &found, &mut response_headers) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
+    let parts: Vec<Part> = found
+        .iter()
+        .map(|i| {
+            Part::whole(
+                format!("{}; transfer-syntax={}", media::DICOM, i.transfer_syntax),
+                i.blob.clone(),
+            )
+        })
+        .collect();
+    let blobs = Arc::clone(&app.blobs);
+    let (body, length, content_type) = match packaging {
+        media::Packaging::Multipart => {
+            let boundary = multipart::boundary();
+            let (body, length) = multipart::body(blobs, parts, boundary.clone());
+            let ct = format!(
+                "multipart/related; type=\"{}\"; boundary={boundary}",
+                media::DICOM
+            );
+            (body, length, ct)
+        }
+        media::Packaging::Single => {
+            let part = parts
+                .into_iter()
+                .next()
+                .ok_or_else(|| WebError::Internal("no part to send".into()))?;
+            let ct = part.content_type.clone();
+            let (body, length) = multipart::single(blobs, part);
+            (body, length, ct)
+        }
+    };
+    insert(&mut response_headers, header::CONTENT_TYPE, &content_type);
+    insert(
+        &mut response_headers,
+        header::CONTENT_LENGTH,
+        &length.to_string(),
+    );
+    Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+async fn metadata(
+    app: &Arc<App>,
+    caller: Result<Caller, CallerError>,
+    headers: &HeaderMap,
+    target: (&String, Option<&String>, Option<&String>),
+) -> Result<Response, WebError> {
+    let target = (
+        target.0.as_str(),
+        target.1.map(String::as_str),
+        target.2.map(String::as_str),
+    );
+    media::dataset_format(headers, false)?;
+    let found = locate(app, caller, target).await?;
+    let mut response_headers = HeaderMap::new();
+    if conditional(headers, &found, &mut response_headers) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
+    let body = metadata::json_array(app, &found, &base_url(app, headers)).await?;
+    insert(
+        &mut response_headers,
+        header::CONTENT_TYPE,
+        media::DICOM_JSON,
+    );
+    Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+/// What part of the pixel data or other bulk data is asked for.
+enum Wanted {
+    /// A comma-separated list of 1-based frame numbers.
+    Frames(String),
+    /// A top-level attribute by tag (`7FE00010`), as our BulkDataURIs name it.
+    Bulk(String),
+}
+
+async fn pixels(
+    app: &Arc<App>,
+    caller: Result<Caller, CallerError>,
+    headers: &HeaderMap,
+    target: Target<'_>,
+    wanted: Wanted,
+) -> Result<Response, WebError> {
+    let found = locate(app, caller, target).await?;
+    let instance = found
+        .into_iter()
+        .next()
+        .ok_or_else(|| WebError::Internal("located nothing".into()))?;
+    let part_type = media::pixels(headers, instance.transfer_syntax.as_str())?;
+    let blobs = Arc::clone(&app.blobs);
+    let located = instance.clone();
+    let opened = tokio::task::spawn_blocking(move || metadata::open_instance(&*blobs, &located))
+        .await
+        .map_err(|e| WebError::Internal(format!("reader: {e}")))??;
+    let pieces = match wanted {
+        Wanted::Frames(list) => frame_pieces(&opened, &parse_frames(&list)?)?,
+        Wanted::Bulk(tag) => bulk_pieces(&opened, &tag)?,
+    };
+    let parts = pieces
+        .into_iter()
+        .map(|pieces| Part {
+            content_type: part_type.clone(),
+            location: instance.blob.clone(),
+            pieces,
+        })
+        .collect();
+    let boundary = multipart::boundary();
+    let (body, length) = multipart::body(Arc::clone(&app.blobs), parts, boundary.clone());
+    let part_essence = part_type.split(';').next().unwrap_or(media::OCTET_STREAM);
+    let mut response_headers = HeaderMap::new();
+    insert(
+        &mut response_headers,
+        header::CONTENT_TYPE,
+        &format!("multipart/related; type=\"{part_essence}\"; boundary={boundary}"),
+    );
+    insert(
+        &mut response_headers,
+        header::CONTENT_LENGTH,
+        &length.to_string(),
+    );
+    Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+fn parse_frames(list: &str) -> Result<Vec<u32>, WebError> {
+    let frames = list
+        .split(',')
+        .map(|f| f.trim().parse::<u32>().ok().filter(|n| *n >= 1))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            WebError::BadRequest(format!(
+                "frame list {list:?}: use comma-separated frame numbers starting at 1"
+            ))
+        })?;
+    if frames.is_empty() {
+        return Err(WebError::BadRequest("empty frame list".into()));
+    }
+    Ok(frames)
+}
+
+fn int(opened: &OpenedInstance, tag: dicom_core::Tag) -> Option<u64> {
+    opened.header.get(tag)?.to_int::<u64>().ok()
+}
+
+/// Byte ranges of each asked-for frame.
+fn frame_pieces(opened: &OpenedInstance, frames: &[u32]) -> Result<Vec<Vec<Piece>>, WebError> {
+    let span = opened
+        .layout
+        .iter()
+        .find(|e| e.tag == PIXEL_DATA)
+        .ok_or_else(|| WebError::NotFound("the instance has no addressable pixel data".into()))?;
+    let count = int(opened, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let missing = |f: u32| WebError::NotFound(format!("frame {f} does not exist ({count} frames)"));
+    if let Some(length) = span.length {
+        // Native pixel data: frames of equal size, back to back.
+        let rows = int(opened, tags::ROWS).unwrap_or(0);
+        let columns = int(opened, tags::COLUMNS).unwrap_or(0);
+        let samples = int(opened, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+        let bits = int(opened, tags::BITS_ALLOCATED).unwrap_or(0);
+        if bits == 0 || bits % 8 != 0 {
+            return Err(WebError::NotAcceptable(format!(
+                "frames of {bits}-bit pixel data cannot be cut at byte boundaries; retrieve the instance"
+            )));
+        }
+        let frame_len = rows * columns * samples * (bits / 8);
+        return frames
+            .iter()
+            .map(|&f| {
+                let start = u64::from(f - 1) * frame_len;
+                if f as u64 > count || start + frame_len > u64::from(length) {
+                    return Err(missing(f));
+                }
+                Ok(vec![Piece {
+                    offset: span.offset + start,
+                    length: frame_len,
+                }])
+            })
+            .collect();
+    }
+    // Encapsulated: the first item is the Basic Offset Table.
+    let fragments = span.fragments.get(1..).unwrap_or_default();
+    let groups = frame_fragments(opened, fragments, count)?;
+    frames
+        .iter()
+        .map(|&f| {
+            let group = groups.get(f as usize - 1).ok_or_else(|| missing(f))?;
+            Ok(group
+                .iter()
+                .map(|&(offset, len)| Piece {
+                    offset,
+                    length: u64::from(len),
+                })
+                .collect())
+        })
+        .collect()
+}
+
+/// Which fragments make up each frame (PS3.5 A.4): one frame takes them
+/// all; otherwise the Basic Offset Table says where frames start, or each
+/// fragment is a frame.
+fn frame_fragments(
+    opened: &OpenedInstance,
+    fragments: &[(u64, u32)],
+    count: u64,
+) -> Result<Vec<Vec<(u64, u32)>>, WebError> {
+    if count == 1 {
+        return Ok(vec![fragments.to_vec()]);
+    }
+    let starts = &opened.offset_table;
+    if !starts.is_empty() {
+        // Offsets count from the first fragment's item tag, 8 bytes before
+        // its value.
+        let first_item = fragments.first().map(|(o, _)| o - 8).unwrap_or(0);
+        let mut groups = vec![Vec::new(); starts.len()];
+        for &(offset, len) in fragments {
+            let rel = offset - 8 - first_item;
+            let frame = starts.iter().rposition(|&s| s <= rel).unwrap_or(0);
+            groups[frame].push((offset, len));
+        }
+        return Ok(groups);
+    }
+    if fragments.len() as u64 == count {
+        return Ok(fragments.iter().map(|f| vec![*f]).collect());
+    }
+    Err(WebError::NotAcceptable(
+        "this instance's frames cannot be told apart (no offset table, fragments ≠ frames); \
+         retrieve the instance"
+            .into(),
+    ))
+}
+
+/// The byte ranges of a top-level attribute: one part for a plain value,
+/// one per frame for encapsulated pixel data.
+fn bulk_pieces(opened: &OpenedInstance, tag: &str) -> Result<Vec<Vec<Piece>>, WebError> {
+    let raw = u32::from_str_radix(tag, 16)
+        .ok()
+        .filter(|_| tag.len() == 8)
+        .ok_or_else(|| WebError::BadRequest(format!("{tag:?} is not a tag (8 hex digits)")))?;
+    let tag = dicom_core::Tag((raw >> 16) as u16, raw as u16);
+    let span = opened
+        .layout
+        .iter()
+        .find(|e| e.tag == tag)
+        .ok_or_else(|| WebError::NotFound(format!("no bulk data at {tag}")))?;
+    match span.length {
+        Some(length) => Ok(vec![vec![Piece {
+            offset: span.offset,
+            length: u64::from(length),
+        }]]),
+        None if tag == PIXEL_DATA => {
+            let count = int(opened, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+            let frames: Vec<u32> = (1..=count as u32).collect();
+            frame_pieces(opened, &frames)
+        }
+        None => Err(WebError::NotFound(format!(
+            "{tag} is a sequence, not bulk data"
+        ))),
+    }
+}
