@@ -33,18 +33,18 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/dicomweb/studies", get(qido::studies).post(stow::store))
         .route("/dicomweb/series", get(qido::all_series))
         .route("/dicomweb/instances", get(qido::all_instances))
-        .route(studies, get(wado::study).post(stow::store_in_study))
-        .route(&format!("{studies}/metadata"), get(wado::study_metadata))
-        .route(&format!("{studies}/series"), get(qido::study_series))
-        .route(&format!("{studies}/instances"), get(qido::study_instances))
-        .route(series, get(wado::series))
-        .route(&format!("{series}/metadata"), get(wado::series_metadata))
-        .route(&format!("{series}/instances"), get(qido::series_instances))
-        .route(instance, get(wado::instance))
         .route(
-            &format!("{instance}/metadata"),
-            get(wado::instance_metadata),
+            studies,
+            get(wado::retrieve_instances).post(stow::store_in_study),
         )
+        .route(&format!("{studies}/metadata"), get(wado::metadata))
+        .route(&format!("{studies}/series"), get(qido::series))
+        .route(&format!("{studies}/instances"), get(qido::instances))
+        .route(series, get(wado::retrieve_instances))
+        .route(&format!("{series}/metadata"), get(wado::metadata))
+        .route(&format!("{series}/instances"), get(qido::instances))
+        .route(instance, get(wado::retrieve_instances))
+        .route(&format!("{instance}/metadata"), get(wado::metadata))
         .route(&format!("{instance}/frames/{{frames}}"), get(wado::frames))
         .route(&format!("{instance}/bulkdata/{{tag}}"), get(wado::bulkdata));
     match cors(&app.config.dicomweb.cors_origins) {

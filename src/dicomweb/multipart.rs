@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::store::{BlobLocation, BlobStore};
 
 /// Bytes read from the blob store per chunk sent.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1024 * 1024;
 /// Chunks in flight between the reader and the socket.
 const DEPTH: usize = 4;
 

@@ -1,6 +1,7 @@
 //! QIDO-RS (PS3.18 10.6): searches answered from the index alone, never by
 //! opening a stored object.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
@@ -29,7 +30,7 @@ pub async fn studies(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Study, &[]).await
+    answer(&app, caller, &headers, query, Level::Study, &HashMap::new()).await
 }
 
 pub async fn all_series(
@@ -38,7 +39,15 @@ pub async fn all_series(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Series, &[]).await
+    answer(
+        &app,
+        caller,
+        &headers,
+        query,
+        Level::Series,
+        &HashMap::new(),
+    )
+    .await
 }
 
 pub async fn all_instances(
@@ -47,39 +56,36 @@ pub async fn all_instances(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Instance, &[]).await
+    answer(
+        &app,
+        caller,
+        &headers,
+        query,
+        Level::Instance,
+        &HashMap::new(),
+    )
+    .await
 }
 
-pub async fn study_series(
+/// `/studies/{study}/series`.
+pub async fn series(
     State(app): State<Arc<App>>,
-    Path(study): Path<String>,
+    Path(path): Path<HashMap<String, String>>,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let path = [("StudyInstanceUID", study)];
     answer(&app, caller, &headers, query, Level::Series, &path).await
 }
 
-pub async fn study_instances(
+/// `/studies/{study}/instances`, `/studies/{study}/series/{series}/instances`.
+pub async fn instances(
     State(app): State<Arc<App>>,
-    Path(study): Path<String>,
+    Path(path): Path<HashMap<String, String>>,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let path = [("StudyInstanceUID", study)];
-    answer(&app, caller, &headers, query, Level::Instance, &path).await
-}
-
-pub async fn series_instances(
-    State(app): State<Arc<App>>,
-    Path((study, series)): Path<(String, String)>,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let path = [("StudyInstanceUID", study), ("SeriesInstanceUID", series)];
     answer(&app, caller, &headers, query, Level::Instance, &path).await
 }
 
@@ -89,7 +95,7 @@ async fn answer(
     headers: &HeaderMap,
     query: Option<String>,
     level: Level,
-    path: &[(&'static str, String)],
+    path: &HashMap<String, String>,
 ) -> Response {
     search(app, caller, headers, query, level, path)
         .await
@@ -115,12 +121,19 @@ async fn search(
     headers: &HeaderMap,
     query: Option<String>,
     level: Level,
-    path: &[(&'static str, String)],
+    path: &HashMap<String, String>,
 ) -> Result<Response, WebError> {
     let caller = caller?;
     media::dataset_format(headers, false)?;
     let mut parsed = parse_query(query.as_deref().unwrap_or(""), level)?;
-    for (keyword, raw) in path {
+    let in_path = [
+        ("study", "StudyInstanceUID"),
+        ("series", "SeriesInstanceUID"),
+    ];
+    for (param, keyword) in in_path {
+        let Some(raw) = path.get(param) else {
+            continue;
+        };
         let uid = path_uid(keyword, raw)?;
         let attribute = attribute_by_keyword(keyword)
             .ok_or_else(|| WebError::Internal(format!("{keyword} missing from the index table")))?;

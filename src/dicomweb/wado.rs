@@ -2,6 +2,7 @@
 //! blob store as stored (never transcoded), and metadata from the cache in
 //! [`super::metadata`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -9,113 +10,63 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dicom_dictionary_std::tags;
 
-use super::metadata::{self, OpenedInstance, PIXEL_DATA};
+use super::metadata::{OpenedInstance, PIXEL_DATA};
 use super::multipart::{self, Part, Piece};
 use super::{base_url, media, path_uid, WebError};
 use crate::app::App;
 use crate::auth::{Caller, CallerError};
 use crate::store::query::{Locate, StoredInstance};
 
-type Study = Path<String>;
-type Series = Path<(String, String)>;
-type Instance = Path<(String, String, String)>;
+/// The path parameters: `study`, and `series`, `instance`, `frames`, `tag`
+/// as the route has them.
+type Params = Path<HashMap<String, String>>;
 
-pub async fn study(
-    State(app): State<Arc<App>>,
-    Path(study): Study,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-) -> Response {
-    reply(retrieve(&app, caller, &headers, (&study, None, None)).await)
-}
-
-pub async fn series(
-    State(app): State<Arc<App>>,
-    Path((study, series)): Series,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-) -> Response {
-    reply(retrieve(&app, caller, &headers, (&study, Some(&series), None)).await)
-}
-
-pub async fn instance(
-    State(app): State<Arc<App>>,
-    Path((study, series, instance)): Instance,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-) -> Response {
-    reply(
-        retrieve(
-            &app,
-            caller,
-            &headers,
-            (&study, Some(&series), Some(&instance)),
-        )
-        .await,
+fn target(p: &HashMap<String, String>) -> Target<'_> {
+    (
+        p.get("study").map(String::as_str).unwrap_or_default(),
+        p.get("series").map(String::as_str),
+        p.get("instance").map(String::as_str),
     )
 }
 
-pub async fn study_metadata(
+/// Study, series or instance.
+pub async fn retrieve_instances(
     State(app): State<Arc<App>>,
-    Path(study): Study,
+    Path(p): Params,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
 ) -> Response {
-    reply(metadata(&app, caller, &headers, (&study, None, None)).await)
+    reply(retrieve(&app, caller, &headers, target(&p)).await)
 }
 
-pub async fn series_metadata(
+/// Study, series or instance metadata.
+pub async fn metadata(
     State(app): State<Arc<App>>,
-    Path((study, series)): Series,
+    Path(p): Params,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
 ) -> Response {
-    reply(metadata(&app, caller, &headers, (&study, Some(&series), None)).await)
-}
-
-pub async fn instance_metadata(
-    State(app): State<Arc<App>>,
-    Path((study, series, instance)): Instance,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-) -> Response {
-    reply(
-        metadata(
-            &app,
-            caller,
-            &headers,
-            (&study, Some(&series), Some(&instance)),
-        )
-        .await,
-    )
+    reply(metadata_json(&app, caller, &headers, target(&p)).await)
 }
 
 pub async fn frames(
     State(app): State<Arc<App>>,
-    Path((study, series, instance, list)): Path<(String, String, String, String)>,
+    Path(p): Params,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
 ) -> Response {
-    let target = (
-        study.as_str(),
-        Some(series.as_str()),
-        Some(instance.as_str()),
-    );
-    reply(pixels(&app, caller, &headers, target, Wanted::Frames(list)).await)
+    let list = p.get("frames").cloned().unwrap_or_default();
+    reply(pixels(&app, caller, &headers, target(&p), Wanted::Frames(list)).await)
 }
 
 pub async fn bulkdata(
     State(app): State<Arc<App>>,
-    Path((study, series, instance, tag)): Path<(String, String, String, String)>,
+    Path(p): Params,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
 ) -> Response {
-    let target = (
-        study.as_str(),
-        Some(series.as_str()),
-        Some(instance.as_str()),
-    );
-    reply(pixels(&app, caller, &headers, target, Wanted::Bulk(tag)).await)
+    let tag = p.get("tag").cloned().unwrap_or_default();
+    reply(pixels(&app, caller, &headers, target(&p), Wanted::Bulk(tag)).await)
 }
 
 fn reply(result: Result<Response, WebError>) -> Response {
@@ -197,13 +148,8 @@ async fn retrieve(
     app: &Arc<App>,
     caller: Result<Caller, CallerError>,
     headers: &HeaderMap,
-    target: (&String, Option<&String>, Option<&String>),
+    target: Target<'_>,
 ) -> Result<Response, WebError> {
-    let target = (
-        target.0.as_str(),
-        target.1.map(String::as_str),
-        target.2.map(String::as_str),
-    );
     let found = locate(app, caller, target).await?;
     let syntaxes: Vec<&str> = found.iter().map(|i| i.transfer_syntax.as_str()).collect();
     let packaging = media::instances(headers, &syntaxes, found.len())?;
@@ -256,24 +202,19 @@ fn insert(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
     }
 }
 
-async fn metadata(
+async fn metadata_json(
     app: &Arc<App>,
     caller: Result<Caller, CallerError>,
     headers: &HeaderMap,
-    target: (&String, Option<&String>, Option<&String>),
+    target: Target<'_>,
 ) -> Result<Response, WebError> {
-    let target = (
-        target.0.as_str(),
-        target.1.map(String::as_str),
-        target.2.map(String::as_str),
-    );
     media::dataset_format(headers, false)?;
     let found = locate(app, caller, target).await?;
     let mut response_headers = HeaderMap::new();
     if conditional(headers, &found, &mut response_headers) {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
     }
-    let body = metadata::json_array(app, &found, &base_url(app, headers)).await?;
+    let body = super::metadata::json_array(app, &found, &base_url(app, headers)).await?;
     insert(
         &mut response_headers,
         header::CONTENT_TYPE,
@@ -305,9 +246,10 @@ async fn pixels(
     let part_type = media::pixels(headers, instance.transfer_syntax.as_str())?;
     let blobs = Arc::clone(&app.blobs);
     let located = instance.clone();
-    let opened = tokio::task::spawn_blocking(move || metadata::open_instance(&*blobs, &located))
-        .await
-        .map_err(|e| WebError::Internal(format!("reader: {e}")))??;
+    let opened =
+        tokio::task::spawn_blocking(move || super::metadata::open_instance(&*blobs, &located))
+            .await
+            .map_err(|e| WebError::Internal(format!("reader: {e}")))??;
     let pieces = match wanted {
         Wanted::Frames(list) => frame_pieces(&opened, &parse_frames(&list)?)?,
         Wanted::Bulk(tag) => bulk_pieces(&opened, &tag)?,

@@ -376,10 +376,19 @@ fn search_sql(search: &Search) -> sqlx::QueryBuilder<'static, sqlx::Sqlite> {
             );
         }
     }
+    // Instances of one study or series in instance-number order; across
+    // studies in arrival order, which needs no sort of the whole table.
+    let within_study = search.conditions.iter().any(|c| {
+        matches!(
+            c.attribute.keyword,
+            "StudyInstanceUID" | "SeriesInstanceUID"
+        )
+    });
     sql.push(match search.level {
         Level::Study => " ORDER BY s.rowid",
         Level::Series => " ORDER BY r.series_number, r.rowid",
-        Level::Instance => " ORDER BY i.instance_number, i.id",
+        Level::Instance if within_study => " ORDER BY i.instance_number, i.id",
+        Level::Instance => " ORDER BY i.id",
     });
     sql.push(" LIMIT ").push_bind(i64::from(search.limit));
     sql.push(" OFFSET ").push_bind(i64::from(search.offset));
