@@ -31,6 +31,7 @@ pub mod store;
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -57,7 +58,11 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
     let mut http_stop = stop_rx;
     let router = app.router();
     let http = tokio::spawn(async move {
-        let served = axum::serve(listeners.http, router)
+        // No Nagle delay on small answers (STOW responses, QIDO pages).
+        let listener = listeners.http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = http_stop.wait_for(|stop| *stop).await;
             })

@@ -98,7 +98,7 @@ fn curl(args: &[&str]) -> Reply {
     Reply {
         status,
         headers,
-        body: std::fs::read(body).unwrap(),
+        body: std::fs::read(body).unwrap_or_default(),
     }
 }
 
@@ -515,7 +515,11 @@ fn python_json(args: &[&str]) -> Value {
 #[test]
 fn hand_built_multipart_bodies_get_ps3_18_answers() {
     let work = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(work.path(), "");
+    // (The extra text lands after [server]; a new table starts here.)
+    let gw = Gateway::start(
+        work.path(),
+        "[dicomweb]\nmax_part_bytes = 4000000\ncors_origins = [\"http://viewer.test\"]",
+    );
     let tiny = dicom_files(&["tiny", work.path().join("tiny").to_str().unwrap(), "4"]);
     let bytes: Vec<Vec<u8>> = tiny
         .iter()
@@ -698,6 +702,72 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
     assert_eq!(gw.get("/dicomweb/studies/1.2.3.999").0, 404);
     assert_eq!(gw.get("/dicomweb/studies?StudyDate=yesterday").0, 400);
     assert_eq!(gw.get("/dicomweb/studies?NoSuchKey=1").0, 400);
+
+    // A part over max_part_bytes: 413.
+    let mut huge = bytes[0].clone();
+    huge.resize(5_000_000, 0);
+    write(&multipart("h", &[("application/dicom", huge)], false));
+    let r = post(
+        &studies,
+        "multipart/related; type=\"application/dicom\"; boundary=h",
+        &body_path,
+        &[],
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+
+    // CORS for the configured viewer origin, preflight included.
+    let r = curl(&[
+        "-X",
+        "OPTIONS",
+        "-H",
+        "Origin: http://viewer.test",
+        "-H",
+        "Access-Control-Request-Method: GET",
+        "-H",
+        "Access-Control-Request-Headers: accept",
+        &studies,
+    ]);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://viewer.test"),
+        "{:?}",
+        r.headers
+    );
+    let r = curl(&["-H", "Origin: http://elsewhere.test", &studies]);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+
+    // ETag / Last-Modified on retrieve; 304 when the client's copy is current.
+    let url = format!(
+        "{}/studies/{}/series/{}/instances/{}",
+        base(&gw),
+        "STUDY",
+        "SERIES",
+        tiny[0].sop_instance
+    );
+    let uids = python_json(&[
+        "-c",
+        "import pydicom,sys,json; d=pydicom.dcmread(sys.argv[1]); print(json.dumps([d.StudyInstanceUID, d.SeriesInstanceUID]))",
+        tiny[0].path.to_str().unwrap(),
+    ]);
+    let url = url
+        .replace("STUDY", uids[0].as_str().unwrap())
+        .replace("SERIES", uids[1].as_str().unwrap());
+    let r = curl(&["-H", "X-Konsil-Partner: st-mary", &url]);
+    assert_eq!(r.status, 200);
+    assert!(r.header("last-modified").is_some());
+    let etag = r.header("etag").expect("ETag").to_owned();
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    let r = curl(&[
+        "-H",
+        "X-Konsil-Partner: st-mary",
+        "-H",
+        &format!("If-None-Match: {etag}"),
+        &url,
+    ]);
+    assert_eq!(r.status, 304);
 
     // QIDO limit truncation is announced.
     let r = curl(&[&format!("{studies}?limit=1")]);
