@@ -190,11 +190,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
 
     // The CT study read back.
     let ct0 = &ct[0];
-    let head = python_json(&[
-        "-c",
-        "import pydicom,sys,json; d=pydicom.dcmread(sys.argv[1]); print(json.dumps([d.StudyInstanceUID, d.SeriesInstanceUID]))",
-        ct0.path.to_str().unwrap(),
-    ]);
+    let head = study_and_series(ct0.path.to_str().unwrap());
     let study = head[0].as_str().unwrap().to_owned();
     let series = head[1].as_str().unwrap().to_owned();
 
@@ -335,11 +331,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
             .is_some_and(|g| g.path == f.path)
     };
     for f in files.iter().filter(latest) {
-        let head = python_json(&[
-            "-c",
-            "import pydicom,sys,json; d=pydicom.dcmread(sys.argv[1]); print(json.dumps([d.StudyInstanceUID, d.SeriesInstanceUID]))",
-            f.path.to_str().unwrap(),
-        ]);
+        let head = study_and_series(f.path.to_str().unwrap());
         let args = [
             head[0].as_str().unwrap(),
             head[1].as_str().unwrap(),
@@ -469,18 +461,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
         .iter()
         .find(|f| f.path.ends_with("SC_rgb_jpeg_dcmtk.dcm"))
         .unwrap();
-    let head = python_json(&[
-        "-c",
-        "import pydicom,sys,json; d=pydicom.dcmread(sys.argv[1]); print(json.dumps([d.StudyInstanceUID, d.SeriesInstanceUID]))",
-        jpeg.path.to_str().unwrap(),
-    ]);
-    let url = format!(
-        "{}/studies/{}/series/{}/instances/{}/frames/1",
-        base(&gw),
-        head[0].as_str().unwrap(),
-        head[1].as_str().unwrap(),
-        jpeg.sop_instance
-    );
+    let url = format!("{}/frames/1", instance_url(&gw, jpeg));
     let refused = curl(&["-H", "Accept: multipart/related; type=\"application/octet-stream\"; transfer-syntax=1.2.840.10008.1.2.1", &url]);
     assert_eq!(refused.status, 406);
     assert!(String::from_utf8_lossy(&refused.body).contains("1.2.840.10008.1.2.4.50"));
@@ -495,7 +476,33 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
         .header("content-type")
         .unwrap()
         .starts_with("multipart/related"));
+    // A deflated instance's values cannot be cut out of it: 406, not a 500.
+    let deflated = samples
+        .iter()
+        .find(|f| f.path.ends_with("image_dfl.dcm"))
+        .unwrap();
+    let url = format!("{}/frames/1", instance_url(&gw, deflated));
+    let r = curl(&[
+        "-H",
+        "X-Konsil-Partner: st-mary",
+        "-H",
+        "Accept: multipart/related; type=application/octet-stream; transfer-syntax=*",
+        &url,
+    ]);
+    assert_eq!(r.status, 406, "{}", String::from_utf8_lossy(&r.body));
     gw.terminate();
+}
+
+/// The WADO-RS URL of a stored file's instance.
+fn instance_url(gw: &Gateway, file: &DicomFile) -> String {
+    let uids = study_and_series(file.path.to_str().unwrap());
+    format!(
+        "{}/studies/{}/series/{}/instances/{}",
+        base(gw),
+        uids[0].as_str().unwrap(),
+        uids[1].as_str().unwrap(),
+        file.sop_instance
+    )
 }
 
 /// One new tiny instance in `dir/name`.
@@ -503,6 +510,15 @@ fn fresh_tiny(dir: &Path, name: &str) -> std::path::PathBuf {
     dicom_files(&["tiny", dir.join(name).to_str().unwrap(), "1"])
         .remove(0)
         .path
+}
+
+/// The Study and Series Instance UIDs of a file, as JSON [study, series].
+fn study_and_series(path: &str) -> Value {
+    python_json(&[
+        "-c",
+        "import pydicom,sys,json; d=pydicom.dcmread(sys.argv[1]); print(json.dumps([d.StudyInstanceUID, d.SeriesInstanceUID]))",
+        path,
+    ])
 }
 
 /// Run python3 with `args` and parse its stdout as JSON.
@@ -737,21 +753,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
     assert_eq!(r.header("access-control-allow-origin"), None);
 
     // ETag / Last-Modified on retrieve; 304 when the client's copy is current.
-    let url = format!(
-        "{}/studies/{}/series/{}/instances/{}",
-        base(&gw),
-        "STUDY",
-        "SERIES",
-        tiny[0].sop_instance
-    );
-    let uids = python_json(&[
-        "-c",
-        "import pydicom,sys,json; d=pydicom.dcmread(sys.argv[1]); print(json.dumps([d.StudyInstanceUID, d.SeriesInstanceUID]))",
-        tiny[0].path.to_str().unwrap(),
-    ]);
-    let url = url
-        .replace("STUDY", uids[0].as_str().unwrap())
-        .replace("SERIES", uids[1].as_str().unwrap());
+    let url = instance_url(&gw, &tiny[0]);
     let r = curl(&["-H", "X-Konsil-Partner: st-mary", &url]);
     assert_eq!(r.status, 200);
     assert!(r.header("last-modified").is_some());

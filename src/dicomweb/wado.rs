@@ -279,6 +279,15 @@ async fn pixels(
     Ok((StatusCode::OK, response_headers, body).into_response())
 }
 
+/// Deflated objects have no byte ranges to serve from.
+fn unaddressable() -> WebError {
+    WebError::NotAcceptable(
+        "values of this instance (deflated transfer syntax) cannot be served separately; \
+         retrieve the instance"
+            .into(),
+    )
+}
+
 fn parse_frames(list: &str) -> Result<Vec<u32>, WebError> {
     let frames = list
         .split(',')
@@ -301,11 +310,14 @@ fn int(opened: &OpenedInstance, tag: dicom_core::Tag) -> Option<u64> {
 
 /// Byte ranges of each asked-for frame.
 fn frame_pieces(opened: &OpenedInstance, frames: &[u32]) -> Result<Vec<Vec<Piece>>, WebError> {
+    if opened.layout.is_empty() {
+        return Err(unaddressable());
+    }
     let span = opened
         .layout
         .iter()
         .find(|e| e.tag == PIXEL_DATA)
-        .ok_or_else(|| WebError::NotFound("the instance has no addressable pixel data".into()))?;
+        .ok_or_else(|| WebError::NotFound("the instance has no pixel data".into()))?;
     let count = int(opened, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
     let missing = |f: u32| WebError::NotFound(format!("frame {f} does not exist ({count} frames)"));
     if let Some(length) = span.length {
@@ -394,6 +406,9 @@ fn bulk_pieces(opened: &OpenedInstance, tag: &str) -> Result<Vec<Vec<Piece>>, We
         .filter(|_| tag.len() == 8)
         .ok_or_else(|| WebError::BadRequest(format!("{tag:?} is not a tag (8 hex digits)")))?;
     let tag = dicom_core::Tag((raw >> 16) as u16, raw as u16);
+    if opened.layout.is_empty() {
+        return Err(unaddressable());
+    }
     let span = opened
         .layout
         .iter()
