@@ -31,8 +31,8 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
     let instance = "/dicomweb/studies/{study}/series/{series}/instances/{instance}";
     let router = Router::new()
         .route("/dicomweb/studies", get(qido::studies).post(stow::store))
-        .route("/dicomweb/series", get(qido::all_series))
-        .route("/dicomweb/instances", get(qido::all_instances))
+        .route("/dicomweb/series", get(qido::series))
+        .route("/dicomweb/instances", get(qido::instances))
         .route(
             studies,
             get(wado::retrieve_instances).post(stow::store_in_study),

@@ -24,50 +24,19 @@ use crate::store::query::{
     ATTRIBUTES,
 };
 
+// One handler per level; the path parameters (`study`, `series`) narrow
+// the search when the route has them.
+
 pub async fn studies(
     State(app): State<Arc<App>>,
+    Path(path): Path<HashMap<String, String>>,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Study, &HashMap::new()).await
+    answer(&app, caller, &headers, query, Level::Study, &path).await
 }
 
-pub async fn all_series(
-    State(app): State<Arc<App>>,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    answer(
-        &app,
-        caller,
-        &headers,
-        query,
-        Level::Series,
-        &HashMap::new(),
-    )
-    .await
-}
-
-pub async fn all_instances(
-    State(app): State<Arc<App>>,
-    caller: Result<Caller, CallerError>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    answer(
-        &app,
-        caller,
-        &headers,
-        query,
-        Level::Instance,
-        &HashMap::new(),
-    )
-    .await
-}
-
-/// `/studies/{study}/series`.
 pub async fn series(
     State(app): State<Arc<App>>,
     Path(path): Path<HashMap<String, String>>,
@@ -78,7 +47,6 @@ pub async fn series(
     answer(&app, caller, &headers, query, Level::Series, &path).await
 }
 
-/// `/studies/{study}/instances`, `/studies/{study}/series/{series}/instances`.
 pub async fn instances(
     State(app): State<Arc<App>>,
     Path(path): Path<HashMap<String, String>>,
