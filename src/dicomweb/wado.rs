@@ -243,7 +243,17 @@ async fn pixels(
         .into_iter()
         .next()
         .ok_or_else(|| WebError::Internal("located nothing".into()))?;
-    let part_type = media::pixels(headers, instance.transfer_syntax.as_str())?;
+    // Pixel data is negotiated by transfer syntax; other bulk data (an
+    // encapsulated PDF, overlay bits) is plain bytes in any syntax.
+    let pixel_data = match &wanted {
+        Wanted::Frames(_) => true,
+        Wanted::Bulk(tag) => tag.eq_ignore_ascii_case("7FE00010"),
+    };
+    let part_type = if pixel_data {
+        media::pixels(headers, instance.transfer_syntax.as_str())?
+    } else {
+        media::OCTET_STREAM.to_owned()
+    };
     let blobs = Arc::clone(&app.blobs);
     let located = instance.clone();
     let opened =
@@ -332,6 +342,11 @@ fn frame_pieces(opened: &OpenedInstance, frames: &[u32]) -> Result<Vec<Vec<Piece
             )));
         }
         let frame_len = rows * columns * samples * (bits / 8);
+        if frame_len == 0 {
+            return Err(WebError::NotAcceptable(
+                "the instance lacks Rows/Columns to cut frames by; retrieve the instance".into(),
+            ));
+        }
         return frames
             .iter()
             .map(|&f| {
