@@ -10,7 +10,7 @@ Measures, for each server on a fresh data directory:
   stow-each  another 300-slice CT study as 300 STOW-RS requests
   wado       WADO-RS retrieve of the whole first study (multipart, as stored)
   qido       QIDO-RS study searches over an index of INDEX_INSTANCES
-             (default 100,000) instances: median time to first byte of 10
+             (default 100,000; 0 skips the QIDO part) instances: median time to first byte of 10
              runs each of a PatientID match, a PatientName wildcard with
              limit=100, and a StudyDate range with limit=100
   rss-1g     peak RSS (VmHWM) of the server process after one 1 GiB
@@ -260,19 +260,22 @@ def main():
             rss[kind] = measure_big(s, big)
         finally:
             s.stop()
-    servers = [Server(k, binary, work).start() for k in kinds]
-    try:
-        qido, queries, populate = measure_qido(servers)
-    finally:
-        for s in servers:
-            s.stop()
+    qido, queries, populate = {}, [], {}
+    if INDEX_INSTANCES > 0:
+        servers = [Server(k, binary, work).start() for k in kinds]
+        try:
+            qido, queries, populate = measure_qido(servers)
+        finally:
+            for s in servers:
+                s.stop()
 
     print(f"{'measure':42} {'konsil':>10} {'orthanc':>10} {'ratio':>7}")
     for key in transfer["konsil"]:
         k, o = transfer["konsil"][key], transfer["orthanc"][key]
         print(f"{key:42} {k:10.1f} {o:10.1f} {k / o:6.2f}x")
-    k, o = populate["konsil"], populate["orthanc"]
-    print(f"{'index STOW (100/request) inst/s':42} {k:10.1f} {o:10.1f} {k / o:6.2f}x")
+    if populate:
+        k, o = populate["konsil"], populate["orthanc"]
+        print(f"{'index STOW (100/request) inst/s':42} {k:10.1f} {o:10.1f} {k / o:6.2f}x")
     for q in queries:
         kt, kt_all, kn = qido[("konsil", q)]
         ot, ot_all, on = qido[("orthanc", q)]

@@ -313,11 +313,19 @@ async fn store_part(
     }
     declared.study = study.cloned();
 
+    let receiving = std::time::Instant::now();
     let mut upload = app.ingest.begin(origin.clone(), declared.clone());
     upload.write(head.split_off(meta_end)).await;
+    let mut chunks = 0u32;
     while let Some(chunk) = field.chunk().await? {
+        chunks += 1;
         upload.write(Vec::from(chunk)).await;
     }
+    tracing::debug!(
+        chunks,
+        receive_us = receiving.elapsed().as_micros() as u64,
+        "STOW-RS part received"
+    );
     Ok(match upload.finish().await {
         Ok(receipt) => PartResult::Stored {
             sop_class: declared.sop_class,
