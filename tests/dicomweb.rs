@@ -891,3 +891,61 @@ fn a_1_gib_stow_and_its_retrieve_keep_memory_flat() {
     );
     gw.terminate();
 }
+
+/// The OHIF Viewer build that tests/run downloads (npm registry tarball).
+fn ohif_dist() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/ohif/package/dist")
+}
+
+#[test]
+fn ohif_viewer_lists_and_draws_a_study_across_origins() {
+    let dist = ohif_dist();
+    assert!(
+        dist.join("index.html").exists(),
+        "OHIF Viewer missing at {} (./tests/run downloads it)",
+        dist.display()
+    );
+    let work = tempfile::tempdir().unwrap();
+    let viewer_port = free_port();
+    let gw = Gateway::start(
+        work.path(),
+        &format!("[dicomweb]\ncors_origins = [\"http://127.0.0.1:{viewer_port}\"]"),
+    );
+    let ct = dicom_files(&[
+        "ct",
+        work.path().join("ct").to_str().unwrap(),
+        "3",
+        "PID-OHIF-1",
+        "ACC-OHIF-1",
+    ]);
+    let paths: Vec<&str> = ct.iter().map(|f| f.path.to_str().unwrap()).collect();
+    let stored = dicomweb(&gw, PARTNER, "store", &paths);
+    assert_eq!(seq_len(&stored, "00081199"), 3);
+    let study = study_and_series(paths[0])[0].as_str().unwrap().to_owned();
+
+    // OHIF runs as staff (no partner header): it sees every partner's studies.
+    let b = base(&gw);
+    let port = viewer_port.to_string();
+    let out = python("ohif.py", &[dist.to_str().unwrap(), &b, &port, &study]);
+    assert!(
+        out.status.success(),
+        "ohif.py: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let seen: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let list = seen["study_list"].as_str().unwrap();
+    assert!(
+        list.contains("PID-OHIF-1") && list.contains("ACC-OHIF-1"),
+        "study list: {list}"
+    );
+    // The viewer fetched the metadata (computed and cached now) and drew
+    // the frames: the middle of the viewport is not one flat colour.
+    assert_eq!(
+        sql(&gw.data_dir, "SELECT count(*) FROM instance_metadata").trim(),
+        "3"
+    );
+    let spread = seen["viewport_stddev"].as_f64().unwrap();
+    assert!(spread > 5.0, "viewport looks empty (grey stddev {spread})");
+    gw.terminate();
+}
