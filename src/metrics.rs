@@ -22,6 +22,9 @@ pub struct Metrics {
     pub bytes: Family<Labels, Counter>,
     /// Failed stores, by source and DICOM status (hex).
     pub failures: Family<Labels, Counter>,
+    /// DICOMweb requests by resource (`studies`, `series`, `instances`,
+    /// `metadata`, `frames`, `bulkdata`), method and HTTP status.
+    pub dicomweb_requests: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -38,6 +41,12 @@ impl Metrics {
         let instances = Family::<Labels, Counter>::default();
         let bytes = Family::<Labels, Counter>::default();
         let failures = Family::<Labels, Counter>::default();
+        let dicomweb_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "dicomweb_requests",
+            "DICOMweb requests by resource, method and status",
+            dicomweb_requests.clone(),
+        );
         registry.register(
             "dimse_associations",
             "DIMSE associations by outcome",
@@ -70,6 +79,7 @@ impl Metrics {
             instances,
             bytes,
             failures,
+            dicomweb_requests,
         }
     }
 

@@ -11,6 +11,18 @@ use common::*;
 use serde_json::Value;
 
 const PARTNER: &str = "st-mary";
+
+/// The tests of this file run one at a time: the browser test draws in web
+/// workers that headless Chromium's virtual time does not wait for, and a
+/// 1 GiB transfer beside it on two cores made it screenshot an empty
+/// viewport.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 const OTHER: &str = "city-clinic";
 const CT_CLASS: &str = "1.2.840.10008.5.1.4.1.1.2";
 
@@ -151,6 +163,7 @@ fn failure_reasons(response: &Value) -> Vec<u64> {
 
 #[test]
 fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let gw = Gateway::start(work.path(), "");
     let ct = dicom_files(&[
@@ -530,6 +543,7 @@ fn python_json(args: &[&str]) -> Value {
 
 #[test]
 fn hand_built_multipart_bodies_get_ps3_18_answers() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     // (The extra text lands after [server]; a new table starts here.)
     let gw = Gateway::start(
@@ -786,6 +800,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
 
 #[test]
 fn orthanc_dicomweb_plugin_pushes_a_study_by_stow() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let gw = Gateway::start(work.path(), "");
     let ct = dicom_files(&[
@@ -826,6 +841,7 @@ fn orthanc_dicomweb_plugin_pushes_a_study_by_stow() {
 
 #[test]
 fn a_1_gib_stow_and_its_retrieve_keep_memory_flat() {
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let gw = Gateway::start(work.path(), "");
     let big = dicom_files(&["big", work.path().join("big.dcm").to_str().unwrap(), "1024"]);
@@ -899,6 +915,7 @@ fn ohif_dist() -> std::path::PathBuf {
 
 #[test]
 fn ohif_viewer_lists_and_draws_a_study_across_origins() {
+    let _serial = serial();
     let dist = ohif_dist();
     assert!(
         dist.join("index.html").exists(),
@@ -939,12 +956,25 @@ fn ohif_viewer_lists_and_draws_a_study_across_origins() {
         list.contains("PID-OHIF-1") && list.contains("ACC-OHIF-1"),
         "study list: {list}"
     );
-    // The viewer fetched the metadata (computed and cached now) and drew
-    // the frames: the middle of the viewport is not one flat colour.
+    // The viewer fetched the metadata (computed and cached now) and the
+    // frames, successfully, across origins ...
     assert_eq!(
         sql(&gw.data_dir, "SELECT count(*) FROM instance_metadata").trim(),
         "3"
     );
+    let (_, metrics) = gw.get("/metrics");
+    let frames_ok = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("konsil_dicomweb_requests_total")
+                && l.contains("resource=\"frames\"")
+                && l.contains("status=\"200\"")
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(frames_ok >= 1, "OHIF fetched no frames:\n{metrics}");
+    // ... and drew them: the middle of the viewport is not one flat colour.
     let spread = seen["viewport_stddev"].as_f64().unwrap();
     assert!(spread > 5.0, "viewport looks empty (grey stddev {spread})");
     gw.terminate();

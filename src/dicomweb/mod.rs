@@ -13,7 +13,9 @@ mod wado;
 
 use std::sync::Arc;
 
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -22,6 +24,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::app::App;
 use crate::auth::CallerError;
 use crate::ids::Uid;
+use crate::metrics::label;
 use crate::store::{BlobError, MetaError};
 
 /// The routes under `/dicomweb`.
@@ -47,10 +50,44 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route(&format!("{instance}/metadata"), get(wado::metadata))
         .route(&format!("{instance}/frames/{{frames}}"), get(wado::frames))
         .route(&format!("{instance}/bulkdata/{{tag}}"), get(wado::bulkdata));
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        Arc::clone(app),
+        count_request,
+    ));
     match cors(&app.config.dicomweb.cors_origins) {
         Some(layer) => router.layer(layer),
         None => router,
     }
+}
+
+/// Count each request by the resource its route names (the last literal
+/// segment: `studies`, `metadata`, `frames`, …), method and status.
+async fn count_request(
+    State(app): State<Arc<App>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let resource = matched
+        .as_ref()
+        .and_then(|m| {
+            m.as_str()
+                .rsplit('/')
+                .find(|segment| !segment.is_empty() && !segment.starts_with('{'))
+        })
+        .unwrap_or("other")
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    app.metrics
+        .dicomweb_requests
+        .get_or_create(&vec![
+            label("resource", resource),
+            label("method", method),
+            label("status", response.status().as_u16().to_string()),
+        ])
+        .inc();
+    response
 }
 
 /// CORS for web viewers (OHIF): off unless origins are configured.
