@@ -132,6 +132,13 @@ fn multipart(boundary: &str, parts: &[(&str, Vec<u8>)], part_lengths: bool) -> V
     out
 }
 
+/// POST a multipart body file of DICOM parts with `boundary` to `url`.
+fn stow_parts(url: &str, boundary: &str, body: &Path, extra: &[&str]) -> Reply {
+    let content_type =
+        format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    post(url, &content_type, body, extra)
+}
+
 /// POST a body file to `url` with curl.
 fn post(url: &str, content_type: &str, body: &Path, extra: &[&str]) -> Reply {
     let mut args = vec!["-X", "POST", "-H", "X-Konsil-Partner: st-mary", "-H"];
@@ -564,12 +571,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
         &[("application/dicom", bytes[0].clone())],
         true,
     ));
-    let r = post(
-        &studies,
-        "multipart/related; type=\"application/dicom\"; boundary=b1",
-        &body_path,
-        &[],
-    );
+    let r = stow_parts(&studies, "b1", &body_path, &[]);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("content-type"), Some("application/dicom+json"));
     assert_eq!(seq_len(&r.json(), "00081199"), 1);
@@ -611,12 +613,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
         ],
         false,
     ));
-    let r = post(
-        &studies,
-        "multipart/related; type=\"application/dicom\"; boundary=mixed",
-        &body_path,
-        &[],
-    );
+    let r = stow_parts(&studies, "mixed", &body_path, &[]);
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let json = r.json();
     assert_eq!(seq_len(&json, "00081199"), 2);
@@ -640,12 +637,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
     parts.push(("application/dicom", whole[..whole.len() - 20].to_vec()));
     assert!(!parts.is_empty());
     write(&multipart("bad", &parts, true));
-    let r = post(
-        &studies,
-        "multipart/related; type=\"application/dicom\"; boundary=bad",
-        &body_path,
-        &[],
-    );
+    let r = stow_parts(&studies, "bad", &body_path, &[]);
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
     let reasons = failure_reasons(&r.json());
     assert_eq!(
@@ -663,19 +655,14 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
         &[("application/dicom", std::fs::read(&fresh).unwrap())],
         false,
     ));
-    let r = post(
-        &format!("{studies}/1.2.3.4"),
-        "multipart/related; type=\"application/dicom\"; boundary=s",
-        &body_path,
-        &[],
-    );
+    let r = stow_parts(&format!("{studies}/1.2.3.4"), "s", &body_path, &[]);
     assert_eq!(r.status, 409);
     assert_eq!(failure_reasons(&r.json()), vec![0x0110]);
 
     // XML when asked.
-    let r = post(
+    let r = stow_parts(
         &studies,
-        "multipart/related; type=\"application/dicom\"; boundary=s",
+        "s",
         &body_path,
         &["-H", "Accept: application/dicom+xml"],
     );
@@ -705,12 +692,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
     );
     assert_eq!(r.status, 400, "no boundary");
     write(b"--x\r\nContent-Type: application/dicom\r\n\r\nnot closed");
-    let r = post(
-        &studies,
-        "multipart/related; type=\"application/dicom\"; boundary=x",
-        &body_path,
-        &[],
-    );
+    let r = stow_parts(&studies, "x", &body_path, &[]);
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
 
     // Staff have no partner to store under.
@@ -736,12 +718,7 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
     let mut huge = bytes[0].clone();
     huge.resize(5_000_000, 0);
     write(&multipart("h", &[("application/dicom", huge)], false));
-    let r = post(
-        &studies,
-        "multipart/related; type=\"application/dicom\"; boundary=h",
-        &body_path,
-        &[],
-    );
+    let r = stow_parts(&studies, "h", &body_path, &[]);
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
 
     // CORS for the configured viewer origin, preflight included.
