@@ -29,6 +29,18 @@ fn base(gw: &Gateway) -> String {
     format!("http://127.0.0.1:{}/dicomweb", gw.http)
 }
 
+/// Frames `list` of the stored instance of file `path` as
+/// application/octet-stream in transfer syntax `ts`, each compared with the
+/// file's own frame.
+fn frames_as(gw: &Gateway, path: &str, list: &str, ts: &str) -> Value {
+    dicomweb(
+        gw,
+        PARTNER,
+        "frames",
+        &[path, list, "application/octet-stream", ts],
+    )
+}
+
 /// Run tests/peers/dicomweb.py and parse its JSON output.
 fn dicomweb(gw: &Gateway, partner: &str, cmd: &str, args: &[&str]) -> Value {
     let b = base(gw);
@@ -394,32 +406,17 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
     assert!(pixels.body.len() > 512 * 512 * 2, "{}", pixels.body.len());
 
     // Frames: native (default transfer syntax) and compressed as stored.
-    let frames = dicomweb(
-        &gw,
-        PARTNER,
-        "frames",
-        &[
-            ct0.path.to_str().unwrap(),
-            "1",
-            "application/octet-stream",
-            "1.2.840.10008.1.2.1",
-        ],
-    );
+    let frames = frames_as(&gw, ct0.path.to_str().unwrap(), "1", "1.2.840.10008.1.2.1");
     assert_eq!(frames[0]["equal"], true, "{frames}");
     let multiframe = samples
         .iter()
         .find(|f| f.path.ends_with("emri_small.dcm"))
         .unwrap();
-    let frames = dicomweb(
+    let frames = frames_as(
         &gw,
-        PARTNER,
-        "frames",
-        &[
-            multiframe.path.to_str().unwrap(),
-            "1,3,10",
-            "application/octet-stream",
-            "1.2.840.10008.1.2.1",
-        ],
+        multiframe.path.to_str().unwrap(),
+        "1,3,10",
+        "1.2.840.10008.1.2.1",
     );
     assert!(
         frames
@@ -436,17 +433,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
         "MR_small_RLE.dcm",
     ] {
         let f = samples.iter().find(|f| f.path.ends_with(name)).unwrap();
-        let frames = dicomweb(
-            &gw,
-            PARTNER,
-            "frames",
-            &[
-                f.path.to_str().unwrap(),
-                "1",
-                "application/octet-stream",
-                "*",
-            ],
-        );
+        let frames = frames_as(&gw, f.path.to_str().unwrap(), "1", "*");
         assert_eq!(frames[0]["equal"], true, "{name}: {frames}");
     }
     // Multi-frame encapsulated (RLE, one fragment per frame; J2K): frames
@@ -460,12 +447,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
         let path = path.as_str().unwrap();
         let stored = dicomweb(&gw, PARTNER, "store", &[path]);
         assert_eq!(seq_len(&stored, "00081199"), 1, "{stored}");
-        let frames = dicomweb(
-            &gw,
-            PARTNER,
-            "frames",
-            &[path, "1,2,10", "application/octet-stream", "*"],
-        );
+        let frames = frames_as(&gw, path, "1,2,10", "*");
         assert!(
             frames
                 .as_array()
