@@ -176,6 +176,11 @@ impl From<CallerError> for WebError {
     }
 }
 
+/// A handler's answer: the response, or the error's.
+fn reply(result: Result<Response, WebError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
 /// A UID from the request path, validated before any use.
 fn path_uid(name: &str, raw: &str) -> Result<Uid, WebError> {
     Uid::parse(raw).map_err(|e| WebError::BadRequest(format!("{name} in the path: {e}")))

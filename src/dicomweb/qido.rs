@@ -15,7 +15,7 @@ use dicom_object::InMemDicomObject;
 
 use super::dataset::{self, text_element};
 use super::media;
-use super::{base_url, path_uid, WebError};
+use super::{base_url, path_uid, reply, WebError};
 use crate::app::App;
 use crate::auth::{Caller, CallerError};
 use crate::ids::Uid;
@@ -34,7 +34,7 @@ pub async fn studies(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Study, &path).await
+    reply(search(&app, caller, &headers, query, Level::Study, &path).await)
 }
 
 pub async fn series(
@@ -44,7 +44,7 @@ pub async fn series(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Series, &path).await
+    reply(search(&app, caller, &headers, query, Level::Series, &path).await)
 }
 
 pub async fn instances(
@@ -54,20 +54,7 @@ pub async fn instances(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    answer(&app, caller, &headers, query, Level::Instance, &path).await
-}
-
-async fn answer(
-    app: &Arc<App>,
-    caller: Result<Caller, CallerError>,
-    headers: &HeaderMap,
-    query: Option<String>,
-    level: Level,
-    path: &HashMap<String, String>,
-) -> Response {
-    search(app, caller, headers, query, level, path)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    reply(search(&app, caller, &headers, query, Level::Instance, &path).await)
 }
 
 /// A parsed QIDO query string.

@@ -17,7 +17,7 @@ use dicom_object::InMemDicomObject;
 
 use super::dataset::{self, sequence, uid_element};
 use super::media::{self, DatasetFormat, DICOM};
-use super::{base_url, path_uid, WebError};
+use super::{base_url, path_uid, reply, WebError};
 use crate::app::App;
 use crate::auth::{Caller, CallerError};
 use crate::ids::Uid;
@@ -35,9 +35,7 @@ pub async fn store(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run(&app, caller, &headers, None, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    reply(run(&app, caller, &headers, None, body).await)
 }
 
 /// `POST /dicomweb/studies/{study}`: every instance must belong to `study`.
@@ -52,9 +50,7 @@ pub async fn store_in_study(
         Ok(study) => study,
         Err(e) => return e.into_response(),
     };
-    run(&app, caller, &headers, Some(study), body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    reply(run(&app, caller, &headers, Some(study), body).await)
 }
 
 /// The result of one part.

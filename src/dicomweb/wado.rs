@@ -12,7 +12,7 @@ use dicom_dictionary_std::tags;
 
 use super::metadata::{OpenedInstance, PIXEL_DATA};
 use super::multipart::{self, Part, Piece};
-use super::{base_url, media, path_uid, WebError};
+use super::{base_url, media, path_uid, reply, WebError};
 use crate::app::App;
 use crate::auth::{Caller, CallerError};
 use crate::store::query::{Locate, StoredInstance};
@@ -67,10 +67,6 @@ pub async fn bulkdata(
 ) -> Response {
     let tag = p.get("tag").cloned().unwrap_or_default();
     reply(pixels(&app, caller, &headers, target(&p), Wanted::Bulk(tag)).await)
-}
-
-fn reply(result: Result<Response, WebError>) -> Response {
-    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Study, series and instance UIDs from the path.
