@@ -7,6 +7,7 @@ use axum::Router;
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::store::fhir::ResourceStore;
 use crate::store::segments::SegmentStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{BlobStore, MetadataStore};
@@ -29,7 +30,11 @@ pub enum StartError {
 pub struct App {
     pub config: Config,
     pub index: Arc<dyn MetadataStore>,
+    pub resources: Arc<dyn ResourceStore>,
     pub blobs: Arc<dyn BlobStore>,
+    /// FHIR Binary content, apart from DICOM objects (whose recovery
+    /// re-indexes everything it finds as DICOM).
+    pub fhir_blobs: Arc<dyn BlobStore>,
     pub metrics: Arc<Metrics>,
     pub ingest: Ingest,
 }
@@ -55,7 +60,11 @@ impl App {
         };
         std::fs::create_dir_all(&data_dir).map_err(dir_err)?;
         let blobs: Arc<dyn BlobStore> = Arc::new(SegmentStore::open(&data_dir).map_err(dir_err)?);
-        let index: Arc<dyn MetadataStore> = Arc::new(SqliteStore::open(&data_dir).await?);
+        let fhir_blobs: Arc<dyn BlobStore> =
+            Arc::new(SegmentStore::open(&data_dir.join("fhir")).map_err(dir_err)?);
+        let sqlite = SqliteStore::open(&data_dir).await?;
+        let resources: Arc<dyn ResourceStore> = Arc::new(sqlite.clone());
+        let index: Arc<dyn MetadataStore> = Arc::new(sqlite);
         let metrics = Arc::new(Metrics::new());
         let ingest = Ingest::new(Arc::clone(&blobs), Arc::clone(&index), Arc::clone(&metrics));
         if recover {
@@ -64,6 +73,20 @@ impl App {
                 tracing::info!(
                     discarded_bytes = discarded,
                     "discarded unfinished objects left by an earlier run"
+                );
+            }
+            let resume_at = resources.binary_resume_points().await?;
+            let store = Arc::clone(&fhir_blobs);
+            let found = tokio::task::spawn_blocking(move || store.recover(&resume_at))
+                .await
+                .map_err(|_| StartError::Recover(crate::ingest::IngestError::Internal))?
+                .map_err(|e| StartError::Recover(e.into()))?;
+            if !found.unindexed.is_empty() {
+                // Binary content whose resource never committed (a failed
+                // transaction or a crash): unreachable, left in place.
+                tracing::info!(
+                    objects = found.unindexed.len(),
+                    "FHIR binary objects without a resource version"
                 );
             }
             if reindexed > 0 {
@@ -76,17 +99,45 @@ impl App {
         Ok(Arc::new(App {
             config,
             index,
+            resources,
             blobs,
+            fhir_blobs,
             metrics,
             ingest,
         }))
     }
 
-    /// The HTTP router: operational endpoints and DICOMweb at `/dicomweb`
-    /// (FHIR at `/fhir` as its issue lands).
+    /// The base URL clients use for an edge at `path` (`/fhir`): the
+    /// configured public URL, else from the request's Host header.
+    pub fn public_base(
+        &self,
+        configured: Option<&str>,
+        headers: &axum::http::HeaderMap,
+        path: &str,
+    ) -> String {
+        if let Some(url) = configured {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            // Only what a host[:port] can hold: the value ends up in URLs.
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.config.server.http.to_string());
+        format!("http://{host}{path}")
+    }
+
+    /// The HTTP router: operational endpoints, DICOMweb at `/dicomweb`, FHIR
+    /// at `/fhir`.
     pub fn router(self: &Arc<Self>) -> Router {
         crate::ops::routes()
             .merge(crate::dicomweb::routes(self))
+            .merge(crate::fhir::routes(self))
             .with_state(Arc::clone(self))
     }
 }

@@ -156,11 +156,77 @@ impl DicomwebConfig {
     }
 }
 
+/// The `[fhir]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirConfig {
+    /// The FHIR base URL as clients reach it (behind a proxy), used in
+    /// Location headers, fullUrl and paging links; by default
+    /// `http://<Host header>/fhir`.
+    pub public_url: Option<String>,
+    /// Search page size when the client gives no `_count`.
+    pub default_page_size: u32,
+    /// Largest `_count` honoured (larger asks are cut to it).
+    pub max_page_size: u32,
+    /// Largest FHIR JSON request body in bytes (a resource or a Bundle,
+    /// inline base64 attachments included). Raw `Binary` uploads stream and
+    /// are not bound by it.
+    pub max_resource_bytes: u64,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
+        FhirConfig {
+            public_url: None,
+            default_page_size: 50,
+            max_page_size: 1000,
+            max_resource_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl FhirConfig {
+    /// `KONSIL_FHIR_<KEY>` variables replace file values.
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let get = |key: &str| env.get(&format!("KONSIL_FHIR_{}", key.to_uppercase()));
+        if let Some(v) = get("public_url") {
+            self.public_url = Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("default_page_size") {
+            self.default_page_size = parse_value("fhir.default_page_size", v)?;
+        }
+        if let Some(v) = get("max_page_size") {
+            self.max_page_size = parse_value("fhir.max_page_size", v)?;
+        }
+        if let Some(v) = get("max_resource_bytes") {
+            self.max_resource_bytes = parse_value("fhir.max_resource_bytes", v)?;
+        }
+        if self.default_page_size == 0 || self.max_page_size == 0 {
+            return Err(value_error(
+                "fhir.default_page_size",
+                "0",
+                "page sizes must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(value_error(
+                    "fhir.public_url",
+                    url,
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration after layering.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub dicomweb: DicomwebConfig,
+    pub fhir: FhirConfig,
     pub partners: Vec<Partner>,
 }
 
@@ -192,6 +258,8 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     dicomweb: DicomwebConfig,
+    #[serde(default)]
+    fhir: FhirConfig,
     #[serde(default)]
     partners: Vec<FilePartner>,
 }
@@ -311,9 +379,12 @@ pub fn load(
     }
     let mut dicomweb = parsed.dicomweb;
     dicomweb.apply_env(env)?;
+    let mut fhir = parsed.fhir;
+    fhir.apply_env(env)?;
     Ok(Config {
         server,
         dicomweb,
+        fhir,
         partners,
     })
 }

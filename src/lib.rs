@@ -21,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod dicomweb;
 pub mod dimse;
+pub mod fhir;
 pub mod ids;
 pub mod import;
 pub mod ingest;

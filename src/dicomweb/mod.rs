@@ -186,22 +186,20 @@ fn path_uid(name: &str, raw: &str) -> Result<Uid, WebError> {
     Uid::parse(raw).map_err(|e| WebError::BadRequest(format!("{name} in the path: {e}")))
 }
 
-/// The DICOMweb base URL clients use, for RetrieveURL and BulkDataURI: the
-/// configured public URL, else from the request's Host header.
+/// A whole stored object as a streamed body, with its length (the FHIR
+/// edge's raw Binary reads use the same streaming as WADO-RS).
+pub fn stream_blob(
+    blobs: Arc<dyn crate::store::BlobStore>,
+    location: crate::store::BlobLocation,
+) -> (axum::body::Body, u64) {
+    multipart::single(blobs, multipart::Part::whole(String::new(), location))
+}
+
+/// The DICOMweb base URL clients use, for RetrieveURL and BulkDataURI.
 fn base_url(app: &App, headers: &HeaderMap) -> String {
-    if let Some(url) = &app.config.dicomweb.public_url {
-        return url.trim_end_matches('/').to_owned();
-    }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        // Only what a host[:port] can hold: the value ends up in URLs.
-        .filter(|h| {
-            !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| app.config.server.http.to_string());
-    format!("http://{host}/dicomweb")
+    app.public_base(
+        app.config.dicomweb.public_url.as_deref(),
+        headers,
+        "/dicomweb",
+    )
 }

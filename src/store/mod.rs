@@ -3,9 +3,11 @@
 //! append-only segment files in a local directory; a PostgreSQL and an S3-compatible implementation slot
 //! in behind the same traits without touching the edges.
 
+pub mod fhir;
 pub mod query;
 pub mod segments;
 pub mod sqlite;
+mod sqlite_fhir;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, Write};

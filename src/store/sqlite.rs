@@ -22,15 +22,20 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dicomweb metadata",
         include_str!("migrations/0002_dicomweb.sql"),
     ),
+    (
+        3,
+        "fhir resources",
+        include_str!("migrations/0003_fhir.sql"),
+    ),
 ];
 
 /// The index in a SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
     /// The single connection that writes.
-    writer: SqlitePool,
+    pub(super) writer: SqlitePool,
     /// Connections for queries.
-    reader: SqlitePool,
+    pub(super) reader: SqlitePool,
     known_series: KnownSeries,
 }
 

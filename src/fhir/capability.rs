@@ -1,0 +1,126 @@
+//! The CapabilityStatement at `/fhir/metadata`, generated from what is
+//! registered: [`SUPPORTED`](super::rest::SUPPORTED) types and the search
+//! parameter table.
+
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::negotiate;
+use super::rest::{json_response, now, read_only, SUPPORTED};
+use super::search::{params_of, ParamKind, PARAMS};
+use crate::app::App;
+
+pub async fn metadata(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let format = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "_format")
+        .map(|(_, v)| v.into_owned());
+    if let Err(e) = negotiate(&headers, format.as_deref()) {
+        return e.into_response();
+    }
+    let base = app.public_base(app.config.fhir.public_url.as_deref(), &headers, "/fhir");
+    json_response(StatusCode::OK, capability_statement(&base).to_string())
+}
+
+fn resource_entry(resource_type: &str) -> Value {
+    let interactions: &[&str] = if read_only(resource_type) {
+        &[
+            "read",
+            "vread",
+            "history-instance",
+            "history-type",
+            "search-type",
+        ]
+    } else {
+        &[
+            "read",
+            "vread",
+            "update",
+            "patch",
+            "delete",
+            "history-instance",
+            "history-type",
+            "create",
+            "search-type",
+        ]
+    };
+    let mut search_params = vec![
+        json!({"name": "_id", "type": "token", "documentation": "Logical id"}),
+        json!({"name": "_lastUpdated", "type": "date", "documentation": "When the resource last changed"}),
+    ];
+    for p in params_of(resource_type) {
+        search_params.push(json!({
+            "name": p.name,
+            "definition": format!("http://hl7.org/fhir/SearchParameter/{}-{}", p.resource, p.name),
+            "type": p.kind.as_str(),
+            "documentation": p.documentation,
+        }));
+    }
+    let includes: Vec<String> = params_of(resource_type)
+        .filter(|p| p.kind == ParamKind::Reference)
+        .map(|p| format!("{}:{}", p.resource, p.name))
+        .collect();
+    let revincludes: Vec<String> = PARAMS
+        .iter()
+        .filter(|p| p.kind == ParamKind::Reference)
+        .filter(|p| p.targets.is_empty() || p.targets.contains(&resource_type))
+        .map(|p| format!("{}:{}", p.resource, p.name))
+        .collect();
+    let mut entry = json!({
+        "type": resource_type,
+        "profile": format!("http://hl7.org/fhir/StructureDefinition/{resource_type}"),
+        "interaction": interactions.iter().map(|c| json!({"code": c})).collect::<Vec<_>>(),
+        "versioning": "versioned-update",
+        "readHistory": true,
+        "updateCreate": !read_only(resource_type),
+        "conditionalCreate": !read_only(resource_type),
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": false,
+        "conditionalDelete": "not-supported",
+        "searchParam": search_params,
+    });
+    if !includes.is_empty() {
+        entry["searchInclude"] = json!(includes);
+    }
+    if !revincludes.is_empty() {
+        entry["searchRevInclude"] = json!(revincludes);
+    }
+    entry
+}
+
+/// The statement, for a server reached at `base`.
+pub fn capability_statement(base: &str) -> Value {
+    let (date, _) = now();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "publisher": "Konsil",
+        "kind": "instance",
+        "software": {"name": "Konsil", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {
+            "description": "Konsil second-opinion gateway: FHIR R4 edge",
+            "url": base,
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "JSON only. Every resource is validated against the FHIR R4 core StructureDefinitions before it is stored, and stored as sent (with the server's id and meta). Unknown search parameters are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict. Paging links use keyset cursors, stable under inserts.",
+            "resource": SUPPORTED.iter().map(|t| resource_entry(t)).collect::<Vec<_>>(),
+            "interaction": [
+                {"code": "transaction", "documentation": "Atomic; urn:uuid: and conditional references (Type?search) resolved; IHE MHD ITI-65 Provide Document Bundle."},
+                {"code": "batch"},
+                {"code": "history-system"},
+            ],
+        }],
+    })
+}

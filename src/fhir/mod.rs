@@ -1,0 +1,229 @@
+//! The FHIR R4 (4.0.1) REST edge at `/fhir`: JSON only, every rejection an
+//! OperationOutcome. Resources are validated against the core
+//! StructureDefinitions ([`validate`]) and stored as submitted, with the
+//! server's `id` and `meta` ([`rest`]); search parameters come from one
+//! table ([`search`]), which also feeds the CapabilityStatement
+//! ([`capability`]). No workflow rules live here.
+
+mod binary;
+mod bundle;
+mod capability;
+pub mod definitions;
+pub mod outcome;
+mod rest;
+pub mod search;
+pub mod validate;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::app::App;
+use crate::store::MetaError;
+use outcome::Issue;
+
+pub use rest::SUPPORTED;
+
+/// FHIR JSON.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// The routes under `/fhir`.
+pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
+    let limit = usize::try_from(app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/fhir/metadata", get(capability::metadata))
+        .route("/fhir", post(bundle::transaction_or_batch))
+        .route("/fhir/_history", get(rest::history_system))
+        .route("/fhir/{type}", get(rest::search_get).post(rest::create))
+        .route("/fhir/{type}/_search", post(rest::search_post))
+        .route("/fhir/{type}/_history", get(rest::history_type))
+        .route(
+            "/fhir/{type}/{id}",
+            get(rest::read)
+                .put(rest::update)
+                .patch(rest::patch)
+                .delete(rest::delete),
+        )
+        .route("/fhir/{type}/{id}/_history", get(rest::history_instance))
+        .route("/fhir/{type}/{id}/_history/{version}", get(rest::vread))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+}
+
+async fn not_found() -> Response {
+    FhirError::new(
+        StatusCode::NOT_FOUND,
+        Issue::error(
+            "not-found",
+            "no such FHIR endpoint: see /fhir/metadata for what this server offers",
+        ),
+    )
+    .into_response()
+}
+
+/// A rejected FHIR request: an HTTP status and an OperationOutcome.
+#[derive(Debug)]
+pub struct FhirError {
+    pub status: StatusCode,
+    pub issues: Vec<Issue>,
+}
+
+impl FhirError {
+    pub fn new(status: StatusCode, issue: Issue) -> FhirError {
+        FhirError {
+            status,
+            issues: vec![issue],
+        }
+    }
+
+    pub fn bad_request(diagnostics: impl Into<String>) -> FhirError {
+        FhirError::new(
+            StatusCode::BAD_REQUEST,
+            Issue::error("invalid", diagnostics),
+        )
+    }
+
+    pub fn not_found(resource_type: &str, id: &str) -> FhirError {
+        FhirError::new(
+            StatusCode::NOT_FOUND,
+            Issue::error("not-found", format!("{resource_type}/{id} is not known"))
+                .at(resource_type.to_owned()),
+        )
+    }
+
+    pub fn precondition(diagnostics: impl Into<String>) -> FhirError {
+        FhirError::new(
+            StatusCode::PRECONDITION_FAILED,
+            Issue::error("conflict", diagnostics),
+        )
+    }
+
+    /// Validation failed: 422 with every finding (warnings too).
+    pub fn unprocessable(issues: Vec<Issue>) -> FhirError {
+        FhirError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            issues,
+        }
+    }
+}
+
+impl From<MetaError> for FhirError {
+    fn from(e: MetaError) -> FhirError {
+        // The detail is for our log; the caller learns it may retry.
+        tracing::error!(error = %e, "FHIR storage failed");
+        FhirError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                "transient",
+                "the resource store is unavailable; nothing was changed; retry later",
+            ),
+        )
+    }
+}
+
+impl IntoResponse for FhirError {
+    fn into_response(self) -> Response {
+        let body = outcome::operation_outcome(&self.issues).to_string();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// The response format a request asks for, by `_format` or `Accept`: JSON
+/// is all we write; a request for XML alone is refused with 406.
+pub fn negotiate(headers: &HeaderMap, format: Option<&str>) -> Result<(), FhirError> {
+    let refuse = |asked: &str| {
+        FhirError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            Issue::error(
+                "not-supported",
+                format!("this server writes FHIR JSON only (application/fhir+json); {asked} was asked for"),
+            ),
+        )
+    };
+    if let Some(format) = format {
+        return match format {
+            "json" | "application/json" | "application/fhir+json" => Ok(()),
+            other => Err(refuse(other)),
+        };
+    }
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let acceptable = accept.split(',').any(|item| {
+        let media = item
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        media.is_empty()
+            || media == "*/*"
+            || media == "application/*"
+            || media == "application/json"
+            || media == "application/fhir+json"
+            || media == "application/json+fhir"
+    });
+    if acceptable {
+        Ok(())
+    } else {
+        Err(refuse(accept))
+    }
+}
+
+/// The request body must be FHIR JSON (or, where `also` allows, another
+/// type such as JSON Patch); XML gets 415.
+pub fn require_json_body(headers: &HeaderMap, also: &[&str]) -> Result<(), FhirError> {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        // Clients that send no Content-Type send JSON in practice.
+        return Ok(());
+    };
+    let media = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media == "application/fhir+json"
+        || media == "application/json"
+        || media == "application/json+fhir"
+        || also.contains(&media.as_str())
+    {
+        return Ok(());
+    }
+    Err(FhirError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Issue::error(
+            "not-supported",
+            format!("request bodies must be FHIR JSON (application/fhir+json), not {media}"),
+        ),
+    ))
+}
+
+/// Parse a request body as JSON, keeping numbers' lexical form.
+pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, FhirError> {
+    serde_json::from_slice(body).map_err(|e| {
+        FhirError::new(
+            StatusCode::BAD_REQUEST,
+            Issue::error(
+                "structure",
+                format!(
+                    "the body is not valid JSON: {e} (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            ),
+        )
+    })
+}

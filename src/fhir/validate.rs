@@ -1,0 +1,645 @@
+//! Validation of a FHIR R4 JSON resource against the core StructureDefinition
+//! snapshots (see [`super::definitions`]): unknown elements, cardinality,
+//! JSON shape (array or single), types, primitive formats (the spec's
+//! regexes), choice exclusivity, empty values, required-binding codes and
+//! reference format. Every finding names the element by FHIRPath.
+//!
+//! The resource is checked as submitted, as `serde_json` values whose numbers
+//! keep their lexical form (`arbitrary_precision`), so `1.50` is checked and
+//! stored as `1.50`.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use super::definitions::{Codes, Definitions, Element, JsonForm, Kind, TypeDef, TypeRef};
+use super::outcome::Issue;
+
+/// Validate `resource`; with `expected_type`, its `resourceType` must be that.
+/// Returns every finding (errors and warnings), in document order.
+pub fn validate(defs: &Definitions, resource: &Value, expected_type: Option<&str>) -> Vec<Issue> {
+    let mut walk = Walk {
+        defs,
+        issues: Vec::new(),
+    };
+    if let (Some(expected), Some(found)) = (
+        expected_type,
+        resource.get("resourceType").and_then(Value::as_str),
+    ) {
+        if expected != found {
+            walk.issues.push(
+                Issue::error(
+                    "invalid",
+                    format!(
+                        "resourceType is {found}, but this request is for {expected}: send a {expected}"
+                    ),
+                )
+                .at(found),
+            );
+            return walk.issues;
+        }
+    }
+    walk.resource(resource, "");
+    walk.issues
+}
+
+/// Whether `id` is a valid logical id (`[A-Za-z0-9\-\.]{1,64}`).
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+struct Walk<'d> {
+    defs: &'d Definitions,
+    issues: Vec<Issue>,
+}
+
+impl<'d> Walk<'d> {
+    fn error(&mut self, code: &'static str, path: &str, diagnostics: String) {
+        self.issues.push(Issue::error(code, diagnostics).at(path));
+    }
+
+    /// A resource at `path` ("" for the root).
+    fn resource(&mut self, value: &Value, path: &str) {
+        let at = if path.is_empty() { "Resource" } else { path };
+        let Some(obj) = value.as_object() else {
+            self.error(
+                "structure",
+                at,
+                "a resource must be a JSON object".to_owned(),
+            );
+            return;
+        };
+        let Some(type_name) = obj.get("resourceType").and_then(Value::as_str) else {
+            self.error(
+                "required",
+                &format!("{at}.resourceType"),
+                "resourceType is missing: every resource names its type".to_owned(),
+            );
+            return;
+        };
+        let defs = self.defs;
+        let Some(def) = defs.resource(type_name) else {
+            self.error(
+                "not-supported",
+                &format!("{at}.resourceType"),
+                format!("'{type_name}' is not a FHIR R4 resource type"),
+            );
+            return;
+        };
+        let base = if path.is_empty() {
+            type_name.to_owned()
+        } else {
+            path.to_owned()
+        };
+        if let Some(id) = obj.get("id") {
+            if !id.as_str().is_some_and(is_valid_id) {
+                self.error(
+                    "value",
+                    &format!("{base}.id"),
+                    format!("id {id} is not a valid logical id (1-64 of A-Z a-z 0-9 - .)"),
+                );
+            }
+        }
+        self.object(obj, def, 0, &base, true);
+    }
+
+    /// The content of a complex value: `obj` described by the children of
+    /// `def.elements[element]`.
+    fn object(
+        &mut self,
+        obj: &Map<String, Value>,
+        def: &'d TypeDef,
+        element: usize,
+        path: &str,
+        is_resource: bool,
+    ) {
+        let node = &def.elements[def.content_of(element)];
+        if obj.is_empty() || (is_resource && obj.len() == 1) {
+            self.error(
+                "structure",
+                path,
+                "an element must have content: empty objects are not allowed".to_owned(),
+            );
+            return;
+        }
+        let mut present = HashSet::new();
+        let mut choices: HashMap<usize, &str> = HashMap::new();
+        for (key, value) in obj {
+            if is_resource && key == "resourceType" {
+                continue;
+            }
+            let (extension_part, name) = match key.strip_prefix('_') {
+                Some(name) => (true, name),
+                None => (false, key.as_str()),
+            };
+            let Some(child) = node.children.get(name) else {
+                self.error(
+                    "structure",
+                    &format!("{path}.{key}"),
+                    format!(
+                        "unknown element '{key}': {} has no such element in FHIR R4 (check the spelling and the FHIR version)",
+                        node.path
+                    ),
+                );
+                continue;
+            };
+            let el = &def.elements[child.element];
+            let ty = el.types.get(child.type_index);
+            if el.choice {
+                if let Some(other) = choices.insert(child.element, name) {
+                    if other != name {
+                        self.error(
+                            "structure",
+                            &format!("{path}.{}", el.name),
+                            format!(
+                                "{}[x] has two values ('{other}' and '{name}'): a choice element takes exactly one type",
+                                el.name
+                            ),
+                        );
+                    }
+                }
+            }
+            present.insert(child.element);
+            let child_path = match (el.choice, ty) {
+                (true, Some(ty)) => format!("{path}.{}.ofType({})", el.name, ty.code),
+                _ => format!("{path}.{}", el.name),
+            };
+            if el.max == super::definitions::Max::Count(0) {
+                self.error(
+                    "structure",
+                    &child_path,
+                    format!("{} is not allowed here (maximum 0)", el.name),
+                );
+                continue;
+            }
+            let primitive = ty
+                .and_then(|t| self.defs.get(&t.code))
+                .filter(|t| t.kind == Kind::Primitive);
+            if extension_part {
+                if primitive.is_none() {
+                    self.error(
+                        "structure",
+                        &format!("{path}.{key}"),
+                        format!("unknown element '{key}': '_' marks extensions of primitive elements, and {name} is not one"),
+                    );
+                    continue;
+                }
+                let element_def = self.defs.get("Element");
+                self.items(
+                    value,
+                    el,
+                    &child_path,
+                    obj.contains_key(name),
+                    |walk, item, p| {
+                        let Some(item_obj) = item.as_object() else {
+                            walk.error(
+                                "structure",
+                                p,
+                                "the '_' part of a primitive holds an object with id and extension"
+                                    .to_owned(),
+                            );
+                            return;
+                        };
+                        if let Some(element_def) = element_def {
+                            walk.object(item_obj, element_def, 0, p, false);
+                        }
+                    },
+                );
+                continue;
+            }
+            let paired = obj.contains_key(&format!("_{name}"));
+            self.items(value, el, &child_path, paired, |walk, item, p| {
+                walk.value(item, def, child.element, ty, p)
+            });
+            if let (true, Some(values), Some(extensions)) = (
+                el.max.repeats(),
+                value.as_array(),
+                obj.get(&format!("_{name}")).and_then(Value::as_array),
+            ) {
+                if values.len() != extensions.len() {
+                    self.error(
+                        "structure",
+                        &child_path,
+                        format!("'{name}' and '_{name}' must have the same number of items (use null to fill)"),
+                    );
+                }
+            }
+        }
+        for &required in &node.required {
+            if !present.contains(&required) {
+                let el = &def.elements[required];
+                let shown = if el.choice {
+                    format!("{}[x]", el.name)
+                } else {
+                    el.name.clone()
+                };
+                self.error(
+                    "required",
+                    &format!("{path}.{}", el.name),
+                    format!(
+                        "{shown} is required (minimum cardinality {}) but missing",
+                        el.min
+                    ),
+                );
+            }
+        }
+    }
+
+    /// One JSON property's value(s): shape (array or single), count, then
+    /// `each` item. `paired`: the primitive also has a `_name` part, so nulls
+    /// may fill an array.
+    fn items(
+        &mut self,
+        value: &Value,
+        el: &Element,
+        path: &str,
+        paired: bool,
+        mut each: impl FnMut(&mut Self, &Value, &str),
+    ) {
+        if el.max.repeats() {
+            let Some(list) = value.as_array() else {
+                self.error(
+                    "structure",
+                    path,
+                    format!("{} repeats: send a JSON array, even for one value", el.name),
+                );
+                return;
+            };
+            if list.is_empty() {
+                self.error(
+                    "structure",
+                    path,
+                    format!(
+                        "{}: empty arrays are not allowed; leave the element out",
+                        el.name
+                    ),
+                );
+            }
+            if let super::definitions::Max::Count(max) = el.max {
+                if list.len() > max as usize {
+                    self.error(
+                        "structure",
+                        path,
+                        format!(
+                            "{} allows at most {max} values, found {}",
+                            el.name,
+                            list.len()
+                        ),
+                    );
+                }
+            }
+            for (i, item) in list.iter().enumerate() {
+                let item_path = format!("{path}[{i}]");
+                if item.is_null() {
+                    if !paired {
+                        self.error("structure", &item_path, "null is not a value".to_owned());
+                    }
+                    continue;
+                }
+                each(self, item, &item_path);
+            }
+        } else if value.is_array() {
+            self.error(
+                "structure",
+                path,
+                format!("{} takes a single value, not an array", el.name),
+            );
+        } else if value.is_null() {
+            self.error("structure", path, "null is not a value".to_owned());
+        } else {
+            each(self, value, path);
+        }
+    }
+
+    /// One value of element `def.elements[element]`, of type `ty`.
+    fn value(
+        &mut self,
+        item: &Value,
+        def: &'d TypeDef,
+        element: usize,
+        ty: Option<&TypeRef>,
+        path: &str,
+    ) {
+        let defs = self.defs;
+        let el = &def.elements[element];
+        let type_def = ty.and_then(|t| defs.get(&t.code));
+        if let Some(type_def) = type_def {
+            match type_def.kind {
+                Kind::Primitive => {
+                    self.primitive(item, type_def, path);
+                    if let (Some(vs), Some(code)) = (&el.required_binding, item.as_str()) {
+                        if type_def.name == "code" && !self.code_allowed(vs, None, code) {
+                            self.error(
+                                "code-invalid",
+                                path,
+                                format!("'{code}' is not a valid code here: the value set {vs} (required binding) does not contain it"),
+                            );
+                        }
+                    }
+                    return;
+                }
+                Kind::Resource => {
+                    self.resource(item, path);
+                    return;
+                }
+                Kind::Complex => {}
+            }
+        }
+        let Some(obj) = item.as_object() else {
+            let type_name = ty.map(|t| t.code.as_str()).unwrap_or("BackboneElement");
+            self.error(
+                "structure",
+                path,
+                format!("{} is a {type_name}: send a JSON object", el.name),
+            );
+            return;
+        };
+        let content = def.content_of(element);
+        if !def.elements[content].children.is_empty() {
+            self.object(obj, def, content, path, false);
+        } else if let Some(type_def) = type_def {
+            self.object(obj, type_def, 0, path, false);
+        }
+        match (ty.map(|t| t.code.as_str()), &el.required_binding) {
+            (Some("Reference"), _) => self.reference(obj, ty, path),
+            (Some("Coding"), Some(vs)) => {
+                if let Some(code) = obj.get("code").and_then(Value::as_str) {
+                    let system = obj.get("system").and_then(Value::as_str);
+                    if !self.code_allowed(vs, system, code) {
+                        self.error(
+                            "code-invalid",
+                            &format!("{path}.code"),
+                            format!(
+                                "'{}|{code}' is not in the value set {vs} (required binding)",
+                                system.unwrap_or("")
+                            ),
+                        );
+                    }
+                }
+            }
+            (Some("CodeableConcept"), Some(vs)) => {
+                if let Some(codings) = obj.get("coding").and_then(Value::as_array) {
+                    let any = codings.iter().any(|c| {
+                        c.get("code").and_then(Value::as_str).is_some_and(|code| {
+                            self.code_allowed(vs, c.get("system").and_then(Value::as_str), code)
+                        })
+                    });
+                    if !any {
+                        self.error(
+                            "code-invalid",
+                            &format!("{path}.coding"),
+                            format!(
+                                "none of the codings is in the value set {vs} (required binding)"
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn code_allowed(&self, value_set: &str, system: Option<&str>, code: &str) -> bool {
+        match self.defs.value_set(value_set) {
+            Some(Codes::Listed { pairs, codes }) => match system {
+                Some(system) => pairs.contains(&(system.to_owned(), code.to_owned())),
+                None => codes.contains(code),
+            },
+            // Not enumerable, or not shipped: syntax was checked already.
+            Some(Codes::Open) | None => true,
+        }
+    }
+
+    fn primitive(&mut self, item: &Value, type_def: &TypeDef, path: &str) {
+        let Some(rule) = &type_def.primitive else {
+            return;
+        };
+        let name = &type_def.name;
+        let literal = match (rule.json, item) {
+            (JsonForm::Boolean, Value::Bool(_)) => return,
+            (JsonForm::Integer | JsonForm::Decimal, Value::Number(n)) => n.to_string(),
+            (JsonForm::String, Value::String(s)) => {
+                if s.is_empty() {
+                    self.error(
+                        "value",
+                        path,
+                        "empty strings are not allowed: leave the element out".to_owned(),
+                    );
+                    return;
+                }
+                if name == "base64Binary" {
+                    let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+                    if base64::engine::general_purpose::STANDARD
+                        .decode(compact.as_bytes())
+                        .is_err()
+                    {
+                        self.error(
+                            "value",
+                            path,
+                            "not valid base64 (RFC 4648, with padding)".to_owned(),
+                        );
+                    }
+                    return;
+                }
+                s.clone()
+            }
+            (form, other) => {
+                let expected = match form {
+                    JsonForm::Boolean => "a JSON boolean (true or false)",
+                    JsonForm::Integer | JsonForm::Decimal => "a JSON number",
+                    JsonForm::String => "a JSON string",
+                };
+                self.error(
+                    "value",
+                    path,
+                    format!("{name} is written as {expected}, found {}", kind_of(other)),
+                );
+                return;
+            }
+        };
+        let valid = rule.regex.as_ref().is_none_or(|r| r.is_match(&literal))
+            && (rule.json != JsonForm::Integer || literal.parse::<i32>().is_ok());
+        if !valid {
+            let shown: String = literal.chars().take(80).collect();
+            self.error(
+                "value",
+                path,
+                format!("'{shown}' is not a valid {name}{}", format_hint(name)),
+            );
+        }
+    }
+
+    /// `Reference.reference`: relative (`Type/id`, optionally
+    /// `/_history/v`), absolute URL, `urn:uuid:` / `urn:oid:`, a contained
+    /// `#id`, or a conditional `Type?search` (resolved in transactions).
+    fn reference(&mut self, obj: &Map<String, Value>, ty: Option<&TypeRef>, path: &str) {
+        let Some(reference) = obj.get("reference").and_then(Value::as_str) else {
+            return;
+        };
+        let path = format!("{path}.reference");
+        if reference.starts_with('#')
+            || reference.starts_with("urn:uuid:")
+            || reference.starts_with("urn:oid:")
+            || reference.starts_with("http://")
+            || reference.starts_with("https://")
+        {
+            return;
+        }
+        let (type_name, rest) = match reference.split_once(['/', '?']) {
+            Some((t, _)) => (t, &reference[t.len()..]),
+            None => (reference, ""),
+        };
+        let well_formed = self.defs.resource(type_name).is_some()
+            && if let Some(query) = rest.strip_prefix('?') {
+                !query.is_empty()
+            } else {
+                let mut parts = rest.trim_start_matches('/').split('/');
+                let id_ok = parts.next().is_some_and(is_valid_id);
+                match (parts.next(), parts.next(), parts.next()) {
+                    (None, _, _) => id_ok,
+                    (Some("_history"), Some(v), None) => id_ok && is_valid_id(v),
+                    _ => false,
+                }
+            };
+        if !well_formed {
+            self.error(
+                "value",
+                &path,
+                format!("'{reference}' is not a valid reference: use Type/id, an absolute URL, urn:uuid:, or #contained-id"),
+            );
+            return;
+        }
+        if let Some(ty) = ty {
+            if !ty.targets.is_empty() && !ty.targets.iter().any(|t| t == type_name) {
+                self.error(
+                    "value",
+                    &path,
+                    format!(
+                        "a reference to {type_name} is not allowed here: expected {}",
+                        ty.targets.join(" or ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn format_hint(type_name: &str) -> &'static str {
+    match type_name {
+        "date" => " (YYYY, YYYY-MM or YYYY-MM-DD)",
+        "dateTime" => " (YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+zz:zz)",
+        "instant" => " (YYYY-MM-DDThh:mm:ss.sss+zz:zz, with a time zone)",
+        "time" => " (hh:mm:ss)",
+        "integer" => " (a whole number in the 32-bit range)",
+        "positiveInt" => " (a whole number >= 1)",
+        "unsignedInt" => " (a whole number >= 0)",
+        "id" => " (1-64 of A-Z a-z 0-9 - .)",
+        "code" => " (no leading, trailing or double whitespace)",
+        "oid" => " (urn:oid: followed by a dotted OID)",
+        "uuid" => " (urn:uuid: followed by a lower-case UUID)",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(resource: Value) -> Vec<Issue> {
+        validate(Definitions::core(), &resource, None)
+    }
+
+    fn one_error_at(resource: Value, expression: &str) {
+        let issues = check(resource);
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert_eq!(
+            issues[0].expression.as_deref(),
+            Some(expression),
+            "{issues:#?}"
+        );
+    }
+
+    fn task() -> Value {
+        json!({"resourceType": "Task", "status": "requested", "intent": "order"})
+    }
+
+    #[test]
+    fn accepts_a_valid_resource() {
+        let mut t = task();
+        t["input"] = json!([{"type": {"text": "x"}, "valueDecimal": 1.50}]);
+        t["for"] = json!({"reference": "Patient/p1"});
+        t["authoredOn"] = json!("2024-02-29T10:00:00+01:00");
+        t["note"] = json!([{"text": "a"}]);
+        t["_status"] = json!({"extension": [{"url": "http://x", "valueString": "y"}]});
+        assert_eq!(check(t), vec![]);
+    }
+
+    #[test]
+    fn finds_each_defect_with_its_path() {
+        let mut t = task();
+        t["bogus"] = json!(1);
+        one_error_at(t, "Task.bogus");
+        let mut t = task();
+        t.as_object_mut().map(|o| o.remove("intent"));
+        one_error_at(t, "Task.intent");
+        let mut t = task();
+        t["status"] = json!("bogus");
+        one_error_at(t, "Task.status");
+        let mut t = task();
+        t["authoredOn"] = json!("2024-13-01");
+        one_error_at(t, "Task.authoredOn");
+        let mut t = task();
+        t["priority"] = json!(3);
+        one_error_at(t, "Task.priority");
+        let mut t = task();
+        t["note"] = json!({"text": "single"});
+        one_error_at(t, "Task.note");
+        let mut t = task();
+        t["description"] = json!(["a"]);
+        one_error_at(t, "Task.description");
+        let mut t = task();
+        t["input"] = json!([{"type": {"text": "x"}, "valueString": "a", "valueBoolean": true}]);
+        one_error_at(t, "Task.input[0].value");
+        let mut t = task();
+        t["description"] = json!("");
+        one_error_at(t, "Task.description");
+        let mut t = task();
+        t["for"] = json!({"reference": "not a reference"});
+        one_error_at(t, "Task.for.reference");
+        let mut t = task();
+        t["note"] = json!([{"text": "a", "authorReference": {"reference": "Device/d1"}}]);
+        one_error_at(t, "Task.note[0].author.ofType(Reference).reference");
+        let mut t = task();
+        t["input"] = json!([{"type": {"text": "x"}, "valueInteger": 1.5}]);
+        one_error_at(t, "Task.input[0].value.ofType(integer)");
+    }
+
+    #[test]
+    fn nested_resources_and_required_codings() {
+        let bundle = json!({
+            "resourceType": "Bundle", "type": "transaction",
+            "entry": [{"resource": {"resourceType": "Patient", "gender": "x"},
+                       "request": {"method": "POST", "url": "Patient"}}]
+        });
+        one_error_at(bundle, "Bundle.entry[0].resource.gender");
+        let bundle = json!({"resourceType": "Bundle", "type": "nonsense"});
+        one_error_at(bundle, "Bundle.type");
+    }
+}

@@ -1,0 +1,222 @@
+//! Storage of FHIR resources: every version of every resource as the JSON
+//! text the edge produced (the submitted JSON with server `id` and `meta`),
+//! and search index entries for the current versions. The store knows no
+//! FHIR rules: the FHIR edge decides versions, extracts index entries and
+//! builds queries; the store keeps and finds rows.
+
+use crate::ids::PartnerId;
+
+use super::{BlobLocation, MetaError};
+
+/// One stored version of a resource.
+#[derive(Debug, Clone)]
+pub struct StoredResource {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    /// `meta.lastUpdated`, as written into the body.
+    pub last_updated: String,
+    pub updated_ms: i64,
+    /// The partner that created the resource; `None`: the service's own.
+    pub partner: Option<PartnerId>,
+    /// `None` for a deletion.
+    pub body: Option<String>,
+    /// The interaction that made this version (`POST`, `PUT`, `PATCH`,
+    /// `DELETE`).
+    pub method: String,
+    /// A Binary's content, when it is kept in the blob store rather than as
+    /// base64 in `body`.
+    pub blob: Option<BlobLocation>,
+}
+
+/// Search index entries of one resource version, by search parameter
+/// (qualified by resource type, e.g. `Task.status`).
+#[derive(Debug, Clone, Default)]
+pub struct IndexEntries {
+    /// (param, system ("" if none), code).
+    pub tokens: Vec<(String, String, String)>,
+    /// (param, target): `Type/id` for local references, else the URL.
+    pub references: Vec<(String, String)>,
+    /// (param, low ms, high ms), both inclusive.
+    pub dates: Vec<(String, i64, i64)>,
+    /// (param, normalised text): lower case, for prefix and exact match.
+    pub strings: Vec<(String, String)>,
+}
+
+/// A new version to write.
+#[derive(Debug, Clone)]
+pub struct ResourceWrite {
+    pub resource: StoredResource,
+    /// Index entries of the new version (empty for a deletion).
+    pub index: IndexEntries,
+    /// The blob store's recovery point once `resource.blob` is recorded.
+    pub blob_resume_at: Option<u64>,
+}
+
+/// Date comparisons of FHIR search (`ge2024-01-01`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatePrefix {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    Sa,
+    Eb,
+    Ap,
+}
+
+/// How a string parameter matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StringMatch {
+    Prefix,
+    Exact,
+    Contains,
+}
+
+/// One AND-ed condition of a search; the values inside one are OR-ed.
+#[derive(Debug, Clone)]
+pub enum Clause {
+    Ids(Vec<String>),
+    LastUpdated(Vec<(DatePrefix, i64, i64)>),
+    /// (system: None = any, Some("") = none; code: None = any code of the
+    /// system).
+    Token {
+        param: String,
+        values: Vec<(Option<String>, Option<String>)>,
+    },
+    Reference {
+        param: String,
+        targets: Vec<String>,
+    },
+    Date {
+        param: String,
+        values: Vec<(DatePrefix, i64, i64)>,
+    },
+    String {
+        param: String,
+        mode: StringMatch,
+        values: Vec<String>,
+    },
+    /// A parameter that is known but has no value in this resource.
+    Missing {
+        param: String,
+        missing: bool,
+    },
+}
+
+/// Result order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sort {
+    /// Order of creation (stable).
+    Created,
+    LastUpdated {
+        descending: bool,
+    },
+    /// By a date parameter's earliest value; resources without one last.
+    Date {
+        param: String,
+        descending: bool,
+    },
+}
+
+/// Where the previous page ended: the sort key and the row of its last
+/// result. Keyset paging: inserts never shift later pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub key: i64,
+    pub row: i64,
+}
+
+/// A search over one resource type.
+#[derive(Debug, Clone)]
+pub struct ResourceQuery {
+    pub resource_type: String,
+    /// Only resources of these partners (and the service's own when
+    /// `include_own`); `None`: every partner.
+    pub partners: Option<Vec<PartnerId>>,
+    pub clauses: Vec<Clause>,
+    pub sort: Sort,
+    pub after: Option<Cursor>,
+    /// Page size; 0 asks for the total only.
+    pub count: usize,
+    pub want_total: bool,
+}
+
+/// One page of results.
+#[derive(Debug, Clone, Default)]
+pub struct ResourcePage {
+    pub resources: Vec<StoredResource>,
+    pub total: Option<u64>,
+    /// Set when more results follow.
+    pub next: Option<Cursor>,
+}
+
+/// History query (`_history` at instance, type or system level).
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    pub resource_type: Option<String>,
+    pub id: Option<String>,
+    pub partners: Option<Vec<PartnerId>>,
+    pub since_ms: Option<i64>,
+    /// Newest first; continue below this history row.
+    pub before_row: Option<i64>,
+    pub count: usize,
+}
+
+/// One page of history, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    pub versions: Vec<StoredResource>,
+    /// The history row to continue below, when more follow.
+    pub next: Option<i64>,
+}
+
+/// FHIR resource storage.
+#[async_trait::async_trait]
+pub trait ResourceStore: Send + Sync + 'static {
+    /// The current version (possibly a deletion).
+    async fn current(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, MetaError>;
+    /// One version.
+    async fn version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<StoredResource>, MetaError>;
+    /// The current versions of these resources that exist (not deleted).
+    async fn current_many(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<StoredResource>, MetaError>;
+    async fn search(&self, query: &ResourceQuery) -> Result<ResourcePage, MetaError>;
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, MetaError>;
+    /// Start an atomic unit of reads and writes (one interaction or a whole
+    /// transaction Bundle). Writers are serialised: what a transaction read
+    /// stays true until it commits.
+    async fn begin(&self) -> Result<Box<dyn ResourceTx>, MetaError>;
+    /// Recovery points of the FHIR blob store's objects, as recorded.
+    async fn binary_resume_points(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, MetaError>;
+}
+
+/// An open write transaction. Dropping it without commit rolls back.
+#[async_trait::async_trait]
+pub trait ResourceTx: Send {
+    async fn current(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, MetaError>;
+    /// Search inside the transaction (conditional create, update, delete
+    /// and references), seeing its own writes.
+    async fn search(&mut self, query: &ResourceQuery) -> Result<ResourcePage, MetaError>;
+    async fn write(&mut self, write: &ResourceWrite) -> Result<(), MetaError>;
+    async fn commit(self: Box<Self>) -> Result<(), MetaError>;
+}

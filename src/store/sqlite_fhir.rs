@@ -1,0 +1,565 @@
+//! [`ResourceStore`] on the embedded SQLite file (tables of migration 0003).
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use super::fhir::{
+    Clause, Cursor, DatePrefix, HistoryPage, HistoryQuery, ResourcePage, ResourceQuery,
+    ResourceStore, ResourceTx, ResourceWrite, Sort, StoredResource, StringMatch,
+};
+use super::sqlite::SqliteStore;
+use super::{BlobLocation, MetaError};
+use crate::ids::PartnerId;
+
+/// Sort key of rows without a value for a date sort: after all others.
+const LAST: i64 = i64::MAX;
+
+const COLUMNS: &str = "r.rid, r.type, r.id, r.version, r.last_updated, r.updated_ms, r.partner, r.body, r.deleted, r.blob_object, r.blob_offset, r.blob_length";
+
+fn stored(row: &SqliteRow, method: Option<String>) -> Result<StoredResource, MetaError> {
+    let partner: Option<String> = row.try_get("partner")?;
+    let partner = partner
+        .map(|p| PartnerId::parse(&p).map_err(|e| MetaError::Corrupt(e.to_string())))
+        .transpose()?;
+    Ok(StoredResource {
+        resource_type: row.try_get("type")?,
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        last_updated: row.try_get("last_updated")?,
+        updated_ms: row.try_get("updated_ms")?,
+        partner,
+        body: row.try_get("body")?,
+        method: method.unwrap_or_default(),
+        blob: blob_of(row)?,
+    })
+}
+
+fn blob_of(row: &SqliteRow) -> Result<Option<BlobLocation>, MetaError> {
+    let object: Option<String> = row.try_get("blob_object")?;
+    let Some(object) = object else {
+        return Ok(None);
+    };
+    let offset: i64 = row.try_get("blob_offset")?;
+    let length: i64 = row.try_get("blob_length")?;
+    let bad = |_| MetaError::Corrupt(format!("negative blob range in {object}"));
+    Ok(Some(BlobLocation {
+        offset: u64::try_from(offset).map_err(bad)?,
+        length: u64::try_from(length).map_err(bad)?,
+        object,
+    }))
+}
+
+async fn current_on(
+    conn: &mut SqliteConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<StoredResource>, MetaError> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM fhir_resource r WHERE r.type = ? AND r.id = ?"
+    ))
+    .bind(resource_type)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| stored(&r, None)).transpose()
+}
+
+fn push_date_condition(
+    qb: &mut QueryBuilder<'_, Sqlite>,
+    low: &str,
+    high: &str,
+    (prefix, ql, qh): (DatePrefix, i64, i64),
+) {
+    let cmp = |qb: &mut QueryBuilder<'_, Sqlite>, column: &str, op: &str, value: i64| {
+        qb.push(format!("{column} {op} "));
+        qb.push_bind(value);
+    };
+    qb.push("(");
+    match prefix {
+        DatePrefix::Eq | DatePrefix::Ne => {
+            if prefix == DatePrefix::Ne {
+                qb.push("NOT (");
+            }
+            cmp(qb, low, ">=", ql);
+            qb.push(" AND ");
+            cmp(qb, high, "<=", qh);
+            if prefix == DatePrefix::Ne {
+                qb.push(")");
+            }
+        }
+        DatePrefix::Gt => cmp(qb, high, ">", qh),
+        DatePrefix::Lt => cmp(qb, low, "<", ql),
+        DatePrefix::Ge => cmp(qb, high, ">=", ql),
+        DatePrefix::Le => cmp(qb, low, "<=", qh),
+        DatePrefix::Sa => cmp(qb, low, ">", qh),
+        DatePrefix::Eb => cmp(qb, high, "<", ql),
+        DatePrefix::Ap => {
+            cmp(qb, low, "<=", qh);
+            qb.push(" AND ");
+            cmp(qb, high, ">=", ql);
+        }
+    }
+    qb.push(")");
+}
+
+fn push_or<T>(
+    qb: &mut QueryBuilder<'_, Sqlite>,
+    items: &[T],
+    mut each: impl FnMut(&mut QueryBuilder<'_, Sqlite>, &T),
+) {
+    qb.push("(");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            qb.push(" OR ");
+        }
+        each(qb, item);
+    }
+    if items.is_empty() {
+        qb.push("0");
+    }
+    qb.push(")");
+}
+
+/// The WHERE conditions of a search (without paging).
+fn push_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, q: &'a ResourceQuery) {
+    qb.push(" WHERE r.type = ");
+    qb.push_bind(q.resource_type.as_str());
+    qb.push(" AND r.deleted = 0");
+    if let Some(partners) = &q.partners {
+        qb.push(" AND r.partner IN (");
+        let mut list = qb.separated(", ");
+        for p in partners {
+            list.push_bind(p.as_str());
+        }
+        if partners.is_empty() {
+            list.push("NULL");
+        }
+        qb.push(")");
+    }
+    for clause in &q.clauses {
+        qb.push(" AND ");
+        match clause {
+            Clause::Ids(ids) => push_or(qb, ids, |qb, id| {
+                qb.push("r.id = ");
+                qb.push_bind(id.clone());
+            }),
+            Clause::LastUpdated(values) => push_or(qb, values, |qb, v| {
+                push_date_condition(qb, "r.updated_ms", "r.updated_ms", *v)
+            }),
+            Clause::Token { param, values } => {
+                qb.push("r.rid IN (SELECT rid FROM fhir_token WHERE param = ");
+                qb.push_bind(param.clone());
+                qb.push(" AND ");
+                push_or(qb, values, |qb, (system, code)| {
+                    qb.push("(1");
+                    if let Some(code) = code {
+                        qb.push(" AND code = ");
+                        qb.push_bind(code.clone());
+                    }
+                    if let Some(system) = system {
+                        qb.push(" AND system = ");
+                        qb.push_bind(system.clone());
+                    }
+                    qb.push(")");
+                });
+                qb.push(")");
+            }
+            Clause::Reference { param, targets } => {
+                qb.push("r.rid IN (SELECT rid FROM fhir_reference WHERE param = ");
+                qb.push_bind(param.clone());
+                qb.push(" AND ");
+                push_or(qb, targets, |qb, t| {
+                    qb.push("target = ");
+                    qb.push_bind(t.clone());
+                });
+                qb.push(")");
+            }
+            Clause::Date { param, values } => {
+                qb.push("r.rid IN (SELECT rid FROM fhir_date WHERE param = ");
+                qb.push_bind(param.clone());
+                qb.push(" AND ");
+                push_or(qb, values, |qb, v| {
+                    push_date_condition(qb, "low", "high", *v)
+                });
+                qb.push(")");
+            }
+            Clause::String {
+                param,
+                mode,
+                values,
+            } => {
+                qb.push("r.rid IN (SELECT rid FROM fhir_string WHERE param = ");
+                qb.push_bind(param.clone());
+                qb.push(" AND ");
+                push_or(qb, values, |qb, v| match mode {
+                    StringMatch::Exact => {
+                        qb.push("value = ");
+                        qb.push_bind(v.clone());
+                    }
+                    StringMatch::Prefix => {
+                        // Values are stored lower-cased; U+10FFFF sorts after
+                        // every other character.
+                        qb.push("(value >= ");
+                        qb.push_bind(v.clone());
+                        qb.push(" AND value < ");
+                        qb.push_bind(format!("{v}\u{10FFFF}"));
+                        qb.push(")");
+                    }
+                    StringMatch::Contains => {
+                        qb.push("instr(value, ");
+                        qb.push_bind(v.clone());
+                        qb.push(") > 0");
+                    }
+                });
+                qb.push(")");
+            }
+            Clause::Missing { param, missing } => {
+                qb.push(if *missing { "NOT " } else { "" });
+                qb.push("EXISTS (SELECT 1 FROM (SELECT rid, param FROM fhir_token UNION ALL SELECT rid, param FROM fhir_reference UNION ALL SELECT rid, param FROM fhir_date UNION ALL SELECT rid, param FROM fhir_string) x WHERE x.rid = r.rid AND x.param = ");
+                qb.push_bind(param.clone());
+                qb.push(")");
+            }
+        }
+    }
+}
+
+fn push_sort_key<'a>(qb: &mut QueryBuilder<'a, Sqlite>, sort: &'a Sort) {
+    match sort {
+        Sort::Created => {
+            qb.push("0");
+        }
+        Sort::LastUpdated { descending: false } => {
+            qb.push("r.updated_ms");
+        }
+        Sort::LastUpdated { descending: true } => {
+            qb.push("-r.updated_ms");
+        }
+        Sort::Date { param, descending } => {
+            let (agg, sign) = if *descending {
+                ("max(high)", "-")
+            } else {
+                ("min(low)", "")
+            };
+            qb.push(format!(
+                "COALESCE({sign}(SELECT {agg} FROM fhir_date d WHERE d.rid = r.rid AND d.param = "
+            ));
+            qb.push_bind(param.as_str());
+            qb.push(format!("), {LAST})"));
+        }
+    }
+}
+
+async fn search_on(
+    conn: &mut SqliteConnection,
+    q: &ResourceQuery,
+) -> Result<ResourcePage, MetaError> {
+    let total = if q.want_total || q.count == 0 {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT count(*) FROM fhir_resource r");
+        push_filters(&mut qb, q);
+        let n: i64 = qb.build().fetch_one(&mut *conn).await?.try_get(0)?;
+        Some(u64::try_from(n).unwrap_or(0))
+    } else {
+        None
+    };
+    if q.count == 0 {
+        return Ok(ResourcePage {
+            total,
+            ..ResourcePage::default()
+        });
+    }
+    let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT * FROM (SELECT {COLUMNS}, "));
+    push_sort_key(&mut qb, &q.sort);
+    qb.push(" AS k FROM fhir_resource r");
+    push_filters(&mut qb, q);
+    qb.push(")");
+    if let Some(after) = q.after {
+        qb.push(" WHERE (k, rid) > (");
+        qb.push_bind(after.key);
+        qb.push(", ");
+        qb.push_bind(after.row);
+        qb.push(")");
+    }
+    qb.push(" ORDER BY k, rid LIMIT ");
+    qb.push_bind(i64::try_from(q.count + 1).unwrap_or(i64::MAX));
+    let rows = qb.build().fetch_all(&mut *conn).await?;
+    let mut resources = Vec::with_capacity(rows.len().min(q.count));
+    let mut next = None;
+    for (i, row) in rows.iter().enumerate() {
+        if i == q.count {
+            let last = &rows[i - 1];
+            next = Some(Cursor {
+                key: last.try_get("k")?,
+                row: last.try_get("rid")?,
+            });
+            break;
+        }
+        resources.push(stored(row, None)?);
+    }
+    Ok(ResourcePage {
+        resources,
+        total,
+        next,
+    })
+}
+
+#[async_trait::async_trait]
+impl ResourceStore for SqliteStore {
+    async fn current(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, MetaError> {
+        let mut conn = self.reader.acquire().await?;
+        current_on(&mut conn, resource_type, id).await
+    }
+
+    async fn version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<StoredResource>, MetaError> {
+        let row = sqlx::query(
+            "SELECT r.type, r.id, h.version, h.last_updated, h.updated_ms, r.partner, h.body, h.method,
+                h.blob_object, h.blob_offset, h.blob_length
+             FROM fhir_resource r JOIN fhir_history h ON h.rid = r.rid
+             WHERE r.type = ? AND r.id = ? AND h.version = ?",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| {
+            let method = r.try_get("method")?;
+            stored(&r, Some(method))
+        })
+        .transpose()
+    }
+
+    async fn current_many(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<StoredResource>, MetaError> {
+        let mut out = Vec::with_capacity(keys.len());
+        // SQLite caps bound parameters per statement: ask in slices.
+        for chunk in keys.chunks(400) {
+            let mut qb = QueryBuilder::<Sqlite>::new(format!(
+                "SELECT {COLUMNS} FROM fhir_resource r WHERE r.deleted = 0 AND (r.type, r.id) IN (VALUES "
+            ));
+            let mut list = qb.separated(", ");
+            for (t, id) in chunk {
+                list.push("(");
+                list.push_bind_unseparated(t.as_str());
+                list.push_unseparated(", ");
+                list.push_bind_unseparated(id.as_str());
+                list.push_unseparated(")");
+            }
+            qb.push(")");
+            for row in qb.build().fetch_all(&self.reader).await? {
+                out.push(stored(&row, None)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn search(&self, query: &ResourceQuery) -> Result<ResourcePage, MetaError> {
+        let mut conn = self.reader.acquire().await?;
+        search_on(&mut conn, query).await
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, MetaError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT h.hid, r.type, r.id, h.version, h.last_updated, h.updated_ms, r.partner, h.body, h.method,
+                h.blob_object, h.blob_offset, h.blob_length
+             FROM fhir_history h JOIN fhir_resource r ON r.rid = h.rid WHERE 1",
+        );
+        if let Some(t) = &q.resource_type {
+            qb.push(" AND r.type = ");
+            qb.push_bind(t.as_str());
+        }
+        if let Some(id) = &q.id {
+            qb.push(" AND r.id = ");
+            qb.push_bind(id.as_str());
+        }
+        if let Some(partners) = &q.partners {
+            qb.push(" AND r.partner IN (");
+            let mut list = qb.separated(", ");
+            for p in partners {
+                list.push_bind(p.as_str());
+            }
+            if partners.is_empty() {
+                list.push("NULL");
+            }
+            qb.push(")");
+        }
+        if let Some(since) = q.since_ms {
+            qb.push(" AND h.updated_ms >= ");
+            qb.push_bind(since);
+        }
+        if let Some(before) = q.before_row {
+            qb.push(" AND h.hid < ");
+            qb.push_bind(before);
+        }
+        qb.push(" ORDER BY h.hid DESC LIMIT ");
+        qb.push_bind(i64::try_from(q.count + 1).unwrap_or(i64::MAX));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut page = HistoryPage::default();
+        for (i, row) in rows.iter().enumerate() {
+            if i == q.count {
+                page.next = Some(rows[i - 1].try_get("hid")?);
+                break;
+            }
+            let method = row.try_get("method")?;
+            page.versions.push(stored(row, Some(method))?);
+        }
+        Ok(page)
+    }
+
+    async fn binary_resume_points(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT blob_object, max(blob_resume_at) FROM fhir_history
+             WHERE blob_object IS NOT NULL GROUP BY blob_object",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let object: String = row.try_get(0)?;
+                let at: Option<i64> = row.try_get(1)?;
+                Ok((object, u64::try_from(at.unwrap_or(0)).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    async fn begin(&self) -> Result<Box<dyn ResourceTx>, MetaError> {
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(Box::new(SqliteResourceTx { tx }))
+    }
+}
+
+struct SqliteResourceTx {
+    tx: sqlx::Transaction<'static, Sqlite>,
+}
+
+#[async_trait::async_trait]
+impl ResourceTx for SqliteResourceTx {
+    async fn current(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, MetaError> {
+        current_on(&mut self.tx, resource_type, id).await
+    }
+
+    async fn search(&mut self, query: &ResourceQuery) -> Result<ResourcePage, MetaError> {
+        search_on(&mut self.tx, query).await
+    }
+
+    async fn write(&mut self, w: &ResourceWrite) -> Result<(), MetaError> {
+        let r = &w.resource;
+        let deleted = r.body.is_none();
+        let rid: i64 = sqlx::query(
+            "INSERT INTO fhir_resource (type, id, version, partner, last_updated, updated_ms, deleted, body,
+                blob_object, blob_offset, blob_length)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (type, id) DO UPDATE SET version = excluded.version,
+                partner = excluded.partner, last_updated = excluded.last_updated,
+                updated_ms = excluded.updated_ms, deleted = excluded.deleted, body = excluded.body,
+                blob_object = excluded.blob_object, blob_offset = excluded.blob_offset,
+                blob_length = excluded.blob_length
+             RETURNING rid",
+        )
+        .bind(&r.resource_type)
+        .bind(&r.id)
+        .bind(r.version)
+        .bind(r.partner.as_ref().map(|p| p.as_str()))
+        .bind(&r.last_updated)
+        .bind(r.updated_ms)
+        .bind(deleted)
+        .bind(&r.body)
+        .bind(r.blob.as_ref().map(|b| b.object.as_str()))
+        .bind(r.blob.as_ref().map(|b| to_i64(b.offset)))
+        .bind(r.blob.as_ref().map(|b| to_i64(b.length)))
+        .fetch_one(&mut *self.tx)
+        .await?
+        .try_get(0)?;
+        sqlx::query(
+            "INSERT INTO fhir_history (rid, version, last_updated, updated_ms, method, body,
+                blob_object, blob_offset, blob_length, blob_resume_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(rid)
+        .bind(r.version)
+        .bind(&r.last_updated)
+        .bind(r.updated_ms)
+        .bind(&r.method)
+        .bind(&r.body)
+        .bind(r.blob.as_ref().map(|b| b.object.as_str()))
+        .bind(r.blob.as_ref().map(|b| to_i64(b.offset)))
+        .bind(r.blob.as_ref().map(|b| to_i64(b.length)))
+        .bind(w.blob_resume_at.map(to_i64))
+        .execute(&mut *self.tx)
+        .await?;
+        if r.version > 1 {
+            for table in ["fhir_token", "fhir_reference", "fhir_date", "fhir_string"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE rid = ?"))
+                    .bind(rid)
+                    .execute(&mut *self.tx)
+                    .await?;
+            }
+        }
+        let ix = &w.index;
+        // Batched inserts, in slices under SQLite's bound-parameter cap.
+        for chunk in ix.tokens.chunks(200) {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("INSERT INTO fhir_token (rid, param, system, code) ");
+            qb.push_values(chunk, |mut b, (param, system, code)| {
+                b.push_bind(rid)
+                    .push_bind(param)
+                    .push_bind(system)
+                    .push_bind(code);
+            });
+            qb.build().execute(&mut *self.tx).await?;
+        }
+        for chunk in ix.references.chunks(300) {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("INSERT INTO fhir_reference (rid, param, target) ");
+            qb.push_values(chunk, |mut b, (param, target)| {
+                b.push_bind(rid).push_bind(param).push_bind(target);
+            });
+            qb.build().execute(&mut *self.tx).await?;
+        }
+        for chunk in ix.dates.chunks(200) {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("INSERT INTO fhir_date (rid, param, low, high) ");
+            qb.push_values(chunk, |mut b, (param, low, high)| {
+                b.push_bind(rid)
+                    .push_bind(param)
+                    .push_bind(*low)
+                    .push_bind(*high);
+            });
+            qb.build().execute(&mut *self.tx).await?;
+        }
+        for chunk in ix.strings.chunks(300) {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("INSERT INTO fhir_string (rid, param, value) ");
+            qb.push_values(chunk, |mut b, (param, value)| {
+                b.push_bind(rid).push_bind(param).push_bind(value);
+            });
+            qb.build().execute(&mut *self.tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), MetaError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
