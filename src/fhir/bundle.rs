@@ -79,11 +79,11 @@ pub async fn transaction_or_batch(
             ));
         }
         let kind = bundle.get("type").and_then(Value::as_str).unwrap_or("");
-        let transaction =
-            match kind {
-                "transaction" => true,
-                "batch" => false,
-                other => return Err(FhirError::new(
+        let transaction = match kind {
+            "transaction" => true,
+            "batch" => false,
+            other => {
+                return Err(FhirError::new(
                     StatusCode::BAD_REQUEST,
                     Issue::error(
                         "invalid",
@@ -92,8 +92,9 @@ pub async fn transaction_or_batch(
                         ),
                     )
                     .at("Bundle.type"),
-                )),
-            };
+                ))
+            }
+        };
         // The envelope itself (entries' resources are validated one by one,
         // where they are written).
         let mut envelope = bundle.clone();
@@ -279,46 +280,48 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
                             matched.insert(entry.index, true);
                             id = Some(one.id.clone());
                         }
-                        _ => return Err(at_entry(
-                            FhirError::precondition(format!(
+                        _ => {
+                            return Err(at_entry(
+                                FhirError::precondition(format!(
                                 "ifNoneExist '{condition}' matches more than one {resource_type}"
                             )),
-                            entry,
-                        )),
+                                entry,
+                            ))
+                        }
                     }
                 }
                 id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
             }
-            Method::Put | Method::Patch | Method::Delete => {
-                match (url_id, query) {
-                    (Some(id), _) => id.to_owned(),
-                    (None, Some(condition)) => {
-                        let found = matching(tx.as_mut(), ctx, resource_type, condition)
-                            .await
-                            .map_err(|e| at_entry(e, entry))?;
-                        match found.as_slice() {
-                            [] if entry.method == Method::Put => uuid::Uuid::new_v4().to_string(),
-                            [] => String::new(),
-                            [one] => one.id.clone(),
-                            _ => return Err(at_entry(
+            Method::Put | Method::Patch | Method::Delete => match (url_id, query) {
+                (Some(id), _) => id.to_owned(),
+                (None, Some(condition)) => {
+                    let found = matching(tx.as_mut(), ctx, resource_type, condition)
+                        .await
+                        .map_err(|e| at_entry(e, entry))?;
+                    match found.as_slice() {
+                        [] if entry.method == Method::Put => uuid::Uuid::new_v4().to_string(),
+                        [] => String::new(),
+                        [one] => one.id.clone(),
+                        _ => {
+                            return Err(at_entry(
                                 FhirError::precondition(format!(
                                     "condition '{condition}' matches more than one {resource_type}"
                                 )),
                                 entry,
-                            )),
+                            ))
                         }
                     }
-                    (None, None) => {
-                        return Err(at_entry(
-                            FhirError::bad_request(format!(
-                                "{:?} needs Type/id or Type?condition in request.url",
-                                entry.method
-                            )),
-                            entry,
-                        ))
-                    }
                 }
-            }
+                (None, None) => {
+                    return Err(at_entry(
+                        FhirError::bad_request(format!(
+                            "{:?} needs Type/id or Type?condition in request.url",
+                            entry.method
+                        )),
+                        entry,
+                    ))
+                }
+            },
             Method::Get => continue,
         };
         if let Some(full) = &entry.full_url {

@@ -373,9 +373,15 @@ pub fn date_range(s: &str) -> Option<(i64, i64)> {
         date.and_hms_opt(0, 0, 0)
             .map(|t| Utc.from_utc_datetime(&t).timestamp_millis())
     };
+    if !s.is_ascii() {
+        return None;
+    }
     let bytes = s.as_bytes();
     match s.len() {
         4 => {
+            if !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
             let y: i32 = s.parse().ok()?;
             Some((start_of(ymd(y, 1, 1)?)?, start_of(ymd(y + 1, 1, 1)?)? - 1))
         }
@@ -397,25 +403,26 @@ pub fn date_range(s: &str) -> Option<(i64, i64)> {
         }
         _ => {
             // A time of day: to the second (or finer), with or without zone.
-            let with_zone = if s.ends_with('Z') || s[10..].contains(['+', '-']) {
+            if bytes.get(10) != Some(&b'T') {
+                return None;
+            }
+            let time = &s[10..];
+            let with_zone = if s.ends_with('Z') || time.contains(['+', '-']) {
                 s.to_owned()
             } else {
                 format!("{s}Z")
             };
-            let with_seconds =
-                if with_zone.len() >= 16 && with_zone.as_bytes().get(16) != Some(&b':') {
-                    // hh:mm without seconds (allowed in search values).
-                    format!("{}:00{}", &with_zone[..16], &with_zone[16..])
-                } else {
-                    with_zone
-                };
+            let with_seconds = if with_zone.as_bytes().get(16) == Some(&b':') {
+                with_zone
+            } else {
+                // hh:mm without seconds (allowed in search values).
+                format!("{}:00{}", with_zone.get(..16)?, with_zone.get(16..)?)
+            };
             let t = DateTime::parse_from_rfc3339(&with_seconds).ok()?;
             let ms = t.timestamp_millis();
-            let precision_ms = match s.find('.') {
-                Some(_) => 0,
-                None => 999,
-            };
-            Some((ms, ms + precision_ms))
+            // To the second: the range is that second; finer: that instant.
+            let width = if s.contains('.') { 0 } else { 999 };
+            Some((ms, ms + width))
         }
     }
 }
@@ -619,7 +626,16 @@ mod tests {
         assert_eq!(l, date_range("2024-02-29T09:00:00Z").unwrap().0);
         assert_eq!(date_range("2024-02-29T09:00").unwrap().0, l);
         assert!(date_range("2024-13").is_none());
-        assert!(date_range("nonsense").is_none());
+        for bad in [
+            "nonsense",
+            "2024-01-01Tx",
+            "2024-01-01T1",
+            "+202",
+            "2024-01-01T10:00:00+0",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+        ] {
+            assert!(date_range(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]
