@@ -695,3 +695,382 @@ fn versions_etags_history_patch_and_delete() {
     assert_eq!(fhir.get("/Task?_summary=count").json()["total"], 2);
     fhir.validate_returned();
 }
+
+#[test]
+fn search_parameters_includes_and_stable_paging() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let fhir = Fhir::new(&gw, Some("st-mary"));
+    let patient = fhir.create(&json!({"resourceType": "Patient",
+        "identifier": [{"system": "urn:mrn", "value": "P-1"}],
+        "name": [{"family": "Müller", "given": ["Anna"]}], "birthDate": "1961-04-05"}));
+    let pid = patient["id"].as_str().unwrap().to_owned();
+    let sr = |code: &str, authored: &str, status: &str| {
+        fhir.create(
+            &json!({"resourceType": "ServiceRequest", "status": status, "intent": "order",
+            "identifier": [{"system": "urn:acc", "value": format!("ACC-{code}")}],
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "103696004"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": format!("Patient/{pid}")},
+            "authoredOn": authored}),
+        )
+    };
+    let a = sr("11111-1", "2024-01-10T09:00:00Z", "active");
+    let b = sr("22222-2", "2024-03-01", "active");
+    let c = sr("33333-3", "2023-12-31T23:00:00-02:00", "completed");
+    let id = |r: &Value| r["id"].as_str().unwrap().to_owned();
+    let report = fhir.create(&json!({"resourceType": "DiagnosticReport", "status": "final",
+        "code": {"text": "Second opinion"}, "basedOn": [{"reference": format!("ServiceRequest/{}", id(&a))}],
+        "subject": {"reference": format!("Patient/{pid}")}}));
+    let task = fhir.create(&json!({"resourceType": "Task", "status": "requested", "intent": "order",
+        "focus": {"reference": format!("ServiceRequest/{}", id(&b))}, "for": {"reference": format!("Patient/{pid}")},
+        "owner": {"reference": "Organization/konsil"}, "partOf": [{"reference": "Task/parent"}]}));
+
+    let ids = |query: &str| -> Vec<String> {
+        let a = fhir.get(query);
+        assert_eq!(a.status, 200, "{query}: {}", a.text);
+        let bundle = a.json();
+        assert_eq!(bundle["type"], "searchset");
+        let mut v: Vec<String> = bundle["entry"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter(|e| e["search"]["mode"] == "match")
+                    .map(|e| id(&e["resource"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let all3 = sorted(vec![id(&a), id(&b), id(&c)]);
+    // Tokens: system|code, |code (no system), code alone, identifiers.
+    assert_eq!(
+        ids("/ServiceRequest?code=http://loinc.org|22222-2"),
+        vec![id(&b)]
+    );
+    assert_eq!(
+        ids("/ServiceRequest?code=22222-2,33333-3"),
+        sorted(vec![id(&b), id(&c)])
+    );
+    assert_eq!(ids("/ServiceRequest?code=|22222-2"), Vec::<String>::new());
+    assert_eq!(
+        ids("/ServiceRequest?status=active"),
+        sorted(vec![id(&a), id(&b)])
+    );
+    assert_eq!(
+        ids("/ServiceRequest?identifier=urn:acc|ACC-11111-1"),
+        vec![id(&a)]
+    );
+    assert_eq!(
+        ids("/ServiceRequest?category=http://snomed.info/sct|103696004"),
+        all3
+    );
+    // Dates with prefixes; 2023-12-31T23:00-02:00 is 2024-01-01T01:00Z.
+    assert_eq!(ids("/ServiceRequest?authored=ge2024-01-01"), all3);
+    assert_eq!(
+        ids("/ServiceRequest?authored=lt2024-01-01T00:30:00Z"),
+        Vec::<String>::new()
+    );
+    assert_eq!(ids("/ServiceRequest?authored=2024-03"), vec![id(&b)]);
+    assert_eq!(
+        ids("/ServiceRequest?authored=ge2024-01-05&authored=lt2024-02"),
+        vec![id(&a)]
+    );
+    // References by id, Type/id, absolute URL; patient vs subject.
+    assert_eq!(ids(&format!("/ServiceRequest?patient={pid}")), all3);
+    assert_eq!(ids(&format!("/ServiceRequest?subject=Patient/{pid}")), all3);
+    assert_eq!(
+        ids(&format!(
+            "/ServiceRequest?subject={}/Patient/{pid}",
+            fhir.base
+        )),
+        all3
+    );
+    assert_eq!(
+        ids(&format!("/Task?focus=ServiceRequest/{}", id(&b))),
+        vec![id(&task)]
+    );
+    assert_eq!(
+        ids("/Task?owner=Organization/konsil&part-of=Task/parent"),
+        vec![id(&task)]
+    );
+    assert_eq!(
+        ids(&format!(
+            "/DiagnosticReport?based-on=ServiceRequest/{}",
+            id(&a)
+        )),
+        vec![id(&report)]
+    );
+    // Strings: prefix, case- and accent-sensitive as stored, :exact, :contains.
+    assert_eq!(ids("/Patient?name=mül"), vec![pid.clone()]);
+    assert_eq!(ids("/Patient?family:exact=Müller"), vec![pid.clone()]);
+    assert_eq!(ids("/Patient?given:contains=nn"), vec![pid.clone()]);
+    assert_eq!(ids("/Patient?birthdate=1961"), vec![pid.clone()]);
+    assert_eq!(
+        ids(&format!("/ServiceRequest?_id={},{}", id(&a), id(&c))),
+        sorted(vec![id(&a), id(&c)])
+    );
+    assert_eq!(ids("/ServiceRequest?_lastUpdated=gt2020-01-01"), all3);
+    assert_eq!(ids("/ServiceRequest?requester:missing=true"), all3);
+    // POST _search.
+    let posted = fhir.send(
+        fhir.client
+            .post(fhir.url("/ServiceRequest/_search"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("status=completed"),
+    );
+    assert_eq!(posted.json()["entry"][0]["resource"]["id"], json!(id(&c)));
+    // _sort on a date parameter, descending.
+    let by_date: Vec<String> = fhir.get("/ServiceRequest?_sort=-authored").json()["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| id(&e["resource"]))
+        .collect();
+    assert_eq!(by_date, vec![id(&b), id(&a), id(&c)]);
+    // _include / _revinclude for the exchange's pairs.
+    let with = |query: &str, mode: &str| -> Vec<String> {
+        let mut v: Vec<String> = fhir.get(query).json()["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == mode)
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["resource"]["resourceType"].as_str().unwrap(),
+                    id(&e["resource"])
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        with(
+            "/DiagnosticReport?_include=DiagnosticReport:based-on",
+            "include"
+        ),
+        vec![format!("ServiceRequest/{}", id(&a))]
+    );
+    assert_eq!(
+        with("/Task?_include=Task:focus", "include"),
+        vec![format!("ServiceRequest/{}", id(&b))]
+    );
+    assert_eq!(
+        with(&format!("/ServiceRequest?_id={}&_revinclude=DiagnosticReport:based-on&_revinclude=Task:focus", id(&a)), "include"),
+        vec![format!("DiagnosticReport/{}", id(&report))]
+    );
+    assert_eq!(
+        with("/Patient?_revinclude=ServiceRequest:patient", "include").len(),
+        3
+    );
+    // _summary=count.
+    let count = fhir
+        .get("/ServiceRequest?status=active&_summary=count")
+        .json();
+    assert_eq!(count["total"], 2);
+    assert!(count.get("entry").is_none());
+    // Unknown parameters: lenient by default (reported, not in the self
+    // link), strict on request.
+    let lenient = fhir.get("/ServiceRequest?colour=red&status=active").json();
+    assert_eq!(lenient["total"], 2);
+    let self_link = lenient["link"][0]["url"].as_str().unwrap();
+    assert!(
+        !self_link.contains("colour") && self_link.contains("status=active"),
+        "{self_link}"
+    );
+    assert!(lenient["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["search"]["mode"] == "outcome"));
+    let strict = fhir.send(
+        fhir.client
+            .get(fhir.url("/ServiceRequest?colour=red"))
+            .header("Prefer", "handling=strict"),
+    );
+    assert_eq!(strict.status, 400);
+    assert_eq!(fhir.get("/ServiceRequest?authored=yesterday").status, 400);
+
+    // Paging: walk 2 at a time while new requests keep arriving; every
+    // original is seen exactly once and next links stay valid.
+    for n in 0..7 {
+        sr(&format!("4444{n}-0"), "2022-06-01", "draft");
+    }
+    let originals: Vec<String> = ids("/ServiceRequest?status=draft&_count=100");
+    assert_eq!(originals.len(), 7);
+    let mut seen = Vec::new();
+    let mut next = Some(format!(
+        "{}/ServiceRequest?status=draft&_count=2",
+        fhir.base
+    ));
+    let mut pages = 0;
+    while let Some(url) = next {
+        let page = fhir.get(&url).json();
+        for e in page["entry"].as_array().into_iter().flatten() {
+            seen.push(id(&e["resource"]));
+        }
+        // An insert between pages.
+        sr(&format!("5555{pages}-0"), "2022-06-02", "draft");
+        next = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_owned());
+        pages += 1;
+        assert!(pages < 50, "paging does not end");
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "a result appeared twice");
+    for o in &originals {
+        assert!(seen.contains(o), "{o} was skipped");
+    }
+    fhir.validate_returned();
+}
+
+#[test]
+fn partners_see_only_their_own_resources() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let mary = Fhir::new(&gw, Some("st-mary"));
+    let city = Fhir::new(&gw, Some("city-clinic"));
+    let staff = Fhir::new(&gw, None);
+    let p = mary.create(
+        &json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "S-1"}]}),
+    );
+    let id = p["id"].as_str().unwrap();
+    assert_eq!(city.get(&format!("/Patient/{id}")).status, 404);
+    assert_eq!(city.get(&format!("/Patient/{id}/_history")).status, 404);
+    assert_eq!(
+        city.get("/Patient?identifier=urn:mrn|S-1").json()["total"],
+        0
+    );
+    assert_eq!(city.get("/Patient/_history").json().get("entry"), None);
+    // Nor can the other partner take the id over or delete it.
+    let mut taken = p.clone();
+    taken["active"] = json!(false);
+    assert_eq!(
+        city.put(&format!("/Patient/{id}"), &taken, None).status,
+        404
+    );
+    assert_eq!(
+        city.send(city.client.delete(city.url(&format!("/Patient/{id}"))))
+            .status,
+        404
+    );
+    assert_eq!(mary.get(&format!("/Patient/{id}")).status, 200);
+    assert_eq!(staff.get(&format!("/Patient/{id}")).status, 200);
+    assert_eq!(
+        staff.get("/Patient?identifier=urn:mrn|S-1").json()["total"],
+        1
+    );
+    let unknown = Fhir::new(&gw, Some("nobody"));
+    let refused = unknown.get("/Patient");
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["resourceType"], "OperationOutcome");
+    mary.validate_returned();
+}
+
+#[test]
+fn binary_streams_raw_content_in_bounded_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let fhir = Fhir::new(&gw, Some("st-mary"));
+    // 192 MiB of a PDF-typed upload, made on the fly.
+    let size: usize = 192 * 1024 * 1024;
+    let pattern: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let chunks = size / pattern.len();
+    let body = reqwest::blocking::Body::sized(
+        std::io::Read::take(
+            PatternReader {
+                pattern: pattern.clone(),
+                at: 0,
+            },
+            size as u64,
+        ),
+        size as u64,
+    );
+    let created = fhir.send(
+        fhir.client
+            .post(fhir.url("/Binary"))
+            .header("Content-Type", "application/pdf")
+            .body(body),
+    );
+    assert_eq!(created.status, 201, "{}", created.text);
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(created.json()["contentType"], "application/pdf");
+    // Raw read: the same bytes and type.
+    let mut response = fhir
+        .client
+        .get(fhir.url(&format!("/Binary/{id}")))
+        .header("X-Konsil-Partner", "st-mary")
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/pdf");
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut response, &mut back).unwrap();
+    assert_eq!(back.len(), size);
+    assert!(
+        back.chunks(pattern.len()).all(|c| c == pattern.as_slice()),
+        "content changed"
+    );
+    assert_eq!(chunks, 192);
+    drop(back);
+    // Peak memory stays far below the upload: nothing buffered whole.
+    let peak_mib = gw.peak_rss_kib() / 1024;
+    assert!(
+        peak_mib < 128,
+        "peak RSS {peak_mib} MiB for a 192 MiB upload"
+    );
+    // Small Binary as FHIR JSON: kept inline, returned as sent; the raw read
+    // decodes it; a DocumentReference points at it.
+    let small = fhir.create(
+        &json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGVsbG8="}),
+    );
+    let sid = small["id"].as_str().unwrap();
+    let raw = fhir
+        .client
+        .get(fhir.url(&format!("/Binary/{sid}")))
+        .header("X-Konsil-Partner", "st-mary")
+        .send()
+        .unwrap();
+    assert_eq!(raw.headers()["content-type"], "text/plain");
+    assert_eq!(raw.text().unwrap(), "hello");
+    let as_json = fhir.send(
+        fhir.client
+            .get(fhir.url(&format!("/Binary/{sid}")))
+            .header("Accept", "application/fhir+json"),
+    );
+    assert_eq!(as_json.json()["data"], "aGVsbG8=");
+    fhir.create(&json!({"resourceType": "DocumentReference", "status": "current",
+        "content": [{"attachment": {"contentType": "application/pdf", "url": format!("Binary/{id}")}}]}));
+    fhir.validate_returned();
+}
+
+/// A byte pattern, repeated forever.
+struct PatternReader {
+    pattern: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for PatternReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        for b in buf.iter_mut() {
+            *b = self.pattern[self.at];
+            self.at = (self.at + 1) % self.pattern.len();
+        }
+        Ok(buf.len())
+    }
+}

@@ -1305,7 +1305,11 @@ pub async fn search(
                 revincludes.push(parse_include(resource_type, value, true)?);
                 applied.push((name.clone(), value.clone()));
             }
-            _ => match search::parse_param(resource_type, name, value) {
+            _ => match search::parse_param(
+                resource_type,
+                name,
+                &local_reference(ctx, resource_type, name, value),
+            ) {
                 Ok(Some(clause)) => {
                     clauses.push(clause);
                     applied.push((name.clone(), value.clone()));
@@ -1389,6 +1393,16 @@ pub async fn search(
         );
     }
     Ok(bundle.finish())
+}
+
+/// A reference parameter's value with this server's base URL taken off:
+/// `http://host/fhir/Patient/1` searches like `Patient/1`.
+fn local_reference(ctx: &Ctx, resource_type: &str, name: &str, value: &str) -> String {
+    let bare = name.split(':').next().unwrap_or(name);
+    match search::param(resource_type, bare) {
+        Some(p) if p.kind == ParamKind::Reference => value.replace(&format!("{}/", ctx.base), ""),
+        _ => value.to_owned(),
+    }
 }
 
 fn parse_sort(resource_type: &str, value: &str) -> Result<Sort, FhirError> {
