@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
 use axum::Router;
 
 use crate::config::Config;
@@ -139,5 +140,17 @@ impl App {
             .merge(crate::dicomweb::routes(self))
             .merge(crate::fhir::routes(self))
             .with_state(Arc::clone(self))
+            // A defect must not cost the connection or leak a trace: log it
+            // and answer 500 (every input path is meant never to get here).
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                |_: Box<dyn std::any::Any + Send>| {
+                    tracing::error!("request handler panicked (a defect); answered 500");
+                    (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal error: the request was not completed\n",
+                    )
+                        .into_response()
+                },
+            ))
     }
 }

@@ -1074,3 +1074,60 @@ impl std::io::Read for PatternReader {
         Ok(buf.len())
     }
 }
+
+#[test]
+fn real_fhir_clients_work_unchanged() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let base = format!("http://127.0.0.1:{}/fhir", gw.http);
+    let out = python("fhir_clients.py", &[&base]);
+    assert!(
+        out.status.success(),
+        "fhir_clients.py: {}\nlog:\n{}",
+        stderr(&out),
+        gw.log()
+    );
+    let py: Value = serde_json::from_str(&stdout(&out)).expect("JSON from fhir_clients.py");
+    let smart = &py["fhirclient"];
+    assert_eq!(smart["fhir_version"], "4.0.1");
+    assert_eq!(smart["read_family"], "Client");
+    assert_eq!(smart["search_ids"], json!([smart["created_id"]]));
+    assert_eq!(smart["updated_version"], "2");
+    assert_eq!(smart["updated_gender"], "female");
+    assert_eq!(
+        smart["transaction_statuses"],
+        json!(["201 Created", "201 Created"])
+    );
+    let fhirpy = &py["fhirpy"];
+    assert_eq!(fhirpy["read_birth_date"], "1980-02-03");
+    assert_eq!(fhirpy["search_ids"], json!([fhirpy["created_id"]]));
+    assert_eq!(fhirpy["date_search_ids"], json!([fhirpy["created_id"]]));
+    assert_eq!(fhirpy["version_after_update"], "2");
+    assert_eq!(fhirpy["active_after_update"], true);
+    assert_eq!(fhirpy["count"], 1);
+    assert_eq!(fhirpy["transaction_statuses"], json!(["201 Created"]));
+
+    let out = Command::new("node")
+        .arg(peers_dir().join("fhir_kit.mjs"))
+        .arg(&base)
+        .env("KONSIL_NODE_MODULES", node_modules())
+        .output()
+        .expect("node");
+    assert!(out.status.success(), "fhir_kit.mjs: {}", stderr(&out));
+    let kit: Value = serde_json::from_str(&stdout(&out)).expect("JSON from fhir_kit.mjs");
+    assert_eq!(kit["read_name"], "Kit Hospital");
+    assert_eq!(kit["search_total"], 1);
+    assert_eq!(kit["search_ids"], json!([kit["created_id"]]));
+    assert_eq!(kit["updated_version"], "2");
+    assert_eq!(
+        kit["transaction_statuses"],
+        json!(["201 Created", "201 Created"])
+    );
+    // The Endpoint's urn:uuid: reference was rewritten to the new Organization.
+    let child = kit["child_location"].as_str().unwrap();
+    assert_eq!(
+        kit["endpoint_organization"].as_str(),
+        child.split("/_history").next()
+    );
+    assert_eq!(kit["fhir_version"], "4.0.1");
+}

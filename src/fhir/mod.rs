@@ -37,6 +37,8 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
     Router::new()
         .route("/fhir/metadata", get(capability::metadata))
         .route("/fhir", post(bundle::transaction_or_batch))
+        // Clients that keep the base with a trailing slash post there.
+        .route("/fhir/", post(bundle::transaction_or_batch))
         .route("/fhir/_history", get(rest::history_system))
         .route("/fhir/{type}", get(rest::search_get).post(rest::create))
         .route("/fhir/{type}/_search", post(rest::search_post))

@@ -214,15 +214,16 @@ fn stamp(value: &mut Value, id: &str, version: i64, last_updated: &str) {
         return;
     };
     obj.shift_remove("id");
+    let mut meta = match obj.shift_remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    // After resourceType, wherever the sender put that.
     let at = obj
         .keys()
         .position(|k| k == "resourceType")
         .map_or(0, |i| i + 1);
     obj.shift_insert(at, "id".to_owned(), Value::String(id.to_owned()));
-    let mut meta = match obj.shift_remove("meta") {
-        Some(Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
     meta.shift_remove("versionId");
     meta.shift_remove("lastUpdated");
     meta.shift_insert(
@@ -1523,4 +1524,31 @@ async fn included(
         out.extend(found.resources);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_keeps_the_senders_order_wherever_resourcetype_is() {
+        for sent in [
+            json!({"resourceType": "Patient", "id": "x", "meta": {"profile": ["p"]}, "active": true}),
+            json!({"meta": {"versionId": "9"}, "id": "x", "active": true, "gender": "other", "resourceType": "Patient"}),
+            json!({"active": true}),
+        ] {
+            let mut v = sent.clone();
+            stamp(&mut v, "new", 2, "2024-01-01T00:00:00.000Z");
+            assert_eq!(v["id"], "new");
+            assert_eq!(v["meta"]["versionId"], "2");
+            assert_eq!(v["active"], true);
+            if let Some(profile) = sent["meta"].get("profile") {
+                assert_eq!(&v["meta"]["profile"], profile);
+            }
+            let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+            let rt = keys.iter().position(|k| *k == "resourceType");
+            let id = keys.iter().position(|k| *k == "id").unwrap();
+            assert_eq!(id, rt.map_or(0, |r| r + 1));
+        }
+    }
 }
