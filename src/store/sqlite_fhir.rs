@@ -120,9 +120,57 @@ fn push_or<T>(
     qb.push(")");
 }
 
+/// How likely a clause is to narrow the search, lowest first: the first
+/// index clause drives the query (`rid IN (...)`), the others are checked
+/// per candidate (`EXISTS`).
+fn selectivity(clause: &Clause) -> u8 {
+    match clause {
+        Clause::Ids(_) => 0,
+        Clause::Token { .. } | Clause::Reference { .. } => 1,
+        Clause::String { .. } => 2,
+        Clause::Date { .. } => 3,
+        Clause::LastUpdated(_) | Clause::Missing { .. } => 4,
+    }
+}
+
+/// A condition on one of the index tables, for resource `r`: as the query's
+/// driver (`r.rid IN (SELECT rid ...)`) or as a check (`EXISTS (...)`).
+fn push_index_clause<'a>(
+    qb: &mut QueryBuilder<'a, Sqlite>,
+    table: &str,
+    param: &str,
+    driver: bool,
+    condition: impl FnOnce(&mut QueryBuilder<'a, Sqlite>),
+) {
+    if driver {
+        qb.push(format!(
+            "r.rid IN (SELECT x.rid FROM {table} x WHERE x.param = "
+        ));
+    } else {
+        qb.push(format!(
+            "EXISTS (SELECT 1 FROM {table} x WHERE x.rid = r.rid AND x.param = "
+        ));
+    }
+    qb.push_bind(param.to_owned());
+    qb.push(" AND ");
+    condition(qb);
+    qb.push(")");
+}
+
 /// The WHERE conditions of a search (without paging).
 fn push_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, q: &'a ResourceQuery) {
-    qb.push(" WHERE r.type = ");
+    let mut clauses: Vec<&Clause> = q.clauses.iter().collect();
+    clauses.sort_by_key(|c| selectivity(c));
+    // With an index clause to drive the query, keep SQLite from scanning the
+    // type's rows instead (unary + hides the type index).
+    let driven = clauses
+        .first()
+        .is_some_and(|c| matches!(selectivity(c), 1..=3));
+    qb.push(if driven {
+        " WHERE +r.type = "
+    } else {
+        " WHERE r.type = "
+    });
     qb.push_bind(q.resource_type.as_str());
     qb.push(" AND r.deleted = 0");
     if let Some(partners) = &q.partners {
@@ -136,7 +184,8 @@ fn push_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, q: &'a ResourceQuery) {
         }
         qb.push(")");
     }
-    for clause in &q.clauses {
+    for (n, clause) in clauses.into_iter().enumerate() {
+        let driver = driven && n == 0;
         qb.push(" AND ");
         match clause {
             Clause::Ids(ids) => push_or(qb, ids, |qb, id| {
@@ -147,76 +196,80 @@ fn push_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, q: &'a ResourceQuery) {
                 push_date_condition(qb, "r.updated_ms", "r.updated_ms", *v)
             }),
             Clause::Token { param, values } => {
-                qb.push("r.rid IN (SELECT rid FROM fhir_token WHERE param = ");
-                qb.push_bind(param.clone());
-                qb.push(" AND ");
-                push_or(qb, values, |qb, (system, code)| {
-                    qb.push("(1");
-                    if let Some(code) = code {
-                        qb.push(" AND code = ");
-                        qb.push_bind(code.clone());
-                    }
-                    if let Some(system) = system {
-                        qb.push(" AND system = ");
-                        qb.push_bind(system.clone());
-                    }
-                    qb.push(")");
+                push_index_clause(qb, "fhir_token", param, driver, |qb| {
+                    push_or(qb, values, |qb, (system, code)| {
+                        qb.push("(1");
+                        if let Some(code) = code {
+                            qb.push(" AND x.code = ");
+                            qb.push_bind(code.clone());
+                        }
+                        if let Some(system) = system {
+                            qb.push(" AND x.system = ");
+                            qb.push_bind(system.clone());
+                        }
+                        qb.push(")");
+                    })
                 });
-                qb.push(")");
             }
             Clause::Reference { param, targets } => {
-                qb.push("r.rid IN (SELECT rid FROM fhir_reference WHERE param = ");
-                qb.push_bind(param.clone());
-                qb.push(" AND ");
-                push_or(qb, targets, |qb, t| {
-                    qb.push("target = ");
-                    qb.push_bind(t.clone());
+                push_index_clause(qb, "fhir_reference", param, driver, |qb| {
+                    push_or(qb, targets, |qb, t| {
+                        qb.push("x.target = ");
+                        qb.push_bind(t.clone());
+                    })
                 });
-                qb.push(")");
             }
             Clause::Date { param, values } => {
-                qb.push("r.rid IN (SELECT rid FROM fhir_date WHERE param = ");
-                qb.push_bind(param.clone());
-                qb.push(" AND ");
-                push_or(qb, values, |qb, v| {
-                    push_date_condition(qb, "low", "high", *v)
+                push_index_clause(qb, "fhir_date", param, driver, |qb| {
+                    push_or(qb, values, |qb, v| {
+                        push_date_condition(qb, "x.low", "x.high", *v)
+                    })
                 });
-                qb.push(")");
             }
             Clause::String {
                 param,
                 mode,
                 values,
             } => {
-                qb.push("r.rid IN (SELECT rid FROM fhir_string WHERE param = ");
-                qb.push_bind(param.clone());
-                qb.push(" AND ");
-                push_or(qb, values, |qb, v| match mode {
-                    StringMatch::Exact => {
-                        qb.push("value = ");
-                        qb.push_bind(v.clone());
-                    }
-                    StringMatch::Prefix => {
-                        // Values are stored lower-cased; U+10FFFF sorts after
-                        // every other character.
-                        qb.push("(value >= ");
-                        qb.push_bind(v.clone());
-                        qb.push(" AND value < ");
-                        qb.push_bind(format!("{v}\u{10FFFF}"));
-                        qb.push(")");
-                    }
-                    StringMatch::Contains => {
-                        qb.push("instr(value, ");
-                        qb.push_bind(v.clone());
-                        qb.push(") > 0");
-                    }
+                push_index_clause(qb, "fhir_string", param, driver, |qb| {
+                    push_or(qb, values, |qb, v| match mode {
+                        StringMatch::Exact => {
+                            qb.push("x.value = ");
+                            qb.push_bind(v.clone());
+                        }
+                        StringMatch::Prefix => {
+                            // Values are stored lower-cased; U+10FFFF sorts
+                            // after every other character.
+                            qb.push("(x.value >= ");
+                            qb.push_bind(v.clone());
+                            qb.push(" AND x.value < ");
+                            qb.push_bind(format!("{v}\u{10FFFF}"));
+                            qb.push(")");
+                        }
+                        StringMatch::Contains => {
+                            qb.push("instr(x.value, ");
+                            qb.push_bind(v.clone());
+                            qb.push(") > 0");
+                        }
+                    })
                 });
-                qb.push(")");
             }
             Clause::Missing { param, missing } => {
-                qb.push(if *missing { "NOT " } else { "" });
-                qb.push("EXISTS (SELECT 1 FROM (SELECT rid, param FROM fhir_token UNION ALL SELECT rid, param FROM fhir_reference UNION ALL SELECT rid, param FROM fhir_date UNION ALL SELECT rid, param FROM fhir_string) x WHERE x.rid = r.rid AND x.param = ");
-                qb.push_bind(param.clone());
+                // The parameter's entries live in one of the four tables.
+                qb.push(if *missing { "NOT (" } else { "(" });
+                for (i, table) in ["fhir_token", "fhir_reference", "fhir_date", "fhir_string"]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if i > 0 {
+                        qb.push(" OR ");
+                    }
+                    qb.push(format!(
+                        "EXISTS (SELECT 1 FROM {table} x WHERE x.rid = r.rid AND x.param = "
+                    ));
+                    qb.push_bind(param.clone());
+                    qb.push(")");
+                }
                 qb.push(")");
             }
         }
