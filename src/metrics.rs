@@ -25,6 +25,9 @@ pub struct Metrics {
     /// DICOMweb requests by resource (`studies`, `series`, `instances`,
     /// `metadata`, `frames`, `bulkdata`), method and HTTP status.
     pub dicomweb_requests: Family<Labels, Counter>,
+    /// FHIR requests by interaction (`read`, `search-type`, `create`,
+    /// `transaction`, ...), resource type and HTTP status.
+    pub fhir_requests: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -42,6 +45,12 @@ impl Metrics {
         let bytes = Family::<Labels, Counter>::default();
         let failures = Family::<Labels, Counter>::default();
         let dicomweb_requests = Family::<Labels, Counter>::default();
+        let fhir_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "fhir_requests",
+            "FHIR requests by interaction, resource type and status",
+            fhir_requests.clone(),
+        );
         registry.register(
             "dicomweb_requests",
             "DICOMweb requests by resource, method and status",
@@ -80,6 +89,7 @@ impl Metrics {
             bytes,
             failures,
             dicomweb_requests,
+            fhir_requests,
         }
     }
 

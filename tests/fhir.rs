@@ -693,6 +693,15 @@ fn versions_etags_history_patch_and_delete() {
             >= 6
     );
     assert_eq!(fhir.get("/Task?_summary=count").json()["total"], 2);
+    // Each interaction is counted.
+    let (_, metrics) = gw.get("/metrics");
+    for line in [
+        "konsil_fhir_requests_total{interaction=\"read\",type=\"Task\",status=\"410\"} 1",
+        "konsil_fhir_requests_total{interaction=\"update\",type=\"Task\",status=\"412\"} 1",
+        "konsil_fhir_requests_total{interaction=\"vread\",type=\"Task\",status=\"404\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     fhir.validate_returned();
 }
 

@@ -16,13 +16,15 @@ pub mod validate;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
+use crate::metrics::label;
 use crate::store::MetaError;
 use outcome::Issue;
 
@@ -54,6 +56,55 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/fhir/{type}/{id}/_history/{version}", get(rest::vread))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(app),
+            count_request,
+        ))
+}
+
+/// Count each request by FHIR interaction, resource type (a served type, or
+/// `other`: the label set stays bounded) and status.
+async fn count_request(
+    State(app): State<Arc<App>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = matched.as_ref().map_or("", |m| m.as_str()).to_owned();
+    let resource_type = request
+        .uri()
+        .path()
+        .strip_prefix("/fhir/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|t| SUPPORTED.contains(t))
+        .unwrap_or("other")
+        .to_owned();
+    let method = request.method().clone();
+    let interaction = match (method.as_str(), route.as_str()) {
+        (_, "/fhir/metadata") => "capabilities",
+        ("POST", "/fhir" | "/fhir/") => "transaction-or-batch",
+        (_, "/fhir/_history") => "history-system",
+        ("GET", "/fhir/{type}") | ("POST", "/fhir/{type}/_search") => "search-type",
+        ("POST", "/fhir/{type}") => "create",
+        (_, "/fhir/{type}/_history") => "history-type",
+        ("GET", "/fhir/{type}/{id}") => "read",
+        ("PUT", "/fhir/{type}/{id}") => "update",
+        ("PATCH", "/fhir/{type}/{id}") => "patch",
+        ("DELETE", "/fhir/{type}/{id}") => "delete",
+        (_, "/fhir/{type}/{id}/_history") => "history-instance",
+        (_, "/fhir/{type}/{id}/_history/{version}") => "vread",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    app.metrics
+        .fhir_requests
+        .get_or_create(&vec![
+            label("interaction", interaction),
+            label("type", resource_type),
+            label("status", response.status().as_u16().to_string()),
+        ])
+        .inc();
+    response
 }
 
 async fn not_found() -> Response {
