@@ -879,6 +879,18 @@ fn search_parameters_includes_and_stable_paging() {
         with("/Patient?_revinclude=ServiceRequest:patient", "include").len(),
         3
     );
+    // _summary=true and _elements: subsetted, and marked so.
+    let summary = fhir
+        .get(&format!("/ServiceRequest?_id={}&_summary=true", id(&a)))
+        .json();
+    let first = &summary["entry"][0]["resource"];
+    assert_eq!(first["meta"]["tag"][0]["code"], "SUBSETTED");
+    assert!(first.get("code").is_some() && first.get("authoredOn").is_some());
+    let elements = fhir
+        .get(&format!("/Patient/{pid}?_elements=birthDate"))
+        .json();
+    assert_eq!(elements["birthDate"], "1961-04-05");
+    assert!(elements.get("name").is_none());
     // _summary=count.
     let count = fhir
         .get("/ServiceRequest?status=active&_summary=count")

@@ -12,6 +12,7 @@ pub mod definitions;
 pub mod outcome;
 mod rest;
 pub mod search;
+mod subset;
 pub mod validate;
 
 use std::sync::Arc;

@@ -15,6 +15,7 @@ use super::binary;
 use super::definitions::Definitions;
 use super::outcome::{operation_outcome, Issue};
 use super::search::{self, ParamKind};
+use super::subset::Subset;
 use super::validate::{is_valid_id, validate};
 use super::{negotiate, parse_json, require_json_body, FhirError, FHIR_JSON};
 use crate::app::App;
@@ -876,8 +877,12 @@ pub async fn read(
                 }
                 return Ok(not_modified);
             }
+            let mut body = binary::with_data(&ctx.app, &stored).await?;
+            if let Some(subset) = read_subset(query.as_deref())? {
+                body = super::subset::apply(&body, &subset);
+            }
             let stored = StoredResource {
-                body: Some(binary::with_data(&ctx.app, &stored).await?),
+                body: Some(body),
                 ..stored
             };
             let written = Written {
@@ -897,6 +902,23 @@ pub async fn read(
         }
         .await,
     )
+}
+
+/// `_summary` / `_elements` of a read.
+fn read_subset(query: Option<&str>) -> Result<Option<Subset>, FhirError> {
+    let mut subset = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "_summary" => {
+                subset = Subset::from_summary(&v).ok_or_else(|| {
+                    FhirError::bad_request(format!("_summary={v}: use true, text, data or false"))
+                })?
+            }
+            "_elements" => subset = Some(Subset::from_elements(&v)),
+            _ => {}
+        }
+    }
+    Ok(subset)
 }
 
 pub async fn vread(
@@ -1269,6 +1291,7 @@ pub async fn search(
     let mut sort = Sort::Created;
     let mut after = None;
     let mut summary_count = false;
+    let mut subset: Option<Subset> = None;
     let mut want_total = true;
     let mut includes = Vec::new();
     let mut revincludes = Vec::new();
@@ -1277,14 +1300,19 @@ pub async fn search(
             "_format" | "_pretty" => {}
             "_count" => count = Some(value.clone()),
             "_cursor" => after = Some(parse_cursor(value)?),
-            "_summary" => match value.as_str() {
-                "count" => summary_count = true,
-                "false" => {}
-                other => warnings.push(Issue::warning(
-                    "not-supported",
-                    format!("_summary={other} is not supported; full resources are returned"),
-                )),
-            },
+            "_summary" if value == "count" => summary_count = true,
+            "_summary" => {
+                subset = Subset::from_summary(value).ok_or_else(|| {
+                    FhirError::bad_request(format!(
+                        "_summary={value}: use true, text, data, count or false"
+                    ))
+                })?;
+                applied.push((name.clone(), value.clone()));
+            }
+            "_elements" => {
+                subset = Some(Subset::from_elements(value));
+                applied.push((name.clone(), value.clone()));
+            }
             "_total" => match value.as_str() {
                 "none" => want_total = false,
                 "accurate" | "estimate" => want_total = true,
@@ -1365,10 +1393,14 @@ pub async fn search(
     }
     let mut bundle = BundleText::new("searchset", page.total, &links);
     let full_url = |s: &StoredResource| format!("{}/{}/{}", ctx.base, s.resource_type, s.id);
+    let shown = |s: &StoredResource| match (&subset, &s.body) {
+        (Some(subset), Some(body)) => Some(super::subset::apply(body, subset)),
+        _ => s.body.clone(),
+    };
     for s in &page.resources {
         bundle.entry(
             Some(&full_url(s)),
-            s.body.as_deref(),
+            shown(s).as_deref(),
             json!({"search": {"mode": "match"}}),
         );
     }
@@ -1381,7 +1413,7 @@ pub async fn search(
         if seen.insert((extra.resource_type.clone(), extra.id.clone())) {
             bundle.entry(
                 Some(&full_url(&extra)),
-                extra.body.as_deref(),
+                shown(&extra).as_deref(),
                 json!({"search": {"mode": "include"}}),
             );
         }
