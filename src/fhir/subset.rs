@@ -71,7 +71,7 @@ pub fn apply(body: &str, subset: &Subset) -> String {
             Subset::Summary => el.summary || mandatory,
             Subset::Text => el.name == "text" || mandatory,
             Subset::Data => el.name != "text",
-            Subset::Elements(names) => mandatory || names.iter().any(|n| *n == el.name),
+            Subset::Elements(names) => mandatory || names.contains(&el.name),
         }
     });
     let meta = obj.entry("meta").or_insert_with(|| json!({}));
