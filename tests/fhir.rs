@@ -467,9 +467,38 @@ fn malformed_input_is_rejected_with_the_element_named() {
             "Task.focus.reference",
         ),
     ];
+    // Invariants (FHIRPath) of the core definitions, on other types.
+    let consent = json!({"resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}]});
+    let period = json!({"resourceType": "Task", "status": "requested", "intent": "order",
+        "executionPeriod": {"start": "2024-05-01", "end": "2024-04-01"}});
+    let unreferenced = json!({"resourceType": "Task", "status": "requested", "intent": "order",
+        "contained": [{"resourceType": "Patient", "id": "p1"}]});
+    let cases: Vec<(&str, Value, &str)> = cases
+        .into_iter()
+        .chain([
+            (
+                "invariant ppc-1 (Consent needs a policy)",
+                consent,
+                "Consent",
+            ),
+            (
+                "invariant per-1 (period ends before it starts)",
+                period,
+                "Task.executionPeriod",
+            ),
+            (
+                "invariant dom-3 (contained resource never referenced)",
+                unreferenced,
+                "Task.contained[0]",
+            ),
+        ])
+        .collect();
     let mut rejected = Vec::new();
     for (what, resource, expression) in &cases {
-        let a = fhir.post("/Task", resource);
+        let t = resource["resourceType"].as_str().unwrap();
+        let a = fhir.post(&format!("/{t}"), resource);
         assert_eq!(a.status, 422, "{what}: {}", a.text);
         let outcome = a.json();
         assert_eq!(outcome["resourceType"], "OperationOutcome");
@@ -485,12 +514,17 @@ fn malformed_input_is_rejected_with_the_element_named() {
     // The public validators agree each input is defective, but for what
     // neither of them checks: two choice variants at once (FHIR JSON: only
     // one of the [x] elements may be present), empty strings (the string
-    // regex needs a character; FHIR JSON forbids "") and the literal
-    // reference syntax (Type/id with an id of [A-Za-z0-9-.]{1,64}).
+    // regex needs a character; FHIR JSON forbids ""), the literal
+    // reference syntax (Type/id with an id of [A-Za-z0-9-.]{1,64}), and the
+    // invariants of data types (per-1 of Period: @medplum/core applies the
+    // resource's own element constraints only) and dom-3, which
+    // @medplum/core does not evaluate.
     let neither_checks = [
         "two choice variants at once",
         "empty string",
         "bad reference",
+        "invariant per-1 (period ends before it starts)",
+        "invariant dom-3 (contained resource never referenced)",
     ];
     for (report, (what, _, _)) in public_validators(&rejected).iter().zip(&cases) {
         if neither_checks.contains(what) {
@@ -505,6 +539,7 @@ fn malformed_input_is_rejected_with_the_element_named() {
     }
     // Nothing of it was stored.
     assert_eq!(fhir.get("/Task?_summary=count").json()["total"], 0);
+    assert_eq!(fhir.get("/Consent?_summary=count").json()["total"], 0);
 
     // Protocol errors, all 4xx with an OperationOutcome.
     let raw = |method: reqwest::Method, path: &str, content_type: &str, body: &str| {

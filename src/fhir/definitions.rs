@@ -96,7 +96,34 @@ pub struct Element {
     /// Required binding: the ValueSet URL (without version).
     pub required_binding: Option<String>,
     pub summary: bool,
+    /// Invariants (`constraint` with severity error) checked by FHIRPath.
+    pub constraints: Vec<Constraint>,
 }
+
+/// One invariant of an element.
+#[derive(Debug, Clone)]
+pub struct Constraint {
+    pub key: String,
+    pub human: String,
+    pub expression: String,
+}
+
+/// Invariants not evaluated by FHIRPath, and why.
+const NOT_EVALUATED: &[&str] = &[
+    // "All FHIR elements must have a @value or children": the structural
+    // check refuses empty objects and strings already, for every element.
+    "ele-1",
+    // "Must have either extensions or value[x], not both": checked on every
+    // Extension structurally (an extension is url + one of them).
+    "ext-1",
+    // Contained resources must be referenced: checked structurally, as the
+    // FHIRPath form needs `as(canonical)`, i.e. a type model.
+    "dom-3",
+    // Need a type model (`is Boolean` on a choice, ElementDefinition path
+    // typing) that the engine runs without; false on valid official
+    // examples. None is on a type this server serves.
+    "que-7", "sdf-4", "sdf-8", "sdf-8a", "tst-5",
+];
 
 /// One compiled StructureDefinition.
 #[derive(Debug)]
@@ -275,6 +302,7 @@ fn compile_type(sd: &Value) -> Result<TypeDef, DefinitionError> {
             content_ref: None,
             required_binding,
             summary: e["isSummary"].as_bool().unwrap_or(false),
+            constraints: constraints_of(e),
             path,
         });
     }
@@ -346,6 +374,26 @@ fn compile_type(sd: &Value) -> Result<TypeDef, DefinitionError> {
         elements,
         primitive,
     })
+}
+
+fn constraints_of(element: &Value) -> Vec<Constraint> {
+    element["constraint"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["severity"] == "error")
+        .filter_map(|c| {
+            let key = c["key"].as_str()?;
+            if NOT_EVALUATED.contains(&key) {
+                return None;
+            }
+            Some(Constraint {
+                key: key.to_owned(),
+                human: c["human"].as_str().unwrap_or("").to_owned(),
+                expression: c["expression"].as_str()?.to_owned(),
+            })
+        })
+        .collect()
 }
 
 fn type_ref(t: &Value) -> Result<TypeRef, DefinitionError> {

@@ -9,6 +9,7 @@ mod binary;
 mod bundle;
 mod capability;
 pub mod definitions;
+mod invariants;
 pub mod outcome;
 mod rest;
 pub mod search;

@@ -16,7 +16,7 @@ use super::definitions::Definitions;
 use super::outcome::{operation_outcome, Issue};
 use super::search::{self, ParamKind};
 use super::subset::Subset;
-use super::validate::{is_valid_id, validate};
+use super::validate::{is_valid_id, validate_full};
 use super::{negotiate, parse_json, require_json_body, FhirError, FHIR_JSON};
 use crate::app::App;
 use crate::auth::{Caller, CallerError};
@@ -200,8 +200,8 @@ pub fn now() -> (String, i64) {
 
 /// Validate a resource for storage: errors reject it (422 with every
 /// finding); warnings come back to go into the answer.
-pub fn check_valid(resource_type: &str, value: &Value) -> Result<Vec<Issue>, FhirError> {
-    let issues = validate(Definitions::core(), value, Some(resource_type));
+pub async fn check_valid(resource_type: &str, value: &Value) -> Result<Vec<Issue>, FhirError> {
+    let issues = validate_full(Definitions::core(), value, Some(resource_type)).await;
     if issues.iter().any(Issue::is_error) {
         return Err(FhirError::unprocessable(issues));
     }
@@ -305,7 +305,7 @@ pub async fn create_in(
     id: Option<String>,
 ) -> Result<Written, FhirError> {
     check_writable(resource_type)?;
-    let issues = check_valid(resource_type, &value)?;
+    let issues = check_valid(resource_type, &value).await?;
     if let Some(condition) = if_none_exist {
         let found = matching(tx, ctx, resource_type, condition).await?;
         match found.len() {
@@ -435,7 +435,7 @@ pub async fn update_in(
             ))
         }
     }
-    let issues = check_valid(resource_type, &value)?;
+    let issues = check_valid(resource_type, &value).await?;
     let current = tx.current(resource_type, id).await?;
     if let Some(current) = &current {
         if !ctx.may_see(current) {
@@ -660,7 +660,7 @@ async fn create_raw_binary(
         .trim()
         .to_owned();
     let mut value = json!({"resourceType": "Binary", "contentType": content_type});
-    check_valid("Binary", &value)?;
+    check_valid("Binary", &value).await?;
     let blob = binary::store_stream(Arc::clone(&ctx.app.fhir_blobs), body).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let mut tx = ctx.app.resources.begin().await?;

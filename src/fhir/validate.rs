@@ -13,15 +13,43 @@ use std::collections::{HashMap, HashSet};
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
-use super::definitions::{Codes, Definitions, Element, JsonForm, Kind, TypeDef, TypeRef};
+use super::definitions::{
+    Codes, Constraint, Definitions, Element, JsonForm, Kind, TypeDef, TypeRef,
+};
 use super::outcome::Issue;
 
-/// Validate `resource`; with `expected_type`, its `resourceType` must be that.
-/// Returns every finding (errors and warnings), in document order.
+/// Validate `resource`'s structure (everything but the FHIRPath
+/// invariants); with `expected_type`, its `resourceType` must be that.
+/// Returns every finding, in document order.
 pub fn validate(defs: &Definitions, resource: &Value, expected_type: Option<&str>) -> Vec<Issue> {
+    structure(defs, resource, expected_type).0
+}
+
+/// Validate `resource` completely: structure, then, if that holds, the
+/// invariants of every element present.
+pub async fn validate_full(
+    defs: &'static Definitions,
+    resource: &Value,
+    expected_type: Option<&str>,
+) -> Vec<Issue> {
+    let (mut issues, checks) = structure(defs, resource, expected_type);
+    if !issues.iter().any(Issue::is_error) {
+        issues.extend(super::invariants::evaluate(resource, &checks).await);
+    }
+    issues
+}
+
+/// The structural findings, and the invariants to evaluate.
+pub fn structure<'d>(
+    defs: &'d Definitions,
+    resource: &Value,
+    expected_type: Option<&str>,
+) -> (Vec<Issue>, Vec<InvariantCheck<'d>>) {
     let mut walk = Walk {
         defs,
         issues: Vec::new(),
+        checks: Vec::new(),
+        resource: String::new(),
     };
     if let (Some(expected), Some(found)) = (
         expected_type,
@@ -37,11 +65,15 @@ pub fn validate(defs: &Definitions, resource: &Value, expected_type: Option<&str
                 )
                 .at(found),
             );
-            return walk.issues;
+            return (walk.issues, Vec::new());
         }
     }
-    walk.resource(resource, "");
-    walk.issues
+    let root = Loc {
+        path: String::new(),
+        pointer: String::new(),
+    };
+    walk.resource(resource, &root);
+    (walk.issues, walk.checks)
 }
 
 /// Whether `id` is a valid logical id (`[A-Za-z0-9\-\.]{1,64}`).
@@ -53,9 +85,63 @@ pub fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// Where a value is: as FHIRPath (for issues) and as JSON pointer (for
+/// evaluating invariants there).
+#[derive(Debug, Clone)]
+struct Loc {
+    path: String,
+    pointer: String,
+}
+
+impl Loc {
+    /// Child element: FHIRPath `name` (e.g. `value.ofType(string)`), JSON
+    /// key `key`.
+    fn child(&self, name: &str, key: &str) -> Loc {
+        Loc {
+            path: format!("{}.{name}", self.path),
+            pointer: format!("{}/{key}", self.pointer),
+        }
+    }
+
+    fn index(&self, i: usize) -> Loc {
+        Loc {
+            path: format!("{}[{i}]", self.path),
+            pointer: format!("{}/{i}", self.pointer),
+        }
+    }
+
+    /// `path.name[i]`, for an issue only.
+    fn index_path(&self, name: &str, i: usize) -> String {
+        format!("{}.{name}[{i}]", self.path)
+    }
+
+    /// A FHIRPath below this one, for an issue only.
+    fn sub(&self, name: &str) -> String {
+        format!("{}.{name}", self.path)
+    }
+}
+
+/// Invariants to evaluate at one place of the resource.
+#[derive(Debug)]
+pub struct InvariantCheck<'d> {
+    /// JSON pointer of the resource the focus is in ("" for the top one; a
+    /// contained or Bundle entry resource is its own `%resource`).
+    pub resource: String,
+    /// JSON pointer of the focus within that resource.
+    pub pointer: String,
+    /// FHIRPath of the focus, for the issue.
+    pub path: String,
+    /// The focus's FHIR type, when it is a data type.
+    pub type_name: Option<String>,
+    pub constraints: Vec<&'d Constraint>,
+}
+
 struct Walk<'d> {
     defs: &'d Definitions,
     issues: Vec<Issue>,
+    checks: Vec<InvariantCheck<'d>>,
+    /// JSON pointer of the resource being walked.
+    resource: String,
 }
 
 impl<'d> Walk<'d> {
@@ -63,13 +149,34 @@ impl<'d> Walk<'d> {
         self.issues.push(Issue::error(code, diagnostics).at(path));
     }
 
-    /// A resource at `path` ("" for the root).
-    fn resource(&mut self, value: &Value, path: &str) {
-        let at = if path.is_empty() { "Resource" } else { path };
+    fn check(&mut self, at: &Loc, type_name: Option<&str>, constraints: &'d [Constraint]) {
+        if constraints.is_empty() {
+            return;
+        }
+        self.checks.push(InvariantCheck {
+            resource: self.resource.clone(),
+            pointer: at
+                .pointer
+                .strip_prefix(self.resource.as_str())
+                .unwrap_or(&at.pointer)
+                .to_owned(),
+            path: at.path.clone(),
+            type_name: type_name.map(str::to_owned),
+            constraints: constraints.iter().collect(),
+        });
+    }
+
+    /// A resource at `at` (path "" for the root).
+    fn resource(&mut self, value: &Value, at: &Loc) {
+        let shown = if at.path.is_empty() {
+            "Resource"
+        } else {
+            at.path.as_str()
+        };
         let Some(obj) = value.as_object() else {
             self.error(
                 "structure",
-                at,
+                shown,
                 "a resource must be a JSON object".to_owned(),
             );
             return;
@@ -77,7 +184,7 @@ impl<'d> Walk<'d> {
         let Some(type_name) = obj.get("resourceType").and_then(Value::as_str) else {
             self.error(
                 "required",
-                &format!("{at}.resourceType"),
+                &format!("{shown}.resourceType"),
                 "resourceType is missing: every resource names its type".to_owned(),
             );
             return;
@@ -86,26 +193,106 @@ impl<'d> Walk<'d> {
         let Some(def) = defs.resource(type_name) else {
             self.error(
                 "not-supported",
-                &format!("{at}.resourceType"),
+                &format!("{shown}.resourceType"),
                 format!("'{type_name}' is not a FHIR R4 resource type"),
             );
             return;
         };
-        let base = if path.is_empty() {
-            type_name.to_owned()
-        } else {
-            path.to_owned()
+        let base = Loc {
+            path: if at.path.is_empty() {
+                type_name.to_owned()
+            } else {
+                at.path.clone()
+            },
+            pointer: at.pointer.clone(),
         };
         if let Some(id) = obj.get("id") {
             if !id.as_str().is_some_and(is_valid_id) {
                 self.error(
                     "value",
-                    &format!("{base}.id"),
+                    &base.sub("id"),
                     format!("id {id} is not a valid logical id (1-64 of A-Z a-z 0-9 - .)"),
                 );
             }
         }
+        // A Bundle entry (or parameter) is its own %resource; a contained
+        // resource is evaluated in its container (%rootResource).
+        let contained = at.pointer.rsplit('/').nth(1) == Some("contained");
+        let own = if contained {
+            self.resource.clone()
+        } else {
+            base.pointer.clone()
+        };
+        let outer = std::mem::replace(&mut self.resource, own);
+        self.check(&base, None, &def.elements[0].constraints);
+        self.contained_are_referenced(obj, &base);
         self.object(obj, def, 0, &base, true);
+        self.resource = outer;
+    }
+
+    /// dom-3, checked here rather than by FHIRPath (whose `as(canonical)`
+    /// needs a type model): every contained resource is referred to from
+    /// the rest of the resource or its narrative (`#id`), or refers to the
+    /// container (`#`).
+    fn contained_are_referenced(&mut self, obj: &Map<String, Value>, at: &Loc) {
+        let Some(contained) = obj.get("contained").and_then(Value::as_array) else {
+            return;
+        };
+        fn strings<'v>(v: &'v Value, out: &mut HashSet<&'v str>) {
+            match v {
+                Value::String(s) if s.starts_with('#') => {
+                    out.insert(s.as_str());
+                }
+                Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+                Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+                _ => {}
+            }
+        }
+        let mut outside = HashSet::new();
+        for (k, v) in obj {
+            if k != "contained" {
+                strings(v, &mut outside);
+            }
+        }
+        // What each contained resource refers to: references between
+        // contained resources count (R4 dom-3 looks at all descendants).
+        let inner: Vec<HashSet<&str>> = contained
+            .iter()
+            .map(|c| {
+                let mut set = HashSet::new();
+                strings(c, &mut set);
+                set
+            })
+            .collect();
+        for (i, c) in contained.iter().enumerate() {
+            let Some(id) = c.get("id").and_then(Value::as_str) else {
+                continue;
+            };
+            let inside = &inner[i];
+            let local = format!("#{id}");
+            let from_sibling = inner
+                .iter()
+                .enumerate()
+                .any(|(j, refs)| j != i && refs.contains(local.as_str()));
+            // The narrative may be what refers to it (<img src="#id">), as in
+            // the official examples.
+            let from_narrative = obj
+                .get("text")
+                .and_then(|t| t.get("div"))
+                .and_then(Value::as_str)
+                .is_some_and(|div| div.contains(&format!("\"{local}\"")));
+            if !outside.contains(local.as_str())
+                && !from_sibling
+                && !inside.contains("#")
+                && !from_narrative
+            {
+                self.error(
+                    "invariant",
+                    &at.index_path("contained", i),
+                    format!("dom-3: contained resource '{id}' is not referred to from the resource (by #{id}) and does not refer to it (by #)"),
+                );
+            }
+        }
     }
 
     /// The content of a complex value: `obj` described by the children of
@@ -115,14 +302,14 @@ impl<'d> Walk<'d> {
         obj: &Map<String, Value>,
         def: &'d TypeDef,
         element: usize,
-        path: &str,
+        at: &Loc,
         is_resource: bool,
     ) {
         let node = &def.elements[def.content_of(element)];
         if obj.is_empty() || (is_resource && obj.len() == 1) {
             self.error(
                 "structure",
-                path,
+                &at.path,
                 "an element must have content: empty objects are not allowed".to_owned(),
             );
             return;
@@ -140,7 +327,7 @@ impl<'d> Walk<'d> {
             let Some(child) = node.children.get(name) else {
                 self.error(
                     "structure",
-                    &format!("{path}.{key}"),
+                    &at.sub(key),
                     format!(
                         "unknown element '{key}': {} has no such element in FHIR R4 (check the spelling and the FHIR version)",
                         node.path
@@ -155,7 +342,7 @@ impl<'d> Walk<'d> {
                     if other != name {
                         self.error(
                             "structure",
-                            &format!("{path}.{}", el.name),
+                            &at.sub(&el.name),
                             format!(
                                 "{}[x] has two values ('{other}' and '{name}'): a choice element takes exactly one type",
                                 el.name
@@ -165,14 +352,14 @@ impl<'d> Walk<'d> {
                 }
             }
             present.insert(child.element);
-            let child_path = match (el.choice, ty) {
-                (true, Some(ty)) => format!("{path}.{}.ofType({})", el.name, ty.code),
-                _ => format!("{path}.{}", el.name),
+            let child_at = match (el.choice, ty) {
+                (true, Some(ty)) => at.child(&format!("{}.ofType({})", el.name, ty.code), key),
+                _ => at.child(&el.name, key),
             };
             if el.max == super::definitions::Max::Count(0) {
                 self.error(
                     "structure",
-                    &child_path,
+                    &child_at.path,
                     format!("{} is not allowed here (maximum 0)", el.name),
                 );
                 continue;
@@ -184,7 +371,7 @@ impl<'d> Walk<'d> {
                 if primitive.is_none() {
                     self.error(
                         "structure",
-                        &format!("{path}.{key}"),
+                        &at.sub(key),
                         format!("unknown element '{key}': '_' marks extensions of primitive elements, and {name} is not one"),
                     );
                     continue;
@@ -193,28 +380,28 @@ impl<'d> Walk<'d> {
                 self.items(
                     value,
                     el,
-                    &child_path,
+                    &child_at,
                     obj.contains_key(name),
-                    |walk, item, p| {
+                    |walk, item, item_at| {
                         let Some(item_obj) = item.as_object() else {
                             walk.error(
                                 "structure",
-                                p,
+                                &item_at.path,
                                 "the '_' part of a primitive holds an object with id and extension"
                                     .to_owned(),
                             );
                             return;
                         };
                         if let Some(element_def) = element_def {
-                            walk.object(item_obj, element_def, 0, p, false);
+                            walk.object(item_obj, element_def, 0, item_at, false);
                         }
                     },
                 );
                 continue;
             }
             let paired = obj.contains_key(&format!("_{name}"));
-            self.items(value, el, &child_path, paired, |walk, item, p| {
-                walk.value(item, def, child.element, ty, p)
+            self.items(value, el, &child_at, paired, |walk, item, item_at| {
+                walk.value(item, def, child.element, ty, item_at)
             });
             if let (true, Some(values), Some(extensions)) = (
                 el.max.repeats(),
@@ -224,7 +411,7 @@ impl<'d> Walk<'d> {
                 if values.len() != extensions.len() {
                     self.error(
                         "structure",
-                        &child_path,
+                        &child_at.path,
                         format!("'{name}' and '_{name}' must have the same number of items (use null to fill)"),
                     );
                 }
@@ -240,7 +427,7 @@ impl<'d> Walk<'d> {
                 };
                 self.error(
                     "required",
-                    &format!("{path}.{}", el.name),
+                    &at.sub(&el.name),
                     format!(
                         "{shown} is required (minimum cardinality {}) but missing",
                         el.min
@@ -257,15 +444,15 @@ impl<'d> Walk<'d> {
         &mut self,
         value: &Value,
         el: &Element,
-        path: &str,
+        at: &Loc,
         paired: bool,
-        mut each: impl FnMut(&mut Self, &Value, &str),
+        mut each: impl FnMut(&mut Self, &Value, &Loc),
     ) {
         if el.max.repeats() {
             let Some(list) = value.as_array() else {
                 self.error(
                     "structure",
-                    path,
+                    &at.path,
                     format!("{} repeats: send a JSON array, even for one value", el.name),
                 );
                 return;
@@ -273,7 +460,7 @@ impl<'d> Walk<'d> {
             if list.is_empty() {
                 self.error(
                     "structure",
-                    path,
+                    &at.path,
                     format!(
                         "{}: empty arrays are not allowed; leave the element out",
                         el.name
@@ -284,7 +471,7 @@ impl<'d> Walk<'d> {
                 if list.len() > max as usize {
                     self.error(
                         "structure",
-                        path,
+                        &at.path,
                         format!(
                             "{} allows at most {max} values, found {}",
                             el.name,
@@ -294,25 +481,25 @@ impl<'d> Walk<'d> {
                 }
             }
             for (i, item) in list.iter().enumerate() {
-                let item_path = format!("{path}[{i}]");
+                let item_at = at.index(i);
                 if item.is_null() {
                     if !paired {
-                        self.error("structure", &item_path, "null is not a value".to_owned());
+                        self.error("structure", &item_at.path, "null is not a value".to_owned());
                     }
                     continue;
                 }
-                each(self, item, &item_path);
+                each(self, item, &item_at);
             }
         } else if value.is_array() {
             self.error(
                 "structure",
-                path,
+                &at.path,
                 format!("{} takes a single value, not an array", el.name),
             );
         } else if value.is_null() {
-            self.error("structure", path, "null is not a value".to_owned());
+            self.error("structure", &at.path, "null is not a value".to_owned());
         } else {
-            each(self, value, path);
+            each(self, value, at);
         }
     }
 
@@ -323,10 +510,11 @@ impl<'d> Walk<'d> {
         def: &'d TypeDef,
         element: usize,
         ty: Option<&TypeRef>,
-        path: &str,
+        at: &Loc,
     ) {
         let defs = self.defs;
         let el = &def.elements[element];
+        let path = at.path.as_str();
         let type_def = ty.and_then(|t| defs.get(&t.code));
         if let Some(type_def) = type_def {
             match type_def.kind {
@@ -344,7 +532,7 @@ impl<'d> Walk<'d> {
                     return;
                 }
                 Kind::Resource => {
-                    self.resource(item, path);
+                    self.resource(item, at);
                     return;
                 }
                 Kind::Complex => {}
@@ -360,13 +548,34 @@ impl<'d> Walk<'d> {
             return;
         };
         let content = def.content_of(element);
+        // The element's own invariants, then (for a data type) the type's.
+        self.check(
+            at,
+            ty.map(|t| t.code.as_str()),
+            &def.elements[content].constraints,
+        );
         if !def.elements[content].children.is_empty() {
-            self.object(obj, def, content, path, false);
+            self.object(obj, def, content, at, false);
         } else if let Some(type_def) = type_def {
-            self.object(obj, type_def, 0, path, false);
+            self.check(at, Some(&type_def.name), &type_def.elements[0].constraints);
+            self.object(obj, type_def, 0, at, false);
         }
         match (ty.map(|t| t.code.as_str()), &el.required_binding) {
             (Some("Reference"), _) => self.reference(obj, ty, path),
+            (Some("Extension"), _) => {
+                // ext-1: an extension has a value or nested extensions.
+                let has_value = obj
+                    .keys()
+                    .any(|k| k.starts_with("value") || k.starts_with("_value"));
+                let has_nested = obj.contains_key("extension");
+                if has_value == has_nested {
+                    self.error(
+                        "invariant",
+                        path,
+                        "ext-1: an extension has either a value[x] or nested extensions, exactly one of them".to_owned(),
+                    );
+                }
+            }
             (Some("Coding"), Some(vs)) => {
                 if let Some(code) = obj.get("code").and_then(Value::as_str) {
                     let system = obj.get("system").and_then(Value::as_str);
