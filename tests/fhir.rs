@@ -1187,3 +1187,136 @@ fn real_fhir_clients_work_unchanged() {
     );
     assert_eq!(kit["fhir_version"], "4.0.1");
 }
+
+#[test]
+fn profiles_apply_when_claimed_and_by_validate() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let fhir = Fhir::new(&gw, Some("st-mary"));
+    const REFERRAL: &str = "http://konsil.dev/fhir/StructureDefinition/konsil-referral";
+    let referral = json!({"resourceType": "ServiceRequest", "meta": {"profile": [REFERRAL]},
+        "status": "active", "intent": "order",
+        "category": [{"coding": [{"system": "http://konsil.dev/fhir/CodeSystem/referral-type", "code": "second-opinion"}]}],
+        "code": {"coding": [{"system": "http://konsil.dev/fhir/CodeSystem/specialty", "code": "oncology"}]},
+        "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Organization/o1"},
+        "reasonCode": [{"text": "staging of a lung nodule"}]});
+    let created = fhir.create(&referral);
+    assert_eq!(created["meta"]["profile"], json!([REFERRAL]));
+    // Claimed and not met: refused, the element and the profile named.
+    let mut no_requester = referral.clone();
+    no_requester.as_object_mut().unwrap().remove("requester");
+    let refused = fhir.post("/ServiceRequest", &no_requester);
+    assert_eq!(refused.status, 422, "{}", refused.text);
+    let outcome = refused.json();
+    assert_eq!(
+        issues_at(&outcome),
+        vec!["ServiceRequest.requester".to_owned()]
+    );
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains(REFERRAL));
+    // Not claimed: the core rules only, so it is stored.
+    let mut unclaimed = no_requester.clone();
+    unclaimed.as_object_mut().unwrap().remove("meta");
+    assert_eq!(fhir.post("/ServiceRequest", &unclaimed).status, 201);
+    // $validate with the profile as a parameter: 200, every finding.
+    let mut no_reason = unclaimed.clone();
+    no_reason.as_object_mut().unwrap().remove("reasonCode");
+    let checked = fhir.post(
+        &format!("/ServiceRequest/$validate?profile={REFERRAL}"),
+        &no_reason,
+    );
+    assert_eq!(checked.status, 200, "{}", checked.text);
+    let outcome = checked.json();
+    let diagnostics: Vec<&str> = outcome["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["diagnostics"].as_str().unwrap())
+        .collect();
+    assert_eq!(diagnostics.len(), 2, "{outcome}");
+    assert!(diagnostics
+        .iter()
+        .any(|d| d.contains("requester is required")));
+    assert!(diagnostics.iter().any(|d| d.starts_with("konsil-ref-2")));
+    // $validate as Parameters, and a valid resource: "All OK".
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": referral},
+        {"name": "profile", "valueUri": REFERRAL}]});
+    let ok = fhir.post("/ServiceRequest/$validate", &params).json();
+    assert_eq!(ok["issue"][0]["severity"], "information", "{ok}");
+    // Nothing stored by $validate.
+    assert_eq!(
+        fhir.get("/ServiceRequest?_summary=count").json()["total"],
+        2
+    );
+    // An unknown profile is a warning, not a refusal.
+    let mut unknown = referral.clone();
+    unknown["meta"]["profile"] = json!(["http://example.org/StructureDefinition/other"]);
+    let kept = fhir.send(
+        fhir.client
+            .post(fhir.url("/ServiceRequest"))
+            .header("Content-Type", "application/fhir+json")
+            .header("Prefer", "return=OperationOutcome")
+            .body(unknown.to_string()),
+    );
+    assert_eq!(kept.status, 201);
+    assert_eq!(kept.json()["issue"][0]["severity"], "warning");
+    // The CapabilityStatement lists the profile and the operation.
+    let cs = fhir.get("/metadata").json();
+    let sr = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "ServiceRequest")
+        .unwrap()
+        .clone();
+    assert_eq!(sr["supportedProfile"], json!([REFERRAL]));
+    assert_eq!(sr["operation"][0]["name"], "validate");
+    fhir.validate_returned();
+}
+
+/// profiles/ is what the conformance/fhir scripts make from their sources:
+/// regenerating gives the committed bytes.
+#[test]
+fn committed_profiles_are_reproducible() {
+    let out = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let r4 = Command::new("python3")
+        .arg(root.join("conformance/fhir/extract_r4_profiles.py"))
+        .args(["--package", examples_dir().to_str().unwrap(), "--out"])
+        .arg(out.path().join("r4"))
+        .output()
+        .expect("python3");
+    assert!(r4.status.success(), "{}", stderr(&r4));
+    let ours = Command::new("node")
+        .arg(root.join("conformance/fhir/build_profiles.mjs"))
+        .env("KONSIL_NODE_MODULES", node_modules())
+        .env("KONSIL_FHIR_R4_PACKAGE", examples_dir())
+        .env("KONSIL_PROFILES_OUT", out.path().join("konsil"))
+        .output()
+        .expect("node");
+    assert!(ours.status.success(), "{}", stderr(&ours));
+    for dir in ["r4", "konsil"] {
+        let mut names: Vec<_> = std::fs::read_dir(root.join("profiles").join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        let mut made: Vec<_> = std::fs::read_dir(out.path().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        made.sort();
+        assert_eq!(names, made, "profiles/{dir}");
+        for name in names {
+            let committed = std::fs::read(root.join("profiles").join(dir).join(&name)).unwrap();
+            let regenerated = std::fs::read(out.path().join(dir).join(&name)).unwrap();
+            assert!(
+                committed == regenerated,
+                "profiles/{dir}/{name:?} differs from what the script makes"
+            );
+        }
+    }
+}

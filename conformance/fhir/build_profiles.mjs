@@ -19,7 +19,7 @@ const require = createRequire(path.resolve(process.env.KONSIL_NODE_MODULES ?? pa
 const { Fhir } = require('fhir');
 
 const src = path.join(here, 'profiles-src');
-const out = path.join(root, 'profiles', 'konsil');
+const out = process.env.KONSIL_PROFILES_OUT ?? path.join(root, 'profiles', 'konsil');
 mkdirSync(out, { recursive: true });
 
 const resources = readdirSync(src)
@@ -46,6 +46,20 @@ for (const sd of profiles) {
   fhir.parser.parseStructureDefinition(JSON.parse(readFileSync(path.join(r4, `StructureDefinition-${base}.json`), 'utf8')));
 }
 fhir.generateSnapshot({ resourceType: 'Bundle', type: 'collection', entry: profiles.map((resource) => ({ resource })) });
+// FHIR.js 4.12 leaves two things of the differential out of the snapshot:
+// `binding` (its merge does not carry it) and the root element (it skips the
+// element whose path is the type, so the profile's own invariants are lost).
+// Both are put in here, as the differential says.
+for (const sd of profiles) {
+  for (const diff of sd.differential.element) {
+    const snap = sd.snapshot.element.find((e) => e.path === diff.path && !e.sliceName);
+    if (!snap) throw new Error(`${sd.url}: ${diff.path} missing from the snapshot`);
+    if (diff.binding) snap.binding = diff.binding;
+    for (const c of diff.constraint ?? []) {
+      snap.constraint = (snap.constraint ?? []).filter((x) => x.key !== c.key).concat([c]);
+    }
+  }
+}
 
 for (const r of resources) {
   if (r.resourceType === 'ValueSet') {
@@ -64,4 +78,4 @@ for (const r of resources) {
   }
   writeFileSync(path.join(out, `${r.resourceType}-${r.id}.json`), JSON.stringify(r, null, 2) + '\n');
 }
-process.stderr.write(`${resources.length} resources written to profiles/konsil/\n`);
+process.stderr.write(`${resources.length} resources written to ${out}\n`);

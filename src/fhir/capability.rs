@@ -86,6 +86,19 @@ fn resource_entry(resource_type: &str) -> Value {
         "conditionalDelete": "not-supported",
         "searchParam": search_params,
     });
+    entry["operation"] = json!([{
+        "name": "validate",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+        "documentation": "Checks a resource against the R4 core definitions (structure, required codes, invariants) and the profiles it claims or the 'profile' parameter names; nothing is stored.",
+    }]);
+    let supported: Vec<&str> = super::profiles::all()
+        .values()
+        .filter(|p| p.resource_type == resource_type)
+        .map(|p| p.url.as_str())
+        .collect();
+    if !supported.is_empty() {
+        entry["supportedProfile"] = json!(supported);
+    }
     if !includes.is_empty() {
         entry["searchInclude"] = json!(includes);
     }

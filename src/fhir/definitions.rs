@@ -197,8 +197,12 @@ impl Definitions {
             types.insert(def.name.clone(), def);
         }
         let vs: Value = serde_json::from_str(REQUIRED_VALUE_SETS)?;
+        let ours = super::profiles::VALUE_SETS
+            .iter()
+            .map(|text| serde_json::from_str::<Value>(text))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut value_sets = HashMap::new();
-        for set in entries(&vs)? {
+        for set in entries(&vs)?.chain(ours.iter()) {
             let url = str_of(set, "url")?;
             let codes = match set.get("expansion") {
                 None => Codes::Open,

@@ -11,6 +11,7 @@ mod capability;
 pub mod definitions;
 mod invariants;
 pub mod outcome;
+pub mod profiles;
 mod rest;
 pub mod search;
 mod subset;
@@ -46,6 +47,7 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/fhir/_history", get(rest::history_system))
         .route("/fhir/{type}", get(rest::search_get).post(rest::create))
         .route("/fhir/{type}/_search", post(rest::search_post))
+        .route("/fhir/{type}/$validate", post(rest::validate_operation))
         .route("/fhir/{type}/_history", get(rest::history_type))
         .route(
             "/fhir/{type}/{id}",

@@ -201,11 +201,46 @@ pub fn now() -> (String, i64) {
 /// Validate a resource for storage: errors reject it (422 with every
 /// finding); warnings come back to go into the answer.
 pub async fn check_valid(resource_type: &str, value: &Value) -> Result<Vec<Issue>, FhirError> {
-    let issues = validate_full(Definitions::core(), value, Some(resource_type)).await;
+    let issues = validation(resource_type, value, &[]).await;
     if issues.iter().any(Issue::is_error) {
         return Err(FhirError::unprocessable(issues));
     }
     Ok(issues)
+}
+
+/// Every finding about `value`: the core definitions, then each profile it
+/// claims in `meta.profile` and each one in `also` (for `$validate`).
+pub async fn validation(resource_type: &str, value: &Value, also: &[String]) -> Vec<Issue> {
+    let mut issues = validate_full(Definitions::core(), value, Some(resource_type)).await;
+    if issues.iter().any(Issue::is_error) {
+        return issues;
+    }
+    let claimed = value
+        .get("meta")
+        .and_then(|m| m.get("profile"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|p| p.split('|').next().unwrap_or(p).to_owned());
+    let mut urls: Vec<String> = claimed.chain(also.iter().cloned()).collect();
+    urls.dedup();
+    for url in urls {
+        if url == format!("http://hl7.org/fhir/StructureDefinition/{resource_type}") {
+            continue;
+        }
+        match super::profiles::all().get(&url) {
+            Some(profile) => issues.extend(super::profiles::check(profile, value).await),
+            None => issues.push(
+                Issue::warning(
+                    "not-supported",
+                    format!("profile {url} is not known to this server: checked against the core definitions only"),
+                )
+                .at(format!("{resource_type}.meta.profile")),
+            ),
+        }
+    }
+    issues
 }
 
 /// Put the server's `id` and `meta.versionId` / `meta.lastUpdated` into the
@@ -628,6 +663,68 @@ pub async fn create(
                 &ctx,
                 &written,
                 written.status == StatusCode::CREATED,
+            ))
+        }
+        .await,
+    )
+}
+
+/// `POST /fhir/{type}/$validate`: the resource (or a Parameters with
+/// `resource` and `profile`), checked against the core definitions, the
+/// profiles it claims and those asked for (`profile`), nothing stored.
+/// Always 200 with an OperationOutcome of every finding, unless the request
+/// itself is unusable.
+pub async fn validate_operation(
+    State(app): State<Arc<App>>,
+    Path(resource_type): Path<String>,
+    who: Result<Caller, CallerError>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    reply(
+        async {
+            check_type(&resource_type)?;
+            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
+            require_json_body(&headers, &[])?;
+            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let value = parse_json(&collect(&ctx, body).await?)?;
+            let mut profiles: Vec<String> =
+                form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+                    .filter(|(k, _)| k == "profile")
+                    .map(|(_, v)| v.into_owned())
+                    .collect();
+            let resource = if value.get("resourceType").and_then(Value::as_str)
+                == Some("Parameters")
+            {
+                let mut resource = None;
+                for p in value
+                    .get("parameter")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    match p.get("name").and_then(Value::as_str) {
+                        Some("resource") => resource = p.get("resource").cloned(),
+                        Some("profile") => profiles.extend(
+                            ["valueUri", "valueCanonical"]
+                                .iter()
+                                .filter_map(|k| p.get(*k).and_then(Value::as_str))
+                                .map(str::to_owned),
+                        ),
+                        _ => {}
+                    }
+                }
+                resource.ok_or_else(|| {
+                    FhirError::bad_request("$validate with Parameters needs a 'resource' parameter")
+                })?
+            } else {
+                value
+            };
+            let issues = validation(&resource_type, &resource, &profiles).await;
+            Ok(json_response(
+                StatusCode::OK,
+                operation_outcome(&issues).to_string(),
             ))
         }
         .await,
