@@ -409,11 +409,14 @@ mod tests {
             "reasonCode": [{"text": "second look at staging"}]})
     }
 
+    /// One defect: what it is, how to make it, where it is reported.
+    type Case = (&'static str, Box<dyn Fn(&mut Value)>, &'static str);
+
     #[tokio::test]
     async fn the_referral_profile_checks_what_it_adds() {
         let profile = &all()["http://konsil.dev/fhir/StructureDefinition/konsil-referral"];
         assert_eq!(check(profile, &referral()).await, vec![]);
-        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "no requester",
                 Box::new(|r| {
