@@ -853,6 +853,7 @@ fn search_parameters_includes_and_stable_paging() {
     // Strings: prefix, case- and accent-sensitive as stored, :exact, :contains.
     assert_eq!(ids("/Patient?name=mül"), vec![pid.clone()]);
     assert_eq!(ids("/Patient?family:exact=Müller"), vec![pid.clone()]);
+    assert_eq!(ids("/Patient?family:exact=müller"), Vec::<String>::new());
     assert_eq!(ids("/Patient?given:contains=nn"), vec![pid.clone()]);
     assert_eq!(ids("/Patient?birthdate=1961"), vec![pid.clone()]);
     assert_eq!(

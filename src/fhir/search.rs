@@ -318,8 +318,8 @@ fn tokens_of(v: &Value, key: &str, out: &mut Vec<(String, String, String)>) {
     }
 }
 
-fn strings_of(v: &Value, key: &str, out: &mut Vec<(String, String)>) {
-    let mut push = |s: &str| out.push((key.to_owned(), normalise_text(s)));
+fn strings_of(v: &Value, key: &str, out: &mut Vec<(String, String, String)>) {
+    let mut push = |s: &str| out.push((key.to_owned(), normalise_text(s), s.to_owned()));
     match v {
         Value::String(s) => push(s),
         Value::Object(o) => {
@@ -573,7 +573,17 @@ pub fn parse_param(resource: &str, raw_name: &str, value: &str) -> Result<Option
                     )))
                 }
             },
-            values: values.iter().map(|v| normalise_text(v)).collect(),
+            // `:exact` compares the text as written, the others lower-cased.
+            values: values
+                .iter()
+                .map(|v| {
+                    if modifier == Some("exact") {
+                        (*v).to_owned()
+                    } else {
+                        normalise_text(v)
+                    }
+                })
+                .collect(),
         },
     }))
 }

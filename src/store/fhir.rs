@@ -39,8 +39,9 @@ pub struct IndexEntries {
     pub references: Vec<(String, String)>,
     /// (param, low ms, high ms), both inclusive.
     pub dates: Vec<(String, i64, i64)>,
-    /// (param, normalised text): lower case, for prefix and exact match.
-    pub strings: Vec<(String, String)>,
+    /// (param, lower-cased text for prefix and contains, text as written
+    /// for `:exact`).
+    pub strings: Vec<(String, String, String)>,
 }
 
 /// A new version to write.

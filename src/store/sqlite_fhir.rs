@@ -234,7 +234,7 @@ fn push_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, q: &'a ResourceQuery) {
                 push_index_clause(qb, "fhir_string", param, driver, |qb| {
                     push_or(qb, values, |qb, v| match mode {
                         StringMatch::Exact => {
-                            qb.push("x.value = ");
+                            qb.push("x.exact = ");
                             qb.push_bind(v.clone());
                         }
                         StringMatch::Prefix => {
@@ -598,9 +598,12 @@ impl ResourceTx for SqliteResourceTx {
         }
         for chunk in ix.strings.chunks(300) {
             let mut qb =
-                QueryBuilder::<Sqlite>::new("INSERT INTO fhir_string (rid, param, value) ");
-            qb.push_values(chunk, |mut b, (param, value)| {
-                b.push_bind(rid).push_bind(param).push_bind(value);
+                QueryBuilder::<Sqlite>::new("INSERT INTO fhir_string (rid, param, value, exact) ");
+            qb.push_values(chunk, |mut b, (param, value, exact)| {
+                b.push_bind(rid)
+                    .push_bind(param)
+                    .push_bind(value)
+                    .push_bind(exact);
             });
             qb.build().execute(&mut *self.tx).await?;
         }
