@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "fhir resources",
         include_str!("migrations/0003_fhir.sql"),
     ),
+    (
+        4,
+        "fhir exact string search",
+        include_str!("migrations/0004_fhir_exact.sql"),
+    ),
 ];
 
 /// The index in a SQLite file.
