@@ -680,6 +680,55 @@ fn versions_etags_history_patch_and_delete() {
     assert_eq!(again.status, 200, "{}", again.text);
     assert_eq!(again.json()["id"], json!(id));
 
+    // Conditional update: none matches → created; one → updated; several → 412.
+    let cond = |method: reqwest::Method, query: &str, body: Option<Value>| {
+        let mut r = fhir
+            .client
+            .request(method, fhir.url(&format!("/Task?{query}")));
+        if let Some(body) = body {
+            r = r
+                .header("Content-Type", "application/fhir+json")
+                .body(body.to_string());
+        }
+        fhir.send(r)
+    };
+    let by_identifier = json!({"resourceType": "Task", "status": "draft", "intent": "order",
+        "identifier": [{"system": "urn:t", "value": "cond"}]});
+    let made = cond(
+        reqwest::Method::PUT,
+        "identifier=urn:t|cond",
+        Some(by_identifier.clone()),
+    );
+    assert_eq!(made.status, 201, "{}", made.text);
+    let cond_id = made.json()["id"].as_str().unwrap().to_owned();
+    let mut ready = by_identifier.clone();
+    ready["status"] = json!("ready");
+    let changed = cond(reqwest::Method::PUT, "identifier=urn:t|cond", Some(ready));
+    assert_eq!(changed.status, 200, "{}", changed.text);
+    assert_eq!(changed.json()["id"], json!(cond_id));
+    assert_eq!(changed.json()["meta"]["versionId"], "2");
+    let several = cond(
+        reqwest::Method::PUT,
+        "intent=order",
+        Some(by_identifier.clone()),
+    );
+    assert_eq!(several.status, 412, "{}", several.text);
+    assert_eq!(
+        cond(reqwest::Method::PUT, "", Some(by_identifier)).status,
+        400
+    );
+    assert_eq!(
+        cond(reqwest::Method::DELETE, "intent=order", None).status,
+        412
+    );
+    let gone_now = cond(reqwest::Method::DELETE, "identifier=urn:t|cond", None);
+    assert_eq!(gone_now.status, 204);
+    assert_eq!(fhir.get(&format!("/Task/{cond_id}")).status, 410);
+    assert_eq!(
+        cond(reqwest::Method::DELETE, "identifier=urn:t|cond", None).status,
+        204
+    );
+
     // Prefer.
     let minimal = fhir.send(
         fhir.client
@@ -731,7 +780,8 @@ fn versions_etags_history_patch_and_delete() {
     // Each interaction is counted.
     let (_, metrics) = gw.get("/metrics");
     for line in [
-        "konsil_fhir_requests_total{interaction=\"read\",type=\"Task\",status=\"410\"} 1",
+        "konsil_fhir_requests_total{interaction=\"read\",type=\"Task\",status=\"410\"} 2",
+        "konsil_fhir_requests_total{interaction=\"conditional-update\",type=\"Task\",status=\"412\"} 1",
         "konsil_fhir_requests_total{interaction=\"update\",type=\"Task\",status=\"412\"} 1",
         "konsil_fhir_requests_total{interaction=\"vread\",type=\"Task\",status=\"404\"} 1",
     ] {

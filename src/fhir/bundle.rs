@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 
 use super::outcome::{operation_outcome, Issue};
 use super::rest::{
-    self, caller, check_type, create_in, delete_in, json_response, matching, patch_in, update_in,
-    Ctx, Return, Written,
+    self, caller, check_type, conditional_target, create_in, delete_in, json_response, matching,
+    patch_in, update_in, Ctx, Return, Written,
 };
 use super::{negotiate, parse_json, require_json_body, FhirError};
 use crate::app::App;
@@ -266,64 +266,15 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
     let mut mapping: HashMap<String, String> = HashMap::new();
     for entry in &entries {
         let resource_type = entry_type(entry)?;
-        let (_, url_id, query) = split_url(&entry.url);
-        let id = match entry.method {
-            Method::Post => {
-                let mut id = None;
-                if let Some(condition) = &entry.if_none_exist {
-                    let found = matching(tx.as_mut(), ctx, resource_type, condition)
-                        .await
-                        .map_err(|e| at_entry(e, entry))?;
-                    match found.as_slice() {
-                        [] => {}
-                        [one] => {
-                            matched.insert(entry.index, true);
-                            id = Some(one.id.clone());
-                        }
-                        _ => {
-                            return Err(at_entry(
-                                FhirError::precondition(format!(
-                                "ifNoneExist '{condition}' matches more than one {resource_type}"
-                            )),
-                                entry,
-                            ))
-                        }
-                    }
-                }
-                id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-            }
-            Method::Put | Method::Patch | Method::Delete => match (url_id, query) {
-                (Some(id), _) => id.to_owned(),
-                (None, Some(condition)) => {
-                    let found = matching(tx.as_mut(), ctx, resource_type, condition)
-                        .await
-                        .map_err(|e| at_entry(e, entry))?;
-                    match found.as_slice() {
-                        [] if entry.method == Method::Put => uuid::Uuid::new_v4().to_string(),
-                        [] => String::new(),
-                        [one] => one.id.clone(),
-                        _ => {
-                            return Err(at_entry(
-                                FhirError::precondition(format!(
-                                    "condition '{condition}' matches more than one {resource_type}"
-                                )),
-                                entry,
-                            ))
-                        }
-                    }
-                }
-                (None, None) => {
-                    return Err(at_entry(
-                        FhirError::bad_request(format!(
-                            "{:?} needs Type/id or Type?condition in request.url",
-                            entry.method
-                        )),
-                        entry,
-                    ))
-                }
-            },
-            Method::Get => continue,
-        };
+        if entry.method == Method::Get {
+            continue;
+        }
+        let (id, found) = plan_write(tx.as_mut(), ctx, entry, resource_type)
+            .await
+            .map_err(|e| at_entry(e, entry))?;
+        if found {
+            matched.insert(entry.index, true);
+        }
         if let Some(full) = &entry.full_url {
             if !id.is_empty() {
                 let to = format!("{resource_type}/{id}");
@@ -396,6 +347,41 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         }
     }
     Ok(answer(ctx, "transaction-response", &entries, results))
+}
+
+/// The id a write entry acts on, and whether a POST's `ifNoneExist` found
+/// it already there. An empty id: a conditional DELETE or PATCH that matched
+/// nothing.
+async fn plan_write(
+    tx: &mut dyn ResourceTx,
+    ctx: &Ctx,
+    entry: &Entry,
+    resource_type: &str,
+) -> Result<(String, bool), FhirError> {
+    let (_, url_id, query) = split_url(&entry.url);
+    let new_id = || uuid::Uuid::new_v4().to_string();
+    Ok(match (entry.method, url_id, query) {
+        (Method::Post, _, _) => match &entry.if_none_exist {
+            Some(condition) => match conditional_target(tx, ctx, resource_type, condition).await? {
+                Some(existing) => (existing, true),
+                None => (new_id(), false),
+            },
+            None => (new_id(), false),
+        },
+        (_, Some(id), _) => (id.to_owned(), false),
+        (method, None, Some(condition)) => {
+            match conditional_target(tx, ctx, resource_type, condition).await? {
+                Some(id) => (id, false),
+                None if method == Method::Put => (new_id(), false),
+                None => (String::new(), false),
+            }
+        }
+        (method, None, None) => {
+            return Err(FhirError::bad_request(format!(
+                "{method:?} needs Type/id or Type?condition in request.url"
+            )))
+        }
+    })
 }
 
 /// One write of a transaction or batch.
@@ -547,46 +533,8 @@ async fn run_batch(ctx: &Ctx, entries: Vec<Entry>) -> Response {
 
 async fn batch_write(ctx: &Ctx, entry: &Entry) -> Result<EntryResult, FhirError> {
     let resource_type = entry_type(entry)?;
-    let (_, url_id, query) = split_url(&entry.url);
     let mut tx = ctx.app.resources.begin().await?;
-    let (id, matched) = match (entry.method, url_id, query) {
-        (Method::Post, _, _) => match &entry.if_none_exist {
-            Some(condition) => match matching(tx.as_mut(), ctx, resource_type, condition)
-                .await?
-                .as_slice()
-            {
-                [] => (uuid::Uuid::new_v4().to_string(), false),
-                [one] => (one.id.clone(), true),
-                _ => {
-                    return Err(FhirError::precondition(format!(
-                        "ifNoneExist '{condition}' matches more than one {resource_type}"
-                    )))
-                }
-            },
-            None => (uuid::Uuid::new_v4().to_string(), false),
-        },
-        (_, Some(id), _) => (id.to_owned(), false),
-        (method, None, Some(condition)) => {
-            match matching(tx.as_mut(), ctx, resource_type, condition)
-                .await?
-                .as_slice()
-            {
-                [] if method == Method::Put => (uuid::Uuid::new_v4().to_string(), false),
-                [] => (String::new(), false),
-                [one] => (one.id.clone(), false),
-                _ => {
-                    return Err(FhirError::precondition(format!(
-                        "condition '{condition}' matches more than one {resource_type}"
-                    )))
-                }
-            }
-        }
-        (_, None, None) => {
-            return Err(FhirError::bad_request(
-                "request.url needs Type/id or Type?condition",
-            ))
-        }
-    };
+    let (id, matched) = plan_write(tx.as_mut(), ctx, entry, resource_type).await?;
     let result = write_entry(tx.as_mut(), ctx, entry, resource_type, id, matched).await?;
     tx.commit().await?;
     Ok(result)

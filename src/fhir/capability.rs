@@ -82,8 +82,8 @@ fn resource_entry(resource_type: &str) -> Value {
         "updateCreate": !read_only(resource_type),
         "conditionalCreate": !read_only(resource_type),
         "conditionalRead": "not-supported",
-        "conditionalUpdate": false,
-        "conditionalDelete": "not-supported",
+        "conditionalUpdate": !read_only(resource_type),
+        "conditionalDelete": if read_only(resource_type) { "not-supported" } else { "single" },
         "searchParam": search_params,
     });
     entry["operation"] = json!([{

@@ -45,7 +45,13 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         // Clients that keep the base with a trailing slash post there.
         .route("/fhir/", post(bundle::transaction_or_batch))
         .route("/fhir/_history", get(rest::history_system))
-        .route("/fhir/{type}", get(rest::search_get).post(rest::create))
+        .route(
+            "/fhir/{type}",
+            get(rest::search_get)
+                .post(rest::create)
+                .put(rest::conditional_update)
+                .delete(rest::conditional_delete),
+        )
         .route("/fhir/{type}/_search", post(rest::search_post))
         .route("/fhir/{type}/$validate", post(rest::validate_operation))
         .route("/fhir/{type}/_history", get(rest::history_type))
@@ -90,6 +96,8 @@ async fn count_request(
         (_, "/fhir/_history") => "history-system",
         ("GET", "/fhir/{type}") | ("POST", "/fhir/{type}/_search") => "search-type",
         ("POST", "/fhir/{type}") => "create",
+        ("PUT", "/fhir/{type}") => "conditional-update",
+        ("DELETE", "/fhir/{type}") => "conditional-delete",
         (_, "/fhir/{type}/_history") => "history-type",
         ("GET", "/fhir/{type}/{id}") => "read",
         ("PUT", "/fhir/{type}/{id}") => "update",

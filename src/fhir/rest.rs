@@ -329,6 +329,24 @@ pub async fn matching(
     Ok(page.resources)
 }
 
+/// The resource a conditional update or delete selects: its id for one
+/// match, `None` for none; several matches are 412.
+pub async fn conditional_target(
+    tx: &mut dyn ResourceTx,
+    ctx: &Ctx,
+    resource_type: &str,
+    condition: &str,
+) -> Result<Option<String>, FhirError> {
+    let found = matching(tx, ctx, resource_type, condition).await?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.id.clone())),
+        _ => Err(FhirError::precondition(format!(
+            "condition '{condition}' matches more than one {resource_type}: make it more specific"
+        ))),
+    }
+}
+
 /// Create (`POST`), optionally conditional (`If-None-Exist`). `id`: an id
 /// already assigned (a transaction's `urn:uuid:` entries); else a new one.
 pub async fn create_in(
@@ -814,6 +832,97 @@ pub async fn update(
         }
         .await,
     )
+}
+
+/// Conditional update, `PUT /fhir/{type}?search`: updates the one match,
+/// creates when there is none (under the body's id, if it has one).
+pub async fn conditional_update(
+    State(app): State<Arc<App>>,
+    Path(resource_type): Path<String>,
+    who: Result<Caller, CallerError>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    reply(
+        async {
+            check_type(&resource_type)?;
+            let condition = search_condition(query.as_deref(), "PUT")?;
+            negotiate(&headers, None)?;
+            require_json_body(&headers, &[])?;
+            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let mut value = parse_json(&collect(&ctx, body).await?)?;
+            let mut tx = ctx.app.resources.begin().await?;
+            let body_id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+            let id = match (conditional_target(tx.as_mut(), &ctx, &resource_type, &condition).await?, body_id) {
+                (Some(target), Some(body_id)) if target != body_id => {
+                    return Err(FhirError::bad_request(format!(
+                        "the condition selects {resource_type}/{target}, but the body's id is {body_id}"
+                    )))
+                }
+                (Some(target), _) => target,
+                (None, Some(body_id)) => body_id,
+                (None, None) => uuid::Uuid::new_v4().to_string(),
+            };
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("id".to_owned(), Value::String(id.clone()));
+            }
+            let written = update_in(
+                tx.as_mut(),
+                &ctx,
+                &resource_type,
+                &id,
+                value,
+                header_str(&headers, "if-match"),
+                "PUT",
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(resource_response(&ctx, &written, true))
+        }
+        .await,
+    )
+}
+
+/// Conditional delete, `DELETE /fhir/{type}?search`: deletes the one
+/// match; none is success; several are 412.
+pub async fn conditional_delete(
+    State(app): State<Arc<App>>,
+    Path(resource_type): Path<String>,
+    who: Result<Caller, CallerError>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    reply(
+        async {
+            check_type(&resource_type)?;
+            let condition = search_condition(query.as_deref(), "DELETE")?;
+            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let mut tx = ctx.app.resources.begin().await?;
+            if let Some(id) =
+                conditional_target(tx.as_mut(), &ctx, &resource_type, &condition).await?
+            {
+                delete_in(tx.as_mut(), &ctx, &resource_type, &id).await?;
+            }
+            tx.commit().await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
+
+/// The search part of a conditional request, without `_format`.
+fn search_condition(query: Option<&str>, method: &str) -> Result<String, FhirError> {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .filter(|(k, _)| k != "_format")
+        .collect();
+    if pairs.is_empty() {
+        return Err(FhirError::bad_request(format!(
+            "{method} on a type needs search parameters (a conditional {method}); to address one resource use {method} /fhir/Type/id"
+        )));
+    }
+    Ok(encode_query(&pairs))
 }
 
 pub async fn patch(
