@@ -14,24 +14,7 @@ use reqwest::blocking::{Client, RequestBuilder};
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
-const SUPPORTED: &[&str] = &[
-    "AuditEvent",
-    "Binary",
-    "Communication",
-    "Consent",
-    "DiagnosticReport",
-    "DocumentReference",
-    "Endpoint",
-    "ImagingStudy",
-    "List",
-    "Organization",
-    "Patient",
-    "Practitioner",
-    "PractitionerRole",
-    "ServiceRequest",
-    "Subscription",
-    "Task",
-];
+use konsil::fhir::SUPPORTED;
 
 /// The unpacked hl7.fhir.r4.examples@4.0.1 package (tests/run installs it).
 fn examples_dir() -> PathBuf {

@@ -657,9 +657,7 @@ pub async fn create(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
-            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), false)?;
             if resource_type == "Binary" && require_json_body(&headers, &[]).is_err() {
                 return create_raw_binary(&ctx, &headers, body).await;
             }
@@ -702,10 +700,7 @@ pub async fn validate_operation(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
-            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
-            require_json_body(&headers, &[])?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
             let value = parse_json(&collect(&ctx, body).await?)?;
             let mut profiles: Vec<String> =
                 form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
@@ -810,28 +805,55 @@ pub async fn update(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
-            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
-            require_json_body(&headers, &[])?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
-            let body = collect(&ctx, body).await?;
-            let value = parse_json(&body)?;
-            let mut tx = ctx.app.resources.begin().await?;
-            let written = update_in(
-                tx.as_mut(),
-                &ctx,
-                &resource_type,
-                &id,
-                value,
-                header_str(&headers, "if-match"),
-                "PUT",
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(resource_response(&ctx, &written, true))
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
+            let value = parse_json(&collect(&ctx, body).await?)?;
+            let tx = ctx.app.resources.begin().await?;
+            put(tx, &ctx, &headers, &resource_type, &id, value).await
         }
         .await,
     )
+}
+
+/// The checks every request on a resource type starts with (served type,
+/// JSON answer, JSON body when `json_body`), and its context.
+fn open_request(
+    app: Arc<App>,
+    who: Result<Caller, CallerError>,
+    resource_type: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    json_body: bool,
+) -> Result<Ctx, FhirError> {
+    check_type(resource_type)?;
+    negotiate(headers, query_format(query).as_deref())?;
+    if json_body {
+        require_json_body(headers, &[])?;
+    }
+    Ok(Ctx::new(app, caller(who)?, headers))
+}
+
+/// Update `resource_type/id` to `value` in `tx` (honouring `If-Match`),
+/// commit, and answer.
+async fn put(
+    mut tx: Box<dyn ResourceTx>,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    resource_type: &str,
+    id: &str,
+    value: Value,
+) -> Result<Response, FhirError> {
+    let written = update_in(
+        tx.as_mut(),
+        ctx,
+        resource_type,
+        id,
+        value,
+        header_str(headers, "if-match"),
+        "PUT",
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(resource_response(ctx, &written, true))
 }
 
 /// Conditional update, `PUT /fhir/{type}?search`: updates the one match,
@@ -846,11 +868,8 @@ pub async fn conditional_update(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
             let condition = search_condition(query.as_deref(), "PUT")?;
-            negotiate(&headers, None)?;
-            require_json_body(&headers, &[])?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
             let mut value = parse_json(&collect(&ctx, body).await?)?;
             let mut tx = ctx.app.resources.begin().await?;
             let body_id = value.get("id").and_then(Value::as_str).map(str::to_owned);
@@ -867,18 +886,7 @@ pub async fn conditional_update(
             if let Some(obj) = value.as_object_mut() {
                 obj.insert("id".to_owned(), Value::String(id.clone()));
             }
-            let written = update_in(
-                tx.as_mut(),
-                &ctx,
-                &resource_type,
-                &id,
-                value,
-                header_str(&headers, "if-match"),
-                "PUT",
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(resource_response(&ctx, &written, true))
+            put(tx, &ctx, &headers, &resource_type, &id, value).await
         }
         .await,
     )
@@ -895,9 +903,8 @@ pub async fn conditional_delete(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
             let condition = search_condition(query.as_deref(), "DELETE")?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), false)?;
             let mut tx = ctx.app.resources.begin().await?;
             if let Some(id) =
                 conditional_target(tx.as_mut(), &ctx, &resource_type, &condition).await?
@@ -1055,9 +1062,7 @@ pub async fn read(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
-            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), false)?;
             check_id(&id)?;
             let stored = ctx
                 .app
@@ -1136,9 +1141,7 @@ pub async fn vread(
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
-            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), false)?;
             check_id(&id)?;
             let not_found = || {
                 FhirError::new(

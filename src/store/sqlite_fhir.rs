@@ -120,6 +120,22 @@ fn push_or<T>(
     qb.push(")");
 }
 
+/// `AND r.partner IN (...)` when the caller sees only some partners.
+fn push_partners<'a>(qb: &mut QueryBuilder<'a, Sqlite>, partners: Option<&'a [PartnerId]>) {
+    let Some(partners) = partners else {
+        return;
+    };
+    qb.push(" AND r.partner IN (");
+    let mut list = qb.separated(", ");
+    for p in partners {
+        list.push_bind(p.as_str());
+    }
+    if partners.is_empty() {
+        list.push("NULL");
+    }
+    qb.push(")");
+}
+
 /// How likely a clause is to narrow the search, lowest first: the first
 /// index clause drives the query (`rid IN (...)`), the others are checked
 /// per candidate (`EXISTS`).
@@ -173,17 +189,7 @@ fn push_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, q: &'a ResourceQuery) {
     });
     qb.push_bind(q.resource_type.as_str());
     qb.push(" AND r.deleted = 0");
-    if let Some(partners) = &q.partners {
-        qb.push(" AND r.partner IN (");
-        let mut list = qb.separated(", ");
-        for p in partners {
-            list.push_bind(p.as_str());
-        }
-        if partners.is_empty() {
-            list.push("NULL");
-        }
-        qb.push(")");
-    }
+    push_partners(qb, q.partners.as_deref());
     for (n, clause) in clauses.into_iter().enumerate() {
         let driver = driven && n == 0;
         qb.push(" AND ");
@@ -435,17 +441,7 @@ impl ResourceStore for SqliteStore {
             qb.push(" AND r.id = ");
             qb.push_bind(id.as_str());
         }
-        if let Some(partners) = &q.partners {
-            qb.push(" AND r.partner IN (");
-            let mut list = qb.separated(", ");
-            for p in partners {
-                list.push_bind(p.as_str());
-            }
-            if partners.is_empty() {
-                list.push("NULL");
-            }
-            qb.push(")");
-        }
+        push_partners(&mut qb, q.partners.as_deref());
         if let Some(since) = q.since_ms {
             qb.push(" AND h.updated_ms >= ");
             qb.push_bind(since);
