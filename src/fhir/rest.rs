@@ -1071,16 +1071,9 @@ pub async fn read(
                 .await?
                 .filter(|s| ctx.may_see(s))
                 .ok_or_else(|| FhirError::not_found(&resource_type, &id))?;
-            if stored.body.is_none() {
-                return Err(gone(&resource_type, &id));
-            }
-            if resource_type == "Binary"
-                && !binary::wants_resource(&headers, query_format(query.as_deref()).as_deref())
-            {
-                return binary::raw_response(&ctx.app, &stored);
-            }
-            if header_str(&headers, "if-none-match")
-                .is_some_and(|tag| tag.split(',').any(|t| t.trim() == etag(stored.version)))
+            if stored.body.is_some()
+                && header_str(&headers, "if-none-match")
+                    .is_some_and(|tag| tag.split(',').any(|t| t.trim() == etag(stored.version)))
             {
                 let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
                 if let Ok(v) = HeaderValue::from_str(&etag(stored.version)) {
@@ -1088,31 +1081,49 @@ pub async fn read(
                 }
                 return Ok(not_modified);
             }
-            let mut body = binary::with_data(&ctx.app, &stored).await?;
-            if let Some(subset) = read_subset(query.as_deref())? {
-                body = super::subset::apply(&body, &subset);
-            }
-            let stored = StoredResource {
-                body: Some(body),
-                ..stored
-            };
-            let written = Written {
-                stored,
-                status: StatusCode::OK,
-                issues: Vec::new(),
-            };
-            // A read always returns the resource.
-            let ctx = Ctx {
-                prefer: Prefer {
-                    ret: Return::Representation,
-                    ..ctx.prefer
-                },
-                ..ctx
-            };
-            Ok(resource_response(&ctx, &written, false))
+            read_answer(ctx, &headers, query.as_deref(), stored).await
         }
         .await,
     )
+}
+
+/// The answer to a read or vread of `stored`: 410 for a deletion; a Binary's
+/// raw content unless FHIR is asked for; else the resource (subsetted if
+/// `_summary` / `_elements` ask), always in full representation.
+async fn read_answer(
+    ctx: Ctx,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    stored: StoredResource,
+) -> Result<Response, FhirError> {
+    if stored.body.is_none() {
+        return Err(gone(&stored.resource_type, &stored.id));
+    }
+    if stored.resource_type == "Binary"
+        && !binary::wants_resource(headers, query_format(query).as_deref())
+    {
+        return binary::raw_response(&ctx.app, &stored);
+    }
+    let mut body = binary::with_data(&ctx.app, &stored).await?;
+    if let Some(subset) = read_subset(query)? {
+        body = super::subset::apply(&body, &subset);
+    }
+    let written = Written {
+        stored: StoredResource {
+            body: Some(body),
+            ..stored
+        },
+        status: StatusCode::OK,
+        issues: Vec::new(),
+    };
+    let ctx = Ctx {
+        prefer: Prefer {
+            ret: Return::Representation,
+            ..ctx.prefer
+        },
+        ..ctx
+    };
+    Ok(resource_response(&ctx, &written, false))
 }
 
 /// `_summary` / `_elements` of a read.
@@ -1160,31 +1171,7 @@ pub async fn vread(
                 .await?
                 .filter(|s| ctx.may_see(s))
                 .ok_or_else(not_found)?;
-            if stored.body.is_none() {
-                return Err(gone(&resource_type, &id));
-            }
-            if resource_type == "Binary"
-                && !binary::wants_resource(&headers, query_format(query.as_deref()).as_deref())
-            {
-                return binary::raw_response(&ctx.app, &stored);
-            }
-            let stored = StoredResource {
-                body: Some(binary::with_data(&ctx.app, &stored).await?),
-                ..stored
-            };
-            let written = Written {
-                stored,
-                status: StatusCode::OK,
-                issues: Vec::new(),
-            };
-            let ctx = Ctx {
-                prefer: Prefer {
-                    ret: Return::Representation,
-                    ..ctx.prefer
-                },
-                ..ctx
-            };
-            Ok(resource_response(&ctx, &written, false))
+            read_answer(ctx, &headers, query.as_deref(), stored).await
         }
         .await,
     )
