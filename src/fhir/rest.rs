@@ -360,21 +360,18 @@ pub async fn create_in(
     check_writable(resource_type)?;
     let issues = check_valid(resource_type, &value).await?;
     if let Some(condition) = if_none_exist {
-        let found = matching(tx, ctx, resource_type, condition).await?;
-        match found.len() {
-            0 => {}
-            1 => {
-                return Ok(Written {
-                    stored: found.into_iter().next().expect("one match"),
-                    status: StatusCode::OK,
-                    issues,
-                })
-            }
-            _ => {
-                return Err(FhirError::precondition(format!(
-                    "If-None-Exist '{condition}' matches more than one {resource_type}: make the condition more specific"
-                )))
-            }
+        let mut found = matching(tx, ctx, resource_type, condition).await?;
+        if found.len() > 1 {
+            return Err(FhirError::precondition(format!(
+                "If-None-Exist '{condition}' matches more than one {resource_type}: make the condition more specific"
+            )));
+        }
+        if let Some(existing) = found.pop() {
+            return Ok(Written {
+                stored: existing,
+                status: StatusCode::OK,
+                issues,
+            });
         }
     }
     let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
