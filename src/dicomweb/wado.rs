@@ -250,12 +250,22 @@ async fn pixels(
     } else {
         media::OCTET_STREAM.to_owned()
     };
-    let blobs = Arc::clone(&app.blobs);
-    let located = instance.clone();
-    let opened =
-        tokio::task::spawn_blocking(move || super::metadata::open_instance(&*blobs, &located))
-            .await
-            .map_err(|e| WebError::Internal(format!("reader: {e}")))??;
+    let opened = match opened_instances().get(&instance.id) {
+        Some(opened) => opened,
+        None => {
+            let blobs = Arc::clone(&app.blobs);
+            let located = instance.clone();
+            let opened = Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    super::metadata::open_instance(&*blobs, &located)
+                })
+                .await
+                .map_err(|e| WebError::Internal(format!("reader: {e}")))??,
+            );
+            opened_instances().insert(instance.id, Arc::clone(&opened));
+            opened
+        }
+    };
     let pieces = match wanted {
         Wanted::Frames(list) => frame_pieces(&opened, &parse_frames(&list)?)?,
         Wanted::Bulk(tag) => bulk_pieces(&opened, &tag)?,
@@ -283,6 +293,25 @@ async fn pixels(
         &length.to_string(),
     );
     Ok((StatusCode::OK, response_headers, body).into_response())
+}
+
+/// Parsed headers and layouts of stored instances, by index id, so that a
+/// viewer's many frame requests for one instance walk it once. A stored
+/// object never changes under its id. Bounded by layout size (about 24
+/// bytes per unit).
+fn opened_instances() -> &'static moka::sync::Cache<i64, Arc<OpenedInstance>> {
+    static CACHE: std::sync::OnceLock<moka::sync::Cache<i64, Arc<OpenedInstance>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(|| {
+        moka::sync::Cache::builder()
+            .max_capacity(2_000_000)
+            .weigher(|_, opened: &Arc<OpenedInstance>| {
+                let fragments: usize = opened.layout.iter().map(|e| e.fragments.len()).sum();
+                u32::try_from(64 + opened.layout.len() + fragments + opened.offset_table.len())
+                    .unwrap_or(u32::MAX)
+            })
+            .build()
+    })
 }
 
 /// Deflated objects have no byte ranges to serve from.
