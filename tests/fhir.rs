@@ -1124,6 +1124,23 @@ fn binary_streams_raw_content_in_bounded_memory() {
         peak_mib < 128,
         "peak RSS {peak_mib} MiB for a 192 MiB upload"
     );
+    // An acknowledged Binary survives a kill -9 and the restart's recovery.
+    let data_dir = gw.data_dir.clone();
+    gw.kill9();
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    let fhir = Fhir::new(&gw, Some("st-mary"));
+    let mut again = fhir
+        .client
+        .get(fhir.url(&format!("/Binary/{id}")))
+        .header("X-Konsil-Partner", "st-mary")
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let mut after = Vec::new();
+    std::io::Read::read_to_end(&mut again, &mut after).unwrap();
+    assert_eq!(after.len(), size);
+    assert!(after.chunks(pattern.len()).all(|c| c == pattern.as_slice()));
+    drop(after);
     // Small Binary as FHIR JSON: kept inline, returned as sent; the raw read
     // decodes it; a DocumentReference points at it.
     let small = fhir.create(
