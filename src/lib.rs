@@ -9,6 +9,8 @@
 //! - [`ingest`]: the one streaming pipeline every DICOM instance goes through.
 //! - [`dimse`]: the DICOM DIMSE edge (C-ECHO, C-STORE).
 //! - [`dicomweb`]: the DICOMweb edge (STOW-RS, QIDO-RS, WADO-RS).
+//! - [`fhir`]: the FHIR R4 edge (validation, storage, search, transactions).
+//! - [`workflow`]: the second-opinion case core (no protocol).
 //! - [`auth`]: who is calling (the development identity until tokens land).
 //! - [`ops`]: health, readiness and metrics over HTTP.
 //! - [`import`]: `konsil import` of a folder or DICOMDIR.
@@ -28,6 +30,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod ops;
 pub mod store;
+pub mod workflow;
 
 use std::future::Future;
 use std::sync::Arc;
