@@ -1371,3 +1371,37 @@ fn committed_profiles_are_reproducible() {
         }
     }
 }
+
+#[test]
+fn fhir_json_bodies_are_capped_raw_binaries_are_not() {
+    let work = tempfile::tempdir().unwrap();
+    let data_dir = work.path().join("data");
+    let gw = Gateway::start_full(
+        work.path(),
+        &data_dir,
+        "",
+        &[("KONSIL_FHIR_MAX_RESOURCE_BYTES", "2000")],
+    );
+    let fhir = Fhir::new(&gw, Some("st-mary"));
+    let long = "x".repeat(3000);
+    let big = json!({"resourceType": "Patient", "name": [{"text": long}]});
+    for path in ["/Patient", ""] {
+        let body = if path.is_empty() {
+            json!({"resourceType": "Bundle", "type": "batch",
+                "entry": [{"resource": big, "request": {"method": "POST", "url": "Patient"}}]})
+        } else {
+            big.clone()
+        };
+        let refused = fhir.post(path, &body);
+        assert_eq!(refused.status, 413, "{path}: {}", refused.text);
+        assert_eq!(refused.json()["resourceType"], "OperationOutcome");
+    }
+    let raw = fhir.send(
+        fhir.client
+            .post(fhir.url("/Binary"))
+            .header("Content-Type", "application/pdf")
+            .body(vec![7u8; 64 * 1024]),
+    );
+    assert_eq!(raw.status, 201, "{}", raw.text);
+    fhir.validate_returned();
+}

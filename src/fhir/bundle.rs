@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -63,7 +63,7 @@ pub async fn transaction_or_batch(
     who: Result<Caller, CallerError>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let result = async {
         let format = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
@@ -72,7 +72,7 @@ pub async fn transaction_or_batch(
         negotiate(&headers, format.as_deref())?;
         require_json_body(&headers, &[])?;
         let ctx = Ctx::new(app, caller(who)?, &headers);
-        let bundle = parse_json(&body)?;
+        let bundle = parse_json(&rest::collect(&ctx, body).await?)?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(FhirError::bad_request(
                 "POST to the base takes a Bundle of type transaction or batch",

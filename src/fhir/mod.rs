@@ -19,7 +19,7 @@ pub mod validate;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -38,7 +38,9 @@ pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// The routes under `/fhir`.
 pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
-    let limit = usize::try_from(app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
+    // Bodies are read by `rest::collect`, which applies
+    // `fhir.max_resource_bytes` and answers 413 with an OperationOutcome;
+    // raw Binary uploads stream without a cap.
     Router::new()
         .route("/fhir/metadata", get(capability::metadata))
         .route("/fhir", post(bundle::transaction_or_batch))
@@ -65,7 +67,6 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/fhir/{type}/{id}/_history", get(rest::history_instance))
         .route("/fhir/{type}/{id}/_history/{version}", get(rest::vread))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(app),
             count_request,

@@ -742,7 +742,7 @@ pub async fn validate_operation(
 }
 
 /// A request body of FHIR JSON, up to `fhir.max_resource_bytes`.
-async fn collect(ctx: &Ctx, body: Body) -> Result<Bytes, FhirError> {
+pub async fn collect(ctx: &Ctx, body: Body) -> Result<Bytes, FhirError> {
     let limit = usize::try_from(ctx.app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         FhirError::new(
@@ -935,12 +935,11 @@ pub async fn patch(
     who: Result<Caller, CallerError>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     reply(
         async {
-            check_type(&resource_type)?;
-            negotiate(&headers, query_format(query.as_deref()).as_deref())?;
+            let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), false)?;
             let media = header_str(&headers, "content-type")
                 .and_then(|ct| ct.split(';').next())
                 .map(|m| m.trim().to_ascii_lowercase());
@@ -953,7 +952,7 @@ pub async fn patch(
                     ),
                 ));
             }
-            let ctx = Ctx::new(app, caller(who)?, &headers);
+            let body = collect(&ctx, body).await?;
             let operations: json_patch::Patch = serde_json::from_slice(&body).map_err(|e| {
                 FhirError::new(
                     StatusCode::BAD_REQUEST,
@@ -1431,7 +1430,7 @@ pub async fn search_post(
     who: Result<Caller, CallerError>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let media = header_str(&headers, "content-type")
         .and_then(|ct| ct.split(';').next())
@@ -1446,6 +1445,21 @@ pub async fn search_post(
         )
         .into_response();
     }
+    // The form is small; the resource-body cap bounds it all the same.
+    let limit = usize::try_from(app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(body) => body,
+        Err(e) => {
+            return FhirError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Issue::error(
+                    "too-long",
+                    format!("the search form is too large or broke off: {e}"),
+                ),
+            )
+            .into_response()
+        }
+    };
     let pairs = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .chain(form_urlencoded::parse(&body))
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
