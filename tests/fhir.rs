@@ -1405,3 +1405,61 @@ fn fhir_json_bodies_are_capped_raw_binaries_are_not() {
     assert_eq!(raw.status, 201, "{}", raw.text);
     fhir.validate_returned();
 }
+
+/// The worked referral (conformance/examples/referral-transaction.json) is
+/// valid FHIR, meets our referral profile, and posts as one transaction.
+#[test]
+fn the_worked_referral_example_posts_as_one_transaction() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let fhir = Fhir::new(&gw, Some("st-mary"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("conformance/examples/referral-transaction.json");
+    let bundle: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let a = fhir.post("", &bundle);
+    assert_eq!(a.status, 200, "{}", a.text);
+    let answer = a.json();
+    let entries = answer["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 11);
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["response"]["status"] == "201 Created"),
+        "{answer}"
+    );
+    // The referral claimed the profile and met it; its references resolved.
+    let referral = fhir
+        .get("/ServiceRequest?identifier=urn:oid:1.2.3.4.5.6.8|ACC0001")
+        .json();
+    assert_eq!(referral["total"], 1);
+    let sr = &referral["entry"][0]["resource"];
+    assert!(sr["subject"]["reference"]
+        .as_str()
+        .unwrap()
+        .starts_with("Patient/"));
+    let documents = fhir
+        .get(&format!(
+            "/DocumentReference?related=ServiceRequest/{}",
+            sr["id"].as_str().unwrap()
+        ))
+        .json();
+    assert_eq!(documents["total"], 2);
+    // Sent again, the Organization and Patient are found (ifNoneExist), not
+    // duplicated.
+    let again = fhir.post("", &bundle).json();
+    assert_eq!(again["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(again["entry"][1]["response"]["status"], "200 OK");
+    assert_eq!(fhir.get("/Patient?_summary=count").json()["total"], 1);
+    fhir.validate_returned();
+    // Both public validators accept every resource of the example as sent.
+    let sent: Vec<Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].clone())
+        .collect();
+    for report in public_validators(&sent) {
+        assert_eq!(report["medplum"], json!([]), "{report}");
+        assert_eq!(report["fhirjs"], json!([]), "{report}");
+    }
+}

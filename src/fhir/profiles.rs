@@ -138,6 +138,8 @@ fn compile(text: &str) -> Option<Profile> {
                     .and_then(|p| p.strip_prefix(CORE))
                     .map(str::to_owned)
             })
+            // Reference(Any) narrows nothing.
+            .filter(|t| t != "Resource")
             .collect();
         let base_targets: Vec<String> = base_el
             .map(|b| b.types.iter().flat_map(|t| t.targets.clone()).collect())
