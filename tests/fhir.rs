@@ -541,6 +541,17 @@ fn malformed_input_is_rejected_with_the_element_named() {
     );
     assert_eq!(bad_json.status, 400);
     assert_eq!(bad_json.json()["issue"][0]["code"], "structure");
+    let twice = raw(
+        reqwest::Method::POST,
+        "/Task",
+        "application/fhir+json",
+        r#"{"resourceType": "Task", "status": "requested", "status": "draft", "intent": "order"}"#,
+    );
+    assert_eq!(twice.status, 400, "{}", twice.text);
+    assert!(twice.json()["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("appears twice"));
     let xml = raw(
         reqwest::Method::POST,
         "/Task",

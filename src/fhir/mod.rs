@@ -10,6 +10,7 @@ mod bundle;
 mod capability;
 pub mod definitions;
 mod invariants;
+mod json;
 pub mod outcome;
 pub mod profiles;
 mod rest;
@@ -279,7 +280,7 @@ pub fn require_json_body(headers: &HeaderMap, also: &[&str]) -> Result<(), FhirE
 
 /// Parse a request body as JSON, keeping numbers' lexical form.
 pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, FhirError> {
-    serde_json::from_slice(body).map_err(|e| {
+    json::parse(body).map_err(|e| {
         FhirError::new(
             StatusCode::BAD_REQUEST,
             Issue::error(
