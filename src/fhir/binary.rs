@@ -38,19 +38,6 @@ pub struct StoredBlob {
     pub resume_at: u64,
 }
 
-impl From<BlobError> for FhirError {
-    fn from(e: BlobError) -> FhirError {
-        tracing::error!(error = %e, "FHIR blob store failed");
-        FhirError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Issue::error(
-                "transient",
-                "the binary store is unavailable; nothing was stored; retry later",
-            ),
-        )
-    }
-}
-
 fn internal() -> FhirError {
     FhirError::new(
         StatusCode::INTERNAL_SERVER_ERROR,

@@ -66,13 +66,10 @@ pub async fn transaction_or_batch(
     body: Body,
 ) -> Response {
     let result = async {
-        let format = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "_format")
-            .map(|(_, v)| v.into_owned());
-        negotiate(&headers, format.as_deref())?;
+        negotiate(&headers, rest::query_format(query.as_deref()).as_deref())?;
         require_json_body(&headers, &[])?;
         let ctx = Ctx::new(app, caller(who)?, &headers);
-        let bundle = parse_json(&rest::collect(&ctx, body).await?)?;
+        let bundle = parse_json(&rest::collect(&ctx.app, body).await?)?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(FhirError::bad_request(
                 "POST to the base takes a Bundle of type transaction or batch",

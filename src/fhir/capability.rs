@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::negotiate;
-use super::rest::{json_response, now, read_only, SUPPORTED};
+use super::rest::{json_response, now, query_format, read_only, SUPPORTED};
 use super::search::{params_of, ParamKind, PARAMS};
 use crate::app::App;
 
@@ -19,9 +19,7 @@ pub async fn metadata(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let format = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "_format")
-        .map(|(_, v)| v.into_owned());
+    let format = query_format(query.as_deref());
     if let Err(e) = negotiate(&headers, format.as_deref()) {
         return e.into_response();
     }

@@ -178,17 +178,30 @@ impl FhirError {
     }
 }
 
-impl From<MetaError> for FhirError {
-    fn from(e: MetaError) -> FhirError {
-        // The detail is for our log; the caller learns it may retry.
-        tracing::error!(error = %e, "FHIR storage failed");
+impl FhirError {
+    /// A storage fault: the detail goes to our log, the caller learns it
+    /// may retry (503).
+    fn unavailable(error: &dyn std::fmt::Display, store: &str) -> FhirError {
+        tracing::error!(error = %error, store, "FHIR storage failed");
         FhirError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Issue::error(
                 "transient",
-                "the resource store is unavailable; nothing was changed; retry later",
+                format!("the {store} is unavailable; nothing was changed; retry later"),
             ),
         )
+    }
+}
+
+impl From<MetaError> for FhirError {
+    fn from(e: MetaError) -> FhirError {
+        FhirError::unavailable(&e, "resource store")
+    }
+}
+
+impl From<crate::store::BlobError> for FhirError {
+    fn from(e: crate::store::BlobError) -> FhirError {
+        FhirError::unavailable(&e, "binary store")
     }
 }
 

@@ -634,7 +634,8 @@ fn reply(result: Result<Response, FhirError>) -> Response {
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn query_format(query: Option<&str>) -> Option<String> {
+/// The `_format` parameter of a query string.
+pub fn query_format(query: Option<&str>) -> Option<String> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .find(|(k, _)| k == "_format")
         .map(|(_, v)| v.into_owned())
@@ -659,7 +660,7 @@ pub async fn create(
                 return create_raw_binary(&ctx, &headers, body).await;
             }
             require_json_body(&headers, &[])?;
-            let body = collect(&ctx, body).await?;
+            let body = collect(&ctx.app, body).await?;
             let value = parse_json(&body)?;
             let mut tx = ctx.app.resources.begin().await?;
             let written = create_in(
@@ -698,7 +699,7 @@ pub async fn validate_operation(
     reply(
         async {
             let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
-            let value = parse_json(&collect(&ctx, body).await?)?;
+            let value = parse_json(&collect(&ctx.app, body).await?)?;
             let mut profiles: Vec<String> =
                 form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
                     .filter(|(k, _)| k == "profile")
@@ -742,8 +743,8 @@ pub async fn validate_operation(
 }
 
 /// A request body of FHIR JSON, up to `fhir.max_resource_bytes`.
-pub async fn collect(ctx: &Ctx, body: Body) -> Result<Bytes, FhirError> {
-    let limit = usize::try_from(ctx.app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
+pub async fn collect(app: &App, body: Body) -> Result<Bytes, FhirError> {
+    let limit = usize::try_from(app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         FhirError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -803,7 +804,7 @@ pub async fn update(
     reply(
         async {
             let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
-            let value = parse_json(&collect(&ctx, body).await?)?;
+            let value = parse_json(&collect(&ctx.app, body).await?)?;
             let tx = ctx.app.resources.begin().await?;
             put(tx, &ctx, &headers, &resource_type, &id, value).await
         }
@@ -867,7 +868,7 @@ pub async fn conditional_update(
         async {
             let condition = search_condition(query.as_deref(), "PUT")?;
             let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
-            let mut value = parse_json(&collect(&ctx, body).await?)?;
+            let mut value = parse_json(&collect(&ctx.app, body).await?)?;
             let mut tx = ctx.app.resources.begin().await?;
             let body_id = value.get("id").and_then(Value::as_str).map(str::to_owned);
             let id = match (conditional_target(tx.as_mut(), &ctx, &resource_type, &condition).await?, body_id) {
@@ -952,7 +953,7 @@ pub async fn patch(
                     ),
                 ));
             }
-            let body = collect(&ctx, body).await?;
+            let body = collect(&ctx.app, body).await?;
             let operations: json_patch::Patch = serde_json::from_slice(&body).map_err(|e| {
                 FhirError::new(
                     StatusCode::BAD_REQUEST,
@@ -1445,20 +1446,9 @@ pub async fn search_post(
         )
         .into_response();
     }
-    // The form is small; the resource-body cap bounds it all the same.
-    let limit = usize::try_from(app.config.fhir.max_resource_bytes).unwrap_or(usize::MAX);
-    let body = match axum::body::to_bytes(body, limit).await {
+    let body = match collect(&app, body).await {
         Ok(body) => body,
-        Err(e) => {
-            return FhirError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Issue::error(
-                    "too-long",
-                    format!("the search form is too large or broke off: {e}"),
-                ),
-            )
-            .into_response()
-        }
+        Err(e) => return e.into_response(),
     };
     let pairs = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .chain(form_urlencoded::parse(&body))
