@@ -94,14 +94,7 @@ pub async fn transaction_or_batch(
         };
         // The envelope itself (entries' resources are validated one by one,
         // where they are written).
-        let mut envelope = bundle.clone();
-        if let Some(entries) = envelope.get_mut("entry").and_then(Value::as_array_mut) {
-            for e in entries {
-                if let Some(obj) = e.as_object_mut() {
-                    obj.remove("resource");
-                }
-            }
-        }
+        let envelope = envelope_of(&bundle);
         let issues = super::validate::validate(
             super::definitions::Definitions::core(),
             &envelope,
@@ -119,6 +112,37 @@ pub async fn transaction_or_batch(
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The Bundle without its entries' resources (those are validated where
+/// they are written), built without copying them.
+fn envelope_of(bundle: &Value) -> Value {
+    let Some(obj) = bundle.as_object() else {
+        return bundle.clone();
+    };
+    let mut envelope = serde_json::Map::new();
+    for (key, value) in obj {
+        let value = match (key.as_str(), value) {
+            ("entry", Value::Array(entries)) => Value::Array(
+                entries
+                    .iter()
+                    .map(|e| match e.as_object() {
+                        Some(entry) => Value::Object(
+                            entry
+                                .iter()
+                                .filter(|(k, _)| *k != "resource")
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                        ),
+                        None => e.clone(),
+                    })
+                    .collect(),
+            ),
+            _ => value.clone(),
+        };
+        envelope.insert(key.clone(), value);
+    }
+    Value::Object(envelope)
 }
 
 fn parse_entries(bundle: &Value, transaction: bool) -> Result<Vec<Entry>, FhirError> {
