@@ -6,12 +6,17 @@ use axum::response::IntoResponse;
 use axum::Router;
 
 use crate::config::Config;
+use crate::fhir::records::ResourceRecordStore;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::store::fhir::ResourceStore;
 use crate::store::segments::SegmentStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{BlobStore, MetadataStore};
+use crate::workflow::engine::Workflow;
+use crate::workflow::records::RecordStore;
+use crate::workflow::runner::{Arrivals, Runner, StudyKey};
+use tokio::sync::mpsc;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +28,10 @@ pub enum StartError {
     },
     #[error(transparent)]
     Index(#[from] crate::store::MetaError),
+    #[error("workflow rules: {0}")]
+    Workflow(String),
+    #[error("cannot set up the service's own FHIR resources: {0}")]
+    Service(#[from] crate::workflow::records::WorkflowError),
     #[error("start-up recovery failed: {0}")]
     Recover(#[from] crate::ingest::IngestError),
 }
@@ -38,6 +47,13 @@ pub struct App {
     pub fhir_blobs: Arc<dyn BlobStore>,
     pub metrics: Arc<Metrics>,
     pub ingest: Ingest,
+    /// The second-opinion workflow (rules and configuration).
+    pub workflow: Arc<Workflow>,
+    /// Workflow transactions for work no client request carries.
+    pub cases: Arc<dyn RecordStore>,
+    /// Study arrivals reported by the ingest pipeline, until [`crate::run`]
+    /// hands them to the workflow runner.
+    pub arrivals: std::sync::Mutex<Option<mpsc::UnboundedReceiver<StudyKey>>>,
 }
 
 impl App {
@@ -67,7 +83,29 @@ impl App {
         let resources: Arc<dyn ResourceStore> = Arc::new(sqlite.clone());
         let index: Arc<dyn MetadataStore> = Arc::new(sqlite);
         let metrics = Arc::new(Metrics::new());
-        let ingest = Ingest::new(Arc::clone(&blobs), Arc::clone(&index), Arc::clone(&metrics));
+        let (arrivals_tx, arrivals) = Arrivals::channel();
+        let ingest = Ingest::new(
+            Arc::clone(&blobs),
+            Arc::clone(&index),
+            Arc::clone(&metrics),
+            arrivals_tx,
+        );
+        let dicomweb_url = config
+            .workflow
+            .dicomweb_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/dicomweb", config.server.http));
+        let workflow = Arc::new(
+            Workflow::new(config.workflow.clone(), dicomweb_url).map_err(StartError::Workflow)?,
+        );
+        let cases: Arc<dyn RecordStore> = Arc::new(ResourceRecordStore {
+            resources: Arc::clone(&resources),
+        });
+        {
+            let mut tx = cases.begin().await?;
+            workflow.ensure_service(tx.records()).await?;
+            tx.commit().await?;
+        }
         if recover {
             let (reindexed, discarded) = ingest.recover().await?;
             if discarded > 0 {
@@ -105,7 +143,24 @@ impl App {
             fhir_blobs,
             metrics,
             ingest,
+            workflow,
+            cases,
+            arrivals: std::sync::Mutex::new(Some(arrivals)),
         }))
+    }
+
+    /// The workflow's background runner, with the study arrivals (once:
+    /// `None` when already taken).
+    pub fn runner(&self) -> Option<(Runner, mpsc::UnboundedReceiver<StudyKey>)> {
+        let arrivals = self.arrivals.lock().ok()?.take()?;
+        Some((
+            Runner {
+                workflow: Arc::clone(&self.workflow),
+                records: Arc::clone(&self.cases),
+                index: Arc::clone(&self.index),
+            },
+            arrivals,
+        ))
     }
 
     /// The base URL clients use for an edge at `path` (`/fhir`): the

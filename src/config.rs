@@ -221,12 +221,95 @@ impl FhirConfig {
     }
 }
 
+/// `[workflow]`: the second-opinion case rules that are configuration
+/// rather than data (`profiles/completeness-rules.json` holds the rest).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowConfig {
+    /// Name of the service's own Organization (`Task.owner` until a
+    /// specialist is assigned).
+    pub organization_name: String,
+    /// DICOMweb base URL put in each case ImagingStudy's Endpoint; by
+    /// default `http://<server.http>/dicomweb`.
+    pub dicomweb_url: Option<String>,
+    /// A study without an announced instance count counts as complete once
+    /// no instance arrived for this many seconds.
+    pub imaging_quiet_secs: u64,
+    /// Records missing this many days put the case on hold.
+    pub stale_days: u64,
+    /// How often the time-driven checks run (quiet period, stale cases,
+    /// expired consents), in seconds.
+    pub check_interval_secs: u64,
+    /// Follow-up questions are taken this many days after delivery.
+    pub follow_up_days: u64,
+    /// Submitted records of cases inactive this many months are discarded.
+    pub retention_months: u32,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        WorkflowConfig {
+            organization_name: "Konsil second-opinion service".to_owned(),
+            dicomweb_url: None,
+            imaging_quiet_secs: 600,
+            stale_days: 30,
+            check_interval_secs: 60,
+            follow_up_days: 90,
+            retention_months: 6,
+        }
+    }
+}
+
+impl WorkflowConfig {
+    /// `KONSIL_WORKFLOW_<KEY>` variables replace file values.
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let get = |key: &str| env.get(&format!("KONSIL_WORKFLOW_{}", key.to_uppercase()));
+        if let Some(v) = get("organization_name") {
+            self.organization_name = v.clone();
+        }
+        if let Some(v) = get("dicomweb_url") {
+            self.dicomweb_url = Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("imaging_quiet_secs") {
+            self.imaging_quiet_secs = parse_value("workflow.imaging_quiet_secs", v)?;
+        }
+        if let Some(v) = get("stale_days") {
+            self.stale_days = parse_value("workflow.stale_days", v)?;
+        }
+        if let Some(v) = get("check_interval_secs") {
+            self.check_interval_secs = parse_value("workflow.check_interval_secs", v)?;
+        }
+        if let Some(v) = get("follow_up_days") {
+            self.follow_up_days = parse_value("workflow.follow_up_days", v)?;
+        }
+        if let Some(v) = get("retention_months") {
+            self.retention_months = parse_value("workflow.retention_months", v)?;
+        }
+        if self.check_interval_secs == 0 {
+            return Err(value_error(
+                "workflow.check_interval_secs",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        if self.organization_name.trim().is_empty() {
+            return Err(value_error(
+                "workflow.organization_name",
+                "",
+                "must name the service",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration after layering.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub dicomweb: DicomwebConfig,
     pub fhir: FhirConfig,
+    pub workflow: WorkflowConfig,
     pub partners: Vec<Partner>,
 }
 
@@ -260,6 +343,8 @@ struct FileConfig {
     dicomweb: DicomwebConfig,
     #[serde(default)]
     fhir: FhirConfig,
+    #[serde(default)]
+    workflow: WorkflowConfig,
     #[serde(default)]
     partners: Vec<FilePartner>,
 }
@@ -381,10 +466,13 @@ pub fn load(
     dicomweb.apply_env(env)?;
     let mut fhir = parsed.fhir;
     fhir.apply_env(env)?;
+    let mut workflow = parsed.workflow;
+    workflow.apply_env(env)?;
     Ok(Config {
         server,
         dicomweb,
         fhir,
+        workflow,
         partners,
     })
 }

@@ -59,6 +59,9 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
         Arc::clone(&app.metrics),
         stop_rx.clone(),
     ));
+    let workflow = app
+        .runner()
+        .map(|(runner, arrivals)| tokio::spawn(runner.run(arrivals, stop_rx.clone())));
     let mut http_stop = stop_rx;
     let router = app.router();
     let http = tokio::spawn(async move {
@@ -81,4 +84,7 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
     let _ = dimse.await;
     let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_secs);
     let _ = tokio::time::timeout(grace, http).await;
+    if let Some(workflow) = workflow {
+        let _ = tokio::time::timeout(grace, workflow).await;
+    }
 }

@@ -280,7 +280,7 @@ fn entry_type(entry: &Entry) -> Result<&str, FhirError> {
 }
 
 async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response, FhirError> {
-    let mut tx = ctx.app.resources.begin().await?;
+    let mut tx = ctx.begin().await?;
     // 1. Decide each write's id; map fullUrls to Type/id.
     let mut ids: HashMap<usize, String> = HashMap::new();
     let mut matched: HashMap<usize, bool> = HashMap::new();
@@ -290,7 +290,7 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         if entry.method == Method::Get {
             continue;
         }
-        let (id, found) = plan_write(tx.as_mut(), ctx, entry, resource_type)
+        let (id, found) = plan_write(&mut tx, ctx, entry, resource_type)
             .await
             .map_err(|e| at_entry(e, entry))?;
         if found {
@@ -323,7 +323,7 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         for reference in conditional {
             let (resource_type, _, query) = split_url(&reference);
             check_type(resource_type)?;
-            let found = matching(tx.as_mut(), ctx, resource_type, query.unwrap_or("")).await?;
+            let found = matching(&mut tx, ctx, resource_type, query.unwrap_or("")).await?;
             let [one] = found.as_slice() else {
                 return Err(FhirError::precondition(format!(
                     "entry {}: conditional reference '{reference}' matches {} resources; it must match exactly one",
@@ -349,7 +349,7 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         let resource_type = entry_type(entry)?;
         let id = ids.get(&entry.index).cloned().unwrap_or_default();
         let result = write_entry(
-            tx.as_mut(),
+            &mut tx,
             ctx,
             entry,
             resource_type,
@@ -360,7 +360,12 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         .map_err(|e| at_entry(e, entry))?;
         results[i] = Some(result);
     }
-    tx.commit().await?;
+    let notices = tx.finish(ctx).await?;
+    for result in results.iter_mut().flatten() {
+        if let EntryResult::Written(w) = result {
+            w.add_notices(&notices);
+        }
+    }
     // 4. Reads see the committed state.
     for (i, entry) in entries.iter().enumerate() {
         if entry.method == Method::Get {
@@ -554,10 +559,13 @@ async fn run_batch(ctx: &Ctx, entries: Vec<Entry>) -> Response {
 
 async fn batch_write(ctx: &Ctx, entry: &Entry) -> Result<EntryResult, FhirError> {
     let resource_type = entry_type(entry)?;
-    let mut tx = ctx.app.resources.begin().await?;
-    let (id, matched) = plan_write(tx.as_mut(), ctx, entry, resource_type).await?;
-    let result = write_entry(tx.as_mut(), ctx, entry, resource_type, id, matched).await?;
-    tx.commit().await?;
+    let mut tx = ctx.begin().await?;
+    let (id, matched) = plan_write(&mut tx, ctx, entry, resource_type).await?;
+    let mut result = write_entry(&mut tx, ctx, entry, resource_type, id, matched).await?;
+    let notices = tx.finish(ctx).await?;
+    if let EntryResult::Written(w) = &mut result {
+        w.add_notices(&notices);
+    }
     Ok(result)
 }
 
@@ -594,15 +602,18 @@ fn answer(ctx: &Ctx, kind: &str, entries: &[Entry], results: Vec<Option<EntryRes
                     }
                     Return::Minimal => {}
                 }
-                e.insert(
-                    "response".into(),
-                    json!({
-                        "status": status_line(w.status),
-                        "location": format!("{}/{}/_history/{}", s.resource_type, s.id, s.version),
-                        "etag": format!("W/\"{}\"", s.version),
-                        "lastModified": s.last_updated,
-                    }),
-                );
+                let mut response = json!({
+                    "status": status_line(w.status),
+                    "location": format!("{}/{}/_history/{}", s.resource_type, s.id, s.version),
+                    "etag": format!("W/\"{}\"", s.version),
+                    "lastModified": s.last_updated,
+                });
+                // Warnings (a referral that starts no case, and why) travel
+                // with the entry whatever `Prefer` asked for.
+                if !w.issues.is_empty() && ctx.prefer.ret != Return::OperationOutcome {
+                    response["outcome"] = operation_outcome(&w.issues);
+                }
+                e.insert("response".into(), response);
             }
             Some(EntryResult::Deleted) => {
                 e.insert(

@@ -11,8 +11,10 @@ mod capability;
 pub mod definitions;
 mod invariants;
 mod json;
+mod operations;
 pub mod outcome;
 pub mod profiles;
+pub mod records;
 mod rest;
 pub mod search;
 mod subset;
@@ -66,6 +68,10 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
                 .delete(rest::delete),
         )
         .route("/fhir/{type}/{id}/_history", get(rest::history_instance))
+        .route(
+            "/fhir/{type}/{id}/{operation}",
+            post(operations::instance_operation),
+        )
         .route("/fhir/{type}/{id}/_history/{version}", get(rest::vread))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -181,7 +187,7 @@ impl FhirError {
 impl FhirError {
     /// A storage fault: the detail goes to our log, the caller learns it
     /// may retry (503).
-    fn unavailable(error: &dyn std::fmt::Display, store: &str) -> FhirError {
+    pub(crate) fn unavailable(error: &dyn std::fmt::Display, store: &str) -> FhirError {
         tracing::error!(error = %error, store, "FHIR storage failed");
         FhirError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::binary;
 use super::definitions::Definitions;
 use super::outcome::{operation_outcome, Issue};
+use super::records::{warnings_for, CaseTx};
 use super::search::{self, ParamKind};
 use super::subset::Subset;
 use super::validate::{is_valid_id, validate_full};
@@ -25,6 +26,7 @@ use crate::store::fhir::{
     Clause, Cursor, HistoryQuery, IndexEntries, ResourceQuery, ResourceTx, ResourceWrite, Sort,
     StoredResource,
 };
+use crate::workflow::engine::Notice;
 
 /// The resource types this server serves (one source: routes, validation
 /// and the CapabilityStatement).
@@ -125,6 +127,12 @@ impl Ctx {
             Caller::Staff => true,
             Caller::Partner(id) => stored.partner.as_ref() == Some(id),
         }
+    }
+
+    /// Open the transaction of this interaction (the workflow reacts in it
+    /// before it commits).
+    pub async fn begin(&self) -> Result<CaseTx, FhirError> {
+        CaseTx::begin(&*self.app.resources).await
     }
 
     fn partner(&self) -> Option<PartnerId> {
@@ -284,6 +292,17 @@ pub struct Written {
     pub issues: Vec<Issue>,
 }
 
+impl Written {
+    /// Add the workflow's notices about this resource as warnings.
+    pub fn add_notices(&mut self, notices: &[Notice]) {
+        self.issues.extend(warnings_for(
+            notices,
+            &self.stored.resource_type,
+            &self.stored.id,
+        ));
+    }
+}
+
 /// Parse a search-style condition (`If-None-Exist`, conditional update or
 /// reference) and find what matches it, inside the transaction.
 pub async fn matching(
@@ -413,6 +432,21 @@ pub async fn write(
         None if resource_type == "Binary" => binary::spill(&ctx.app, value).await?,
         None => None,
     };
+    Ok(write_version(tx, resource_type, id, version, partner, method, value, blob).await?)
+}
+
+/// Stamp `value` as version `version` and write it with its index entries.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_version(
+    tx: &mut dyn ResourceTx,
+    resource_type: &str,
+    id: &str,
+    version: i64,
+    partner: Option<PartnerId>,
+    method: &str,
+    value: &mut Value,
+    blob: Option<binary::StoredBlob>,
+) -> Result<StoredResource, crate::store::MetaError> {
     let (last_updated, updated_ms) = now();
     stamp(value, id, version, &last_updated);
     let index = search::extract(resource_type, value);
@@ -662,9 +696,9 @@ pub async fn create(
             require_json_body(&headers, &[])?;
             let body = collect(&ctx.app, body).await?;
             let value = parse_json(&body)?;
-            let mut tx = ctx.app.resources.begin().await?;
-            let written = create_in(
-                tx.as_mut(),
+            let mut tx = ctx.begin().await?;
+            let mut written = create_in(
+                &mut tx,
                 &ctx,
                 &resource_type,
                 value,
@@ -672,7 +706,8 @@ pub async fn create(
                 None,
             )
             .await?;
-            tx.commit().await?;
+            let notices = tx.finish(&ctx).await?;
+            written.add_notices(&notices);
             Ok(resource_response(
                 &ctx,
                 &written,
@@ -771,9 +806,9 @@ async fn create_raw_binary(
     check_valid("Binary", &value).await?;
     let blob = binary::store_stream(Arc::clone(&ctx.app.fhir_blobs), body).await?;
     let id = uuid::Uuid::new_v4().to_string();
-    let mut tx = ctx.app.resources.begin().await?;
+    let mut tx = ctx.begin().await?;
     let stored = write(
-        tx.as_mut(),
+        &mut tx,
         ctx,
         "Binary",
         &id,
@@ -784,7 +819,7 @@ async fn create_raw_binary(
         Some(blob),
     )
     .await?;
-    tx.commit().await?;
+    tx.finish(ctx).await?;
     let written = Written {
         stored,
         status: StatusCode::CREATED,
@@ -805,7 +840,7 @@ pub async fn update(
         async {
             let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
             let value = parse_json(&collect(&ctx.app, body).await?)?;
-            let tx = ctx.app.resources.begin().await?;
+            let tx = ctx.begin().await?;
             put(tx, &ctx, &headers, &resource_type, &id, value).await
         }
         .await,
@@ -833,15 +868,15 @@ fn open_request(
 /// Update `resource_type/id` to `value` in `tx` (honouring `If-Match`),
 /// commit, and answer.
 async fn put(
-    mut tx: Box<dyn ResourceTx>,
+    mut tx: CaseTx,
     ctx: &Ctx,
     headers: &HeaderMap,
     resource_type: &str,
     id: &str,
     value: Value,
 ) -> Result<Response, FhirError> {
-    let written = update_in(
-        tx.as_mut(),
+    let mut written = update_in(
+        &mut tx,
         ctx,
         resource_type,
         id,
@@ -850,7 +885,8 @@ async fn put(
         "PUT",
     )
     .await?;
-    tx.commit().await?;
+    let notices = tx.finish(ctx).await?;
+    written.add_notices(&notices);
     Ok(resource_response(ctx, &written, true))
 }
 
@@ -869,9 +905,9 @@ pub async fn conditional_update(
             let condition = search_condition(query.as_deref(), "PUT")?;
             let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), true)?;
             let mut value = parse_json(&collect(&ctx.app, body).await?)?;
-            let mut tx = ctx.app.resources.begin().await?;
+            let mut tx = ctx.begin().await?;
             let body_id = value.get("id").and_then(Value::as_str).map(str::to_owned);
-            let id = match (conditional_target(tx.as_mut(), &ctx, &resource_type, &condition).await?, body_id) {
+            let id = match (conditional_target(&mut tx, &ctx, &resource_type, &condition).await?, body_id) {
                 (Some(target), Some(body_id)) if target != body_id => {
                     return Err(FhirError::bad_request(format!(
                         "the condition selects {resource_type}/{target}, but the body's id is {body_id}"
@@ -903,13 +939,11 @@ pub async fn conditional_delete(
         async {
             let condition = search_condition(query.as_deref(), "DELETE")?;
             let ctx = open_request(app, who, &resource_type, &headers, query.as_deref(), false)?;
-            let mut tx = ctx.app.resources.begin().await?;
-            if let Some(id) =
-                conditional_target(tx.as_mut(), &ctx, &resource_type, &condition).await?
-            {
-                delete_in(tx.as_mut(), &ctx, &resource_type, &id).await?;
+            let mut tx = ctx.begin().await?;
+            if let Some(id) = conditional_target(&mut tx, &ctx, &resource_type, &condition).await? {
+                delete_in(&mut tx, &ctx, &resource_type, &id).await?;
             }
-            tx.commit().await?;
+            tx.finish(&ctx).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await,
@@ -960,9 +994,9 @@ pub async fn patch(
                     Issue::error("structure", format!("not a JSON Patch document: {e}")),
                 )
             })?;
-            let mut tx = ctx.app.resources.begin().await?;
-            let written = patch_in(
-                tx.as_mut(),
+            let mut tx = ctx.begin().await?;
+            let mut written = patch_in(
+                &mut tx,
                 &ctx,
                 &resource_type,
                 &id,
@@ -970,7 +1004,8 @@ pub async fn patch(
                 header_str(&headers, "if-match"),
             )
             .await?;
-            tx.commit().await?;
+            let notices = tx.finish(&ctx).await?;
+            written.add_notices(&notices);
             Ok(resource_response(&ctx, &written, false))
         }
         .await,
@@ -1031,9 +1066,9 @@ pub async fn delete(
         async {
             check_type(&resource_type)?;
             let ctx = Ctx::new(app, caller(who)?, &headers);
-            let mut tx = ctx.app.resources.begin().await?;
-            delete_in(tx.as_mut(), &ctx, &resource_type, &id).await?;
-            tx.commit().await?;
+            let mut tx = ctx.begin().await?;
+            delete_in(&mut tx, &ctx, &resource_type, &id).await?;
+            tx.finish(&ctx).await?;
             Ok(match ctx.prefer.ret {
                 Return::OperationOutcome => json_response(
                     StatusCode::OK,

@@ -30,6 +30,7 @@ use crate::store::{
     BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, IndexOutcome, InstanceRecord,
     MetaError, MetadataStore, RecoveredBlob, Source,
 };
+use crate::workflow::runner::Arrivals;
 
 /// Chunks in flight between the edge and the writer thread.
 const CHANNEL_DEPTH: usize = 4;
@@ -149,6 +150,8 @@ pub struct Ingest {
     blobs: Arc<dyn BlobStore>,
     index: Arc<dyn MetadataStore>,
     metrics: Arc<Metrics>,
+    /// Tells the workflow which study got an instance.
+    arrivals: Arrivals,
 }
 
 impl Ingest {
@@ -156,11 +159,13 @@ impl Ingest {
         blobs: Arc<dyn BlobStore>,
         index: Arc<dyn MetadataStore>,
         metrics: Arc<Metrics>,
+        arrivals: Arrivals,
     ) -> Ingest {
         Ingest {
             blobs,
             index,
             metrics,
+            arrivals,
         }
     }
 
@@ -339,6 +344,9 @@ impl Ingest {
             .bytes
             .get_or_create(&vec![label("source", source)])
             .inc_by(record.size);
+        if outcome != IndexOutcome::Duplicate {
+            self.arrivals.report(&origin.partner, &record.study_uid);
+        }
         if outcome == IndexOutcome::Conflict {
             tracing::warn!(
                 partner = %origin.partner,

@@ -45,6 +45,39 @@ impl Stage {
         }
     }
 
+    /// Every stage, in workflow order.
+    pub const ALL: [Stage; 9] = [
+        Stage::Intake,
+        Stage::AwaitingRecords,
+        Stage::ReadyForTriage,
+        Stage::UnderReview,
+        Stage::AwaitingApproval,
+        Stage::Delivered,
+        Stage::Closed,
+        Stage::Declined,
+        Stage::Withdrawn,
+    ];
+
+    /// The stage of a `businessStatus` code.
+    pub fn from_code(code: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.business_status() == code)
+    }
+
+    /// Display text of the stage (as in `profiles/konsil/CodeSystem-case-stage.json`).
+    pub fn display(self) -> &'static str {
+        match self {
+            Stage::Intake => "Referral received",
+            Stage::AwaitingRecords => "Awaiting records",
+            Stage::ReadyForTriage => "Ready for triage",
+            Stage::UnderReview => "Under review",
+            Stage::AwaitingApproval => "Awaiting approval",
+            Stage::Delivered => "Delivered",
+            Stage::Closed => "Closed",
+            Stage::Declined => "Declined",
+            Stage::Withdrawn => "Withdrawn",
+        }
+    }
+
     /// `Task.status` of the stage when the case is not on hold.
     fn task_status(self) -> &'static str {
         match self {

@@ -35,11 +35,20 @@ pub struct RecordKind {
     pub within_months: Option<u32>,
 }
 
+/// What counts as a consent permitting the second opinion.
+#[derive(Debug, Deserialize)]
+pub struct ConsentRule {
+    /// `Consent.provision.purpose` codings that permit it (when the
+    /// provision names purposes at all).
+    pub purposes: Vec<Coding>,
+}
+
 /// The rules file.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Rules {
     pub version: String,
+    pub consent: ConsentRule,
     pub record_kinds: BTreeMap<String, RecordKind>,
     pub specialties: BTreeMap<String, Vec<String>>,
 }
@@ -232,8 +241,7 @@ mod tests {
 
     #[test]
     fn rules_naming_an_unknown_kind_are_refused() {
-        let bad =
-            r#"{"version": "x", "recordKinds": {}, "specialties": {"oncology": ["imaging"]}}"#;
+        let bad = r#"{"version": "x", "consent": {"purposes": []}, "recordKinds": {}, "specialties": {"oncology": ["imaging"]}}"#;
         assert!(matches!(
             Rules::parse(bad),
             Err(RulesError::UnknownKind { .. })

@@ -4,6 +4,19 @@
 //! - [`case`]: the case state machine of `design.md`.
 //! - [`completeness`]: which records a case still needs, by the rules in
 //!   `profiles/completeness-rules.json`.
+//! - [`task`]: the case read from and written to its FHIR `Task`.
+//! - [`engine`]: the steps (intake, checks, reconciliation, assignment,
+//!   approval, follow-up) on stored records.
+//! - [`imaging`]: a received study as the DICOM index knows it.
+//! - [`records`]: the storage port the steps run on.
+//! - [`runner`]: the background work (study arrivals, timers).
+//! - [`pdf`]: the approved opinion as a PDF.
 
 pub mod case;
 pub mod completeness;
+pub mod engine;
+pub mod imaging;
+pub mod pdf;
+pub mod records;
+pub mod runner;
+pub mod task;

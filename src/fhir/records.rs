@@ -1,0 +1,352 @@
+//! The workflow's storage port ([`Records`]) on the FHIR resource store, and
+//! [`CaseTx`], the transaction every client write runs in: it notes what
+//! the interaction wrote and lets the workflow react inside the same
+//! transaction before it commits, so a referral and its case Task (or a
+//! document and the case it completes) are stored together or not at all.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use super::outcome::Issue;
+use super::rest::{self, Ctx};
+use super::{search, FhirError};
+use crate::ids::PartnerId;
+use crate::store::fhir::{
+    Clause, ResourcePage, ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort,
+    StoredResource,
+};
+use crate::store::MetaError;
+use crate::workflow::engine::{Notice, Written, REFERRAL_PROFILE};
+use crate::workflow::records::{Record, RecordStore, Records, RecordsTx, WorkflowError};
+
+/// Most results one workflow search reads (a patient's documents, a
+/// specialist's cases); more is a sign of a runaway query.
+const SEARCH_CAP: usize = 10_000;
+
+impl From<WorkflowError> for FhirError {
+    fn from(e: WorkflowError) -> FhirError {
+        match e {
+            WorkflowError::Refused(refusal) => FhirError::new(
+                StatusCode::CONFLICT,
+                Issue::error("business-rule", refusal.to_string()),
+            ),
+            WorkflowError::Invalid(why) => FhirError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Issue::error("business-rule", why),
+            ),
+            WorkflowError::NotFound(what) => FhirError::new(
+                StatusCode::NOT_FOUND,
+                Issue::error("not-found", format!("{what} is not known")),
+            ),
+            WorkflowError::Store(detail) => FhirError::unavailable(&detail, "resource store"),
+            WorkflowError::Defect { .. } => {
+                tracing::error!(error = %e, "workflow defect");
+                FhirError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Issue::error(
+                        "exception",
+                        "the workflow could not complete this step (a defect, logged); nothing was changed",
+                    ),
+                )
+            }
+        }
+    }
+}
+
+fn store_error(e: MetaError) -> WorkflowError {
+    WorkflowError::Store(e.to_string())
+}
+
+fn record_of(stored: StoredResource) -> Option<Record> {
+    let body: Value = serde_json::from_str(stored.body.as_deref()?).ok()?;
+    Some(Record {
+        resource_type: stored.resource_type,
+        id: stored.id,
+        version: stored.version,
+        partner: stored.partner,
+        body,
+        updated_ms: stored.updated_ms,
+    })
+}
+
+/// [`Records`] on one open resource-store transaction.
+pub struct StoreRecords {
+    tx: Box<dyn ResourceTx>,
+}
+
+impl StoreRecords {
+    async fn store(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+        partner: Option<PartnerId>,
+        method: &str,
+        mut body: Value,
+    ) -> Result<Record, WorkflowError> {
+        let issues = rest::validation(resource_type, &body, &[]).await;
+        let errors: Vec<String> = issues
+            .iter()
+            .filter(|i| i.is_error())
+            .map(|i| i.to_json().to_string())
+            .collect();
+        if !errors.is_empty() {
+            return Err(WorkflowError::Defect {
+                resource_type: resource_type.to_owned(),
+                findings: errors.join("; "),
+            });
+        }
+        let stored = rest::write_version(
+            self.tx.as_mut(),
+            resource_type,
+            id,
+            version,
+            partner,
+            method,
+            &mut body,
+            None,
+        )
+        .await
+        .map_err(store_error)?;
+        Ok(Record {
+            resource_type: stored.resource_type,
+            id: stored.id,
+            version: stored.version,
+            partner: stored.partner,
+            body,
+            updated_ms: stored.updated_ms,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Records for StoreRecords {
+    async fn read(&mut self, reference: &str) -> Result<Option<Record>, WorkflowError> {
+        let Some((resource_type, id)) = reference.split_once('/') else {
+            return Ok(None);
+        };
+        let stored = self
+            .tx
+            .current(resource_type, id)
+            .await
+            .map_err(store_error)?;
+        Ok(stored.and_then(record_of))
+    }
+
+    async fn search(
+        &mut self,
+        resource_type: &str,
+        query: &str,
+    ) -> Result<Vec<Record>, WorkflowError> {
+        let mut clauses: Vec<Clause> = Vec::new();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            match search::parse_param(resource_type, &name, &value) {
+                Ok(Some(clause)) => clauses.push(clause),
+                // The workflow's own queries: a wrong one is a defect.
+                _ => {
+                    return Err(WorkflowError::Defect {
+                        resource_type: resource_type.to_owned(),
+                        findings: format!("search '{query}' is not supported"),
+                    })
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page: ResourcePage = self
+                .tx
+                .search(&ResourceQuery {
+                    resource_type: resource_type.to_owned(),
+                    partners: None,
+                    clauses: clauses.clone(),
+                    sort: Sort::Created,
+                    after,
+                    count: 500,
+                    want_total: false,
+                })
+                .await
+                .map_err(store_error)?;
+            out.extend(page.resources.into_iter().filter_map(record_of));
+            match page.next {
+                Some(next) if out.len() < SEARCH_CAP => after = Some(next),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        partner: Option<PartnerId>,
+        body: Value,
+    ) -> Result<Record, WorkflowError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.store(resource_type, &id, 1, partner, "POST", body)
+            .await
+    }
+
+    async fn update(&mut self, record: &Record) -> Result<Record, WorkflowError> {
+        let current = self
+            .tx
+            .current(&record.resource_type, &record.id)
+            .await
+            .map_err(store_error)?;
+        let version = current.map_or(0, |c| c.version) + 1;
+        self.store(
+            &record.resource_type,
+            &record.id,
+            version,
+            record.partner.clone(),
+            "PUT",
+            record.body.clone(),
+        )
+        .await
+    }
+
+    async fn put(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        body: Value,
+    ) -> Result<Record, WorkflowError> {
+        let current = self
+            .tx
+            .current(resource_type, id)
+            .await
+            .map_err(store_error)?;
+        let version = current.map_or(0, |c| c.version) + 1;
+        self.store(resource_type, id, version, None, "PUT", body)
+            .await
+    }
+
+    async fn referral_findings(&mut self, service_request: &Value) -> Vec<String> {
+        rest::validation(
+            "ServiceRequest",
+            service_request,
+            &[REFERRAL_PROFILE.to_owned()],
+        )
+        .await
+        .into_iter()
+        .filter(Issue::is_error)
+        .map(|i| match &i.expression {
+            Some(at) => format!("{at}: {}", i.diagnostics),
+            None => i.diagnostics,
+        })
+        .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl RecordsTx for StoreRecords {
+    fn records(&mut self) -> &mut dyn Records {
+        self
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), WorkflowError> {
+        self.tx.commit().await.map_err(store_error)
+    }
+}
+
+/// Workflow transactions for work no client request carries.
+pub struct ResourceRecordStore {
+    pub resources: Arc<dyn ResourceStore>,
+}
+
+#[async_trait::async_trait]
+impl RecordStore for ResourceRecordStore {
+    async fn begin(&self) -> Result<Box<dyn RecordsTx>, WorkflowError> {
+        let tx = self.resources.begin().await.map_err(store_error)?;
+        Ok(Box::new(StoreRecords { tx }))
+    }
+}
+
+/// The transaction of one client interaction (a request or a whole
+/// transaction Bundle). Commit with [`CaseTx::finish`].
+pub struct CaseTx {
+    records: StoreRecords,
+    written: Vec<Written>,
+}
+
+impl CaseTx {
+    pub async fn begin(resources: &dyn ResourceStore) -> Result<CaseTx, FhirError> {
+        Ok(CaseTx {
+            records: StoreRecords {
+                tx: resources.begin().await?,
+            },
+            written: Vec::new(),
+        })
+    }
+
+    /// Let the workflow react to what was written, then commit. Returns
+    /// what the caller should be told (as warnings).
+    pub async fn finish(mut self, ctx: &Ctx) -> Result<Vec<Notice>, FhirError> {
+        let written = std::mem::take(&mut self.written);
+        let notices = if written.is_empty() {
+            Vec::new()
+        } else {
+            let (_, now_ms) = rest::now();
+            ctx.app
+                .workflow
+                .react(&mut self.records, &ctx.caller, &written, now_ms)
+                .await?
+        };
+        self.records.tx.commit().await?;
+        Ok(notices)
+    }
+}
+
+#[async_trait::async_trait]
+impl ResourceTx for CaseTx {
+    async fn current(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<Option<StoredResource>, MetaError> {
+        self.records.tx.current(resource_type, id).await
+    }
+
+    async fn search(&mut self, query: &ResourceQuery) -> Result<ResourcePage, MetaError> {
+        self.records.tx.search(query).await
+    }
+
+    async fn write(&mut self, write: &ResourceWrite) -> Result<(), MetaError> {
+        let resource = &write.resource;
+        let previous = if resource.resource_type == "Task" {
+            self.records
+                .tx
+                .current(&resource.resource_type, &resource.id)
+                .await?
+                .and_then(|p| p.body)
+                .and_then(|b| serde_json::from_str(&b).ok())
+        } else {
+            None
+        };
+        self.records.tx.write(write).await?;
+        self.written.push(Written {
+            resource_type: resource.resource_type.clone(),
+            id: resource.id.clone(),
+            deleted: resource.body.is_none(),
+            previous,
+        });
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), MetaError> {
+        // Every caller commits with `finish`, which runs the workflow.
+        self.records.tx.commit().await
+    }
+}
+
+/// Notices about `stored`, as warnings for its answer.
+pub fn warnings_for(notices: &[Notice], resource_type: &str, id: &str) -> Vec<Issue> {
+    let reference = format!("{resource_type}/{id}");
+    notices
+        .iter()
+        .filter(|n| n.reference == reference)
+        .map(|n| Issue::warning("business-rule", n.text.clone()).at(resource_type.to_owned()))
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! What the workflow needs from storage: FHIR resources as JSON, read, found
+//! and written inside one atomic unit. The workflow defines this port; the
+//! FHIR layer implements it on its resource store (validating and indexing
+//! what the workflow writes, exactly as for a client's write).
+
+use serde_json::Value;
+
+use super::case::Refusal;
+use crate::ids::PartnerId;
+
+/// One current resource.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub resource_type: String,
+    pub id: String,
+    pub version: i64,
+    /// The partner the resource belongs to (who may read it); `None`: the
+    /// service's own, visible to staff only.
+    pub partner: Option<PartnerId>,
+    pub body: Value,
+    /// When this version was written, ms since the epoch.
+    pub updated_ms: i64,
+}
+
+impl Record {
+    /// `Type/id`.
+    pub fn reference(&self) -> String {
+        format!("{}/{}", self.resource_type, self.id)
+    }
+}
+
+/// Why the workflow could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// The case's state does not allow it (a guard of the state machine).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The request cannot be used as it is (says what to change).
+    #[error("{0}")]
+    Invalid(String),
+    /// What the request names does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The store failed; nothing was changed.
+    #[error("storage: {0}")]
+    Store(String),
+    /// The workflow built a resource the validator refuses: a defect of
+    /// ours, never of the caller's input.
+    #[error("the workflow built an invalid {resource_type}: {findings}")]
+    Defect {
+        resource_type: String,
+        findings: String,
+    },
+}
+
+/// Resources inside one open store transaction.
+#[async_trait::async_trait]
+pub trait Records: Send {
+    /// The current version of `Type/id`, unless deleted or absent.
+    async fn read(&mut self, reference: &str) -> Result<Option<Record>, WorkflowError>;
+    /// Current resources matching FHIR search parameters
+    /// (`focus=ServiceRequest/1&status=requested`), of every partner, in
+    /// order of creation.
+    async fn search(
+        &mut self,
+        resource_type: &str,
+        query: &str,
+    ) -> Result<Vec<Record>, WorkflowError>;
+    /// Store a new resource (a new id is assigned).
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        partner: Option<PartnerId>,
+        body: Value,
+    ) -> Result<Record, WorkflowError>;
+    /// Store `record.body` as the next version of `record`, owned by
+    /// `record.partner`.
+    async fn update(&mut self, record: &Record) -> Result<Record, WorkflowError>;
+    /// Store a resource under an id the workflow chose (the service's own
+    /// Organization and Endpoint), creating or replacing it.
+    async fn put(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        body: Value,
+    ) -> Result<Record, WorkflowError>;
+    /// Why `service_request` does not meet the referral profile (empty: it
+    /// does).
+    async fn referral_findings(&mut self, service_request: &Value) -> Vec<String>;
+}
+
+/// Where [`Records`] transactions come from (for work that no client
+/// request carries: study arrivals, timers, `$operations`).
+#[async_trait::async_trait]
+pub trait RecordStore: Send + Sync + 'static {
+    async fn begin(&self) -> Result<Box<dyn RecordsTx>, WorkflowError>;
+}
+
+/// A [`Records`] transaction that can be committed (dropping it rolls back).
+#[async_trait::async_trait]
+pub trait RecordsTx: Records {
+    fn records(&mut self) -> &mut dyn Records;
+    async fn commit(self: Box<Self>) -> Result<(), WorkflowError>;
+}
+
+/// Reference string of a `Reference` element (`{"reference": "Type/id"}`).
+pub fn reference_of(element: Option<&Value>) -> Option<&str> {
+    element?.get("reference")?.as_str()
+}
+
+/// Whether a CodeableConcept (or a list of them) holds `system|code`.
+pub fn has_coding(concept: Option<&Value>, system: &str, code: &str) -> bool {
+    codes(concept, system).any(|c| c == code)
+}
+
+/// The codes of `system` in a CodeableConcept or a list of them.
+pub fn codes<'v>(concept: Option<&'v Value>, system: &'v str) -> impl Iterator<Item = &'v str> {
+    let concepts: Vec<&Value> = match concept {
+        Some(Value::Array(list)) => list.iter().collect(),
+        Some(one) => vec![one],
+        None => vec![],
+    };
+    concepts
+        .into_iter()
+        .filter_map(|c| c.get("coding").and_then(Value::as_array))
+        .flatten()
+        .filter(move |c| c.get("system").and_then(Value::as_str) == Some(system))
+        .filter_map(|c| c.get("code").and_then(Value::as_str))
+}

@@ -1,0 +1,121 @@
+//! The workflow's background work: reconciling studies as they arrive
+//! (the ingest pipeline reports each stored instance's study) and the
+//! time-driven checks (quiet periods, stale records, expiring consents).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::engine::Workflow;
+use super::imaging::StudySummary;
+use super::records::{RecordStore, WorkflowError};
+use crate::ids::{PartnerId, Uid};
+use crate::store::MetadataStore;
+
+/// A study some of whose instances were just stored.
+pub type StudyKey = (PartnerId, Uid);
+
+/// How the ingest pipeline reports stored instances (cheap: no I/O).
+#[derive(Clone)]
+pub struct Arrivals {
+    tx: mpsc::UnboundedSender<StudyKey>,
+}
+
+impl Arrivals {
+    pub fn channel() -> (Arrivals, mpsc::UnboundedReceiver<StudyKey>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arrivals { tx }, rx)
+    }
+
+    /// Report a study; dropped silently when no runner listens (a
+    /// `konsil import` process reconciles what it imported itself).
+    pub fn report(&self, partner: &PartnerId, study: &Uid) {
+        let _ = self.tx.send((partner.clone(), study.clone()));
+    }
+}
+
+/// Arrivals are gathered this long, so a burst of instances of one study
+/// makes one reconciliation.
+const GATHER: Duration = Duration::from_millis(250);
+
+/// What the runner works with.
+pub struct Runner {
+    pub workflow: Arc<Workflow>,
+    pub records: Arc<dyn RecordStore>,
+    pub index: Arc<dyn MetadataStore>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Runner {
+    /// Reconcile one study in its own transaction.
+    pub async fn reconcile(&self, key: &StudyKey) -> Result<(), WorkflowError> {
+        let Some(summary) = StudySummary::load(&*self.index, &key.0, &key.1).await? else {
+            return Ok(());
+        };
+        let mut tx = self.records.begin().await?;
+        self.workflow
+            .reconcile(tx.records(), &summary, now_ms())
+            .await?;
+        tx.commit().await
+    }
+
+    /// Run the time-driven checks once.
+    pub async fn tick(&self) -> Result<usize, WorkflowError> {
+        let mut tx = self.records.begin().await?;
+        let moved = self.workflow.tick(tx.records(), now_ms()).await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Until `stop` turns true: reconcile arriving studies, tick on the
+    /// configured interval.
+    pub async fn run(
+        self,
+        mut arrivals: mpsc::UnboundedReceiver<StudyKey>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let period = Duration::from_secs(self.workflow.config.check_interval_secs);
+        let mut ticker = tokio::time::interval(period);
+        // Studies whose reconciliation failed (a busy or failing store):
+        // tried again at each tick until it works.
+        let mut retry: BTreeSet<StudyKey> = BTreeSet::new();
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = arrivals.recv() => {
+                    let Some(first) = first else { break };
+                    let mut pending = BTreeSet::from([first]);
+                    tokio::time::sleep(GATHER).await;
+                    while let Ok(more) = arrivals.try_recv() {
+                        pending.insert(more);
+                    }
+                    for key in pending {
+                        if let Err(e) = self.reconcile(&key).await {
+                            tracing::warn!(partner = %key.0, error = %e, "study reconciliation failed; tried again at the next check");
+                            retry.insert(key);
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    for key in std::mem::take(&mut retry) {
+                        if let Err(e) = self.reconcile(&key).await {
+                            tracing::warn!(partner = %key.0, error = %e, "study reconciliation failed again");
+                            retry.insert(key);
+                        }
+                    }
+                    match self.tick().await {
+                        Ok(0) => {}
+                        Ok(moved) => tracing::info!(cases = moved, "time-driven checks moved cases"),
+                        Err(e) => tracing::warn!(error = %e, "time-driven case checks failed"),
+                    }
+                }
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            }
+        }
+    }
+}
