@@ -163,6 +163,22 @@ impl App {
         ))
     }
 
+    /// The Subscription notification deliverer.
+    pub fn deliverer(&self) -> Result<crate::notify::Deliverer, reqwest::Error> {
+        let fhir_base = self
+            .config
+            .fhir
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/fhir", self.config.server.http));
+        crate::notify::Deliverer::new(
+            Arc::clone(&self.resources),
+            Arc::clone(&self.cases),
+            self.config.workflow.clone(),
+            fhir_base.trim_end_matches('/').to_owned(),
+        )
+    }
+
     /// The base URL clients use for an edge at `path` (`/fhir`): the
     /// configured public URL, else from the request's Host header.
     pub fn public_base(

@@ -244,6 +244,12 @@ pub struct WorkflowConfig {
     pub follow_up_days: u64,
     /// Submitted records of cases inactive this many months are discarded.
     pub retention_months: u32,
+    /// A Subscription notification is retried for this many days.
+    pub notify_retry_days: u64,
+    /// First retry after this many seconds; each later one waits twice as
+    /// long, up to `notify_max_backoff_secs`.
+    pub notify_first_retry_secs: u64,
+    pub notify_max_backoff_secs: u64,
 }
 
 impl Default for WorkflowConfig {
@@ -256,6 +262,9 @@ impl Default for WorkflowConfig {
             check_interval_secs: 60,
             follow_up_days: 90,
             retention_months: 6,
+            notify_retry_days: 3,
+            notify_first_retry_secs: 30,
+            notify_max_backoff_secs: 3600,
         }
     }
 }
@@ -284,6 +293,22 @@ impl WorkflowConfig {
         }
         if let Some(v) = get("retention_months") {
             self.retention_months = parse_value("workflow.retention_months", v)?;
+        }
+        if let Some(v) = get("notify_retry_days") {
+            self.notify_retry_days = parse_value("workflow.notify_retry_days", v)?;
+        }
+        if let Some(v) = get("notify_first_retry_secs") {
+            self.notify_first_retry_secs = parse_value("workflow.notify_first_retry_secs", v)?;
+        }
+        if let Some(v) = get("notify_max_backoff_secs") {
+            self.notify_max_backoff_secs = parse_value("workflow.notify_max_backoff_secs", v)?;
+        }
+        if self.notify_first_retry_secs == 0 {
+            return Err(value_error(
+                "workflow.notify_first_retry_secs",
+                "0",
+                "must be at least 1",
+            ));
         }
         if self.check_interval_secs == 0 {
             return Err(value_error(

@@ -28,6 +28,7 @@ pub mod ids;
 pub mod import;
 pub mod ingest;
 pub mod metrics;
+pub mod notify;
 pub mod ops;
 pub mod store;
 pub mod workflow;
@@ -62,6 +63,13 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
     let workflow = app
         .runner()
         .map(|(runner, arrivals)| tokio::spawn(runner.run(arrivals, stop_rx.clone())));
+    let deliverer = match app.deliverer() {
+        Ok(d) => Some(tokio::spawn(d.run(stop_rx.clone()))),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the notification deliverer; Subscriptions will not be notified");
+            None
+        }
+    };
     let mut http_stop = stop_rx;
     let router = app.router();
     let http = tokio::spawn(async move {
@@ -84,7 +92,7 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
     let _ = dimse.await;
     let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_secs);
     let _ = tokio::time::timeout(grace, http).await;
-    if let Some(workflow) = workflow {
-        let _ = tokio::time::timeout(grace, workflow).await;
+    for task in [workflow, deliverer].into_iter().flatten() {
+        let _ = tokio::time::timeout(grace, task).await;
     }
 }

@@ -21,10 +21,6 @@ fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/fhir-r4/package")
 }
 
-fn node_modules() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/node/node_modules")
-}
-
 fn example(name: &str) -> Value {
     let path = examples_dir().join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| {
@@ -219,28 +215,6 @@ fn compact_base64(mut resource: Value) -> Value {
     }
     walk(&mut resource);
     resource
-}
-
-/// Run @medplum/core and FHIR.js over `resources`.
-fn public_validators(resources: &[Value]) -> Vec<Value> {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("resources.json");
-    std::fs::write(&input, serde_json::to_vec(resources).unwrap()).unwrap();
-    let out = Command::new("node")
-        // @medplum/core 5 expects Node 22's global WebSocket.
-        .arg("--experimental-websocket")
-        .arg(peers_dir().join("fhir_validate.mjs"))
-        .arg(&input)
-        .env("KONSIL_NODE_MODULES", node_modules())
-        .output()
-        .expect("node");
-    assert!(
-        out.status.success(),
-        "fhir_validate.mjs: {}",
-        stderr(&out).chars().take(2000).collect::<String>()
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("validator report");
-    report.as_array().unwrap().clone()
 }
 
 /// The JSON without the server-assigned parts: id, meta.versionId,

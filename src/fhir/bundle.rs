@@ -360,10 +360,10 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         .map_err(|e| at_entry(e, entry))?;
         results[i] = Some(result);
     }
-    let notices = tx.finish(ctx).await?;
+    let finished = tx.finish(ctx).await?;
     for result in results.iter_mut().flatten() {
         if let EntryResult::Written(w) = result {
-            w.add_notices(&notices);
+            w.settle(&finished);
         }
     }
     // 4. Reads see the committed state.
@@ -562,9 +562,9 @@ async fn batch_write(ctx: &Ctx, entry: &Entry) -> Result<EntryResult, FhirError>
     let mut tx = ctx.begin().await?;
     let (id, matched) = plan_write(&mut tx, ctx, entry, resource_type).await?;
     let mut result = write_entry(&mut tx, ctx, entry, resource_type, id, matched).await?;
-    let notices = tx.finish(ctx).await?;
+    let finished = tx.finish(ctx).await?;
     if let EntryResult::Written(w) = &mut result {
-        w.add_notices(&notices);
+        w.settle(&finished);
     }
     Ok(result)
 }

@@ -39,6 +39,11 @@ pub use rest::SUPPORTED;
 /// FHIR JSON.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
+/// Whether this server serves `resource_type`.
+pub fn served(resource_type: &str) -> bool {
+    rest::SUPPORTED.contains(&resource_type)
+}
+
 /// The routes under `/fhir`.
 pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
     // Bodies are read by `rest::collect`, which applies

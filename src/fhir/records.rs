@@ -4,6 +4,7 @@
 //! transaction before it commits, so a referral and its case Task (or a
 //! document and the case it completes) are stored together or not at all.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -13,6 +14,7 @@ use super::outcome::Issue;
 use super::rest::{self, Ctx};
 use super::{search, FhirError};
 use crate::ids::PartnerId;
+use crate::notify::{self, Changed};
 use crate::store::fhir::{
     Clause, ResourcePage, ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort,
     StoredResource,
@@ -74,6 +76,8 @@ fn record_of(stored: StoredResource) -> Option<Record> {
 /// [`Records`] on one open resource-store transaction.
 pub struct StoreRecords {
     tx: Box<dyn ResourceTx>,
+    /// The latest version the workflow wrote of each resource.
+    rewritten: HashMap<(String, String), StoredResource>,
 }
 
 impl StoreRecords {
@@ -110,6 +114,10 @@ impl StoreRecords {
         )
         .await
         .map_err(store_error)?;
+        self.rewritten.insert(
+            (stored.resource_type.clone(), stored.id.clone()),
+            stored.clone(),
+        );
         Ok(Record {
             resource_type: stored.resource_type,
             id: stored.id,
@@ -240,6 +248,21 @@ impl Records for StoreRecords {
     }
 }
 
+impl StoreRecords {
+    /// Announce what was written to the Subscriptions it matches, then
+    /// commit.
+    async fn announce_and_commit(mut self, mut changed: Vec<Changed>) -> Result<(), MetaError> {
+        changed.extend(self.rewritten.values().map(|s| Changed {
+            resource_type: s.resource_type.clone(),
+            id: s.id.clone(),
+            partner: s.partner.clone(),
+        }));
+        let (_, now_ms) = rest::now();
+        notify::announce(self.tx.as_mut(), &changed, now_ms).await?;
+        self.tx.commit().await
+    }
+}
+
 #[async_trait::async_trait]
 impl RecordsTx for StoreRecords {
     fn records(&mut self) -> &mut dyn Records {
@@ -247,7 +270,9 @@ impl RecordsTx for StoreRecords {
     }
 
     async fn commit(self: Box<Self>) -> Result<(), WorkflowError> {
-        self.tx.commit().await.map_err(store_error)
+        self.announce_and_commit(Vec::new())
+            .await
+            .map_err(store_error)
     }
 }
 
@@ -260,7 +285,10 @@ pub struct ResourceRecordStore {
 impl RecordStore for ResourceRecordStore {
     async fn begin(&self) -> Result<Box<dyn RecordsTx>, WorkflowError> {
         let tx = self.resources.begin().await.map_err(store_error)?;
-        Ok(Box::new(StoreRecords { tx }))
+        Ok(Box::new(StoreRecords {
+            tx,
+            rewritten: HashMap::new(),
+        }))
     }
 }
 
@@ -269,6 +297,8 @@ impl RecordStore for ResourceRecordStore {
 pub struct CaseTx {
     records: StoreRecords,
     written: Vec<Written>,
+    /// What the client's interaction wrote, for the Subscriptions.
+    changed: Vec<Changed>,
 }
 
 impl CaseTx {
@@ -276,26 +306,61 @@ impl CaseTx {
         Ok(CaseTx {
             records: StoreRecords {
                 tx: resources.begin().await?,
+                rewritten: HashMap::new(),
             },
             written: Vec::new(),
+            changed: Vec::new(),
         })
     }
 
     /// Let the workflow react to what was written, then commit. Returns
-    /// what the caller should be told (as warnings).
-    pub async fn finish(mut self, ctx: &Ctx) -> Result<Vec<Notice>, FhirError> {
+    /// what the caller should be told, and the resources the workflow
+    /// wrote again (an adopted Task answers with its case state).
+    pub async fn finish(mut self, ctx: &Ctx) -> Result<Finished, FhirError> {
         let written = std::mem::take(&mut self.written);
+        let (_, now_ms) = rest::now();
+        // The server, not the client, says whether a Subscription is active.
+        for w in written
+            .iter()
+            .filter(|w| w.resource_type == "Subscription" && !w.deleted)
+        {
+            if let Some(mut subscription) =
+                self.records.read(&format!("Subscription/{}", w.id)).await?
+            {
+                if let Some(next) = notify::activation(&subscription.body) {
+                    subscription.body = next;
+                    self.records.update(&subscription).await?;
+                }
+            }
+        }
         let notices = if written.is_empty() {
             Vec::new()
         } else {
-            let (_, now_ms) = rest::now();
             ctx.app
                 .workflow
                 .react(&mut self.records, &ctx.caller, &written, now_ms)
                 .await?
         };
-        self.records.tx.commit().await?;
-        Ok(notices)
+        let rewritten = self.records.rewritten.clone();
+        self.records.announce_and_commit(self.changed).await?;
+        Ok(Finished { notices, rewritten })
+    }
+}
+
+/// What the workflow made of an interaction.
+pub struct Finished {
+    pub notices: Vec<Notice>,
+    pub rewritten: HashMap<(String, String), StoredResource>,
+}
+
+impl Finished {
+    /// The version to answer with for `stored`, and the warnings about it.
+    pub fn settle(&self, stored: &mut StoredResource) -> Vec<Issue> {
+        let key = (stored.resource_type.clone(), stored.id.clone());
+        if let Some(latest) = self.rewritten.get(&key) {
+            *stored = latest.clone();
+        }
+        warnings_for(&self.notices, &stored.resource_type, &stored.id)
     }
 }
 
@@ -326,6 +391,11 @@ impl ResourceTx for CaseTx {
             None
         };
         self.records.tx.write(write).await?;
+        self.changed.push(Changed {
+            resource_type: resource.resource_type.clone(),
+            id: resource.id.clone(),
+            partner: resource.partner.clone(),
+        });
         self.written.push(Written {
             resource_type: resource.resource_type.clone(),
             id: resource.id.clone(),
@@ -335,6 +405,18 @@ impl ResourceTx for CaseTx {
         Ok(())
     }
 
+    async fn enqueue_notification(
+        &mut self,
+        subscription_id: &str,
+        focus: &str,
+        now_ms: i64,
+    ) -> Result<(), MetaError> {
+        self.records
+            .tx
+            .enqueue_notification(subscription_id, focus, now_ms)
+            .await
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), MetaError> {
         // Every caller commits with `finish`, which runs the workflow.
         self.records.tx.commit().await
@@ -342,7 +424,7 @@ impl ResourceTx for CaseTx {
 }
 
 /// Notices about `stored`, as warnings for its answer.
-pub fn warnings_for(notices: &[Notice], resource_type: &str, id: &str) -> Vec<Issue> {
+fn warnings_for(notices: &[Notice], resource_type: &str, id: &str) -> Vec<Issue> {
     let reference = format!("{resource_type}/{id}");
     notices
         .iter()

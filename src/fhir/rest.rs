@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::binary;
 use super::definitions::Definitions;
 use super::outcome::{operation_outcome, Issue};
-use super::records::{warnings_for, CaseTx};
+use super::records::{CaseTx, Finished};
 use super::search::{self, ParamKind};
 use super::subset::Subset;
 use super::validate::{is_valid_id, validate_full};
@@ -26,7 +26,6 @@ use crate::store::fhir::{
     Clause, Cursor, HistoryQuery, IndexEntries, ResourceQuery, ResourceTx, ResourceWrite, Sort,
     StoredResource,
 };
-use crate::workflow::engine::Notice;
 
 /// The resource types this server serves (one source: routes, validation
 /// and the CapabilityStatement).
@@ -293,13 +292,11 @@ pub struct Written {
 }
 
 impl Written {
-    /// Add the workflow's notices about this resource as warnings.
-    pub fn add_notices(&mut self, notices: &[Notice]) {
-        self.issues.extend(warnings_for(
-            notices,
-            &self.stored.resource_type,
-            &self.stored.id,
-        ));
+    /// Answer with what the workflow made of the write: its latest version
+    /// of the resource and its warnings.
+    pub fn settle(&mut self, finished: &Finished) {
+        let warnings = finished.settle(&mut self.stored);
+        self.issues.extend(warnings);
     }
 }
 
@@ -706,8 +703,8 @@ pub async fn create(
                 None,
             )
             .await?;
-            let notices = tx.finish(&ctx).await?;
-            written.add_notices(&notices);
+            let finished = tx.finish(&ctx).await?;
+            written.settle(&finished);
             Ok(resource_response(
                 &ctx,
                 &written,
@@ -885,8 +882,8 @@ async fn put(
         "PUT",
     )
     .await?;
-    let notices = tx.finish(ctx).await?;
-    written.add_notices(&notices);
+    let finished = tx.finish(ctx).await?;
+    written.settle(&finished);
     Ok(resource_response(ctx, &written, true))
 }
 
@@ -1004,8 +1001,8 @@ pub async fn patch(
                 header_str(&headers, "if-match"),
             )
             .await?;
-            let notices = tx.finish(&ctx).await?;
-            written.add_notices(&notices);
+            let finished = tx.finish(&ctx).await?;
+            written.settle(&finished);
             Ok(resource_response(&ctx, &written, false))
         }
         .await,
@@ -1136,6 +1133,7 @@ async fn read_answer(
     {
         return binary::raw_response(&ctx.app, &stored);
     }
+    partner_saw(&ctx, &stored);
     let mut body = binary::with_data(&ctx.app, &stored).await?;
     if let Some(subset) = read_subset(query)? {
         body = super::subset::apply(&body, &subset);
@@ -1156,6 +1154,28 @@ async fn read_answer(
         ..ctx
     };
     Ok(resource_response(&ctx, &written, false))
+}
+
+/// A referring partner read a resource: when it is a case's final
+/// opinion, the workflow may now release the patient's notification
+/// (after the answer, in its own transaction).
+fn partner_saw(ctx: &Ctx, stored: &StoredResource) {
+    if !matches!(ctx.caller, Caller::Partner(_)) || stored.resource_type != "DiagnosticReport" {
+        return;
+    }
+    let app = Arc::clone(&ctx.app);
+    let id = stored.id.clone();
+    tokio::spawn(async move {
+        let released = async {
+            let mut tx = app.cases.begin().await?;
+            let (_, now_ms) = now();
+            app.workflow.opinion_read(tx.records(), &id, now_ms).await?;
+            tx.commit().await
+        };
+        if let Err(e) = released.await {
+            tracing::warn!(error = %e, "releasing the patient notification failed; it is tried again at the next read");
+        }
+    });
 }
 
 /// `_summary` / `_elements` of a read.
@@ -1630,6 +1650,7 @@ pub async fn search(
         _ => s.body.clone(),
     };
     for s in &page.resources {
+        partner_saw(ctx, s);
         bundle.entry(
             Some(&full_url(s)),
             shown(s).as_deref(),

@@ -174,6 +174,32 @@ pub struct HistoryPage {
     pub next: Option<i64>,
 }
 
+/// A pending Subscription notification.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub id: i64,
+    pub subscription_id: String,
+    /// `Type/id` of the resource it announces.
+    pub focus: String,
+    pub created_ms: i64,
+    pub attempts: u32,
+}
+
+/// What became of a delivery attempt.
+#[derive(Debug, Clone)]
+pub enum Attempt {
+    Delivered,
+    /// Failed; try again at `next_ms`.
+    Retry {
+        next_ms: i64,
+        error: String,
+    },
+    /// Failed for the last time (or the subscription is gone).
+    Abandoned {
+        error: String,
+    },
+}
+
 /// FHIR resource storage.
 #[async_trait::async_trait]
 pub trait ResourceStore: Send + Sync + 'static {
@@ -205,6 +231,14 @@ pub trait ResourceStore: Send + Sync + 'static {
     async fn binary_resume_points(
         &self,
     ) -> Result<std::collections::HashMap<String, u64>, MetaError>;
+    /// Pending notifications due at `now_ms`, oldest first.
+    async fn due_notifications(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Notification>, MetaError>;
+    /// Record the outcome of a delivery attempt.
+    async fn record_attempt(&self, id: i64, attempt: &Attempt) -> Result<(), MetaError>;
 }
 
 /// An open write transaction. Dropping it without commit rolls back.
@@ -219,5 +253,13 @@ pub trait ResourceTx: Send {
     /// and references), seeing its own writes.
     async fn search(&mut self, query: &ResourceQuery) -> Result<ResourcePage, MetaError>;
     async fn write(&mut self, write: &ResourceWrite) -> Result<(), MetaError>;
+    /// Queue a notification to `subscription_id` about `focus`, committed
+    /// with the change it announces.
+    async fn enqueue_notification(
+        &mut self,
+        subscription_id: &str,
+        focus: &str,
+        now_ms: i64,
+    ) -> Result<(), MetaError>;
     async fn commit(self: Box<Self>) -> Result<(), MetaError>;
 }

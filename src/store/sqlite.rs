@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "fhir exact string search",
         include_str!("migrations/0004_fhir_exact.sql"),
     ),
+    (
+        5,
+        "notification outbox",
+        include_str!("migrations/0005_outbox.sql"),
+    ),
 ];
 
 /// The index in a SQLite file.

@@ -4,8 +4,8 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::fhir::{
-    Clause, Cursor, DatePrefix, HistoryPage, HistoryQuery, ResourcePage, ResourceQuery,
-    ResourceStore, ResourceTx, ResourceWrite, Sort, StoredResource, StringMatch,
+    Attempt, Clause, Cursor, DatePrefix, HistoryPage, HistoryQuery, Notification, ResourcePage,
+    ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort, StoredResource, StringMatch,
 };
 use super::sqlite::SqliteStore;
 use super::{BlobLocation, MetaError};
@@ -487,6 +487,53 @@ impl ResourceStore for SqliteStore {
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         Ok(Box::new(SqliteResourceTx { tx }))
     }
+
+    async fn due_notifications(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Notification>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT id, subscription_id, focus, created_ms, attempts FROM notification_outbox
+             WHERE state = 'pending' AND next_attempt_ms <= ? ORDER BY next_attempt_ms, id LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let attempts: i64 = row.try_get("attempts")?;
+                Ok(Notification {
+                    id: row.try_get("id")?,
+                    subscription_id: row.try_get("subscription_id")?,
+                    focus: row.try_get("focus")?,
+                    created_ms: row.try_get("created_ms")?,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                })
+            })
+            .collect()
+    }
+
+    async fn record_attempt(&self, id: i64, attempt: &Attempt) -> Result<(), MetaError> {
+        let (state, next, error) = match attempt {
+            Attempt::Delivered => ("delivered", None, None),
+            Attempt::Retry { next_ms, error } => ("pending", Some(*next_ms), Some(error.as_str())),
+            Attempt::Abandoned { error } => ("abandoned", None, Some(error.as_str())),
+        };
+        sqlx::query(
+            "UPDATE notification_outbox SET state = ?, attempts = attempts + 1,
+                next_attempt_ms = coalesce(?, next_attempt_ms), last_error = ?
+             WHERE id = ?",
+        )
+        .bind(state)
+        .bind(next)
+        .bind(error)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
 }
 
 struct SqliteResourceTx {
@@ -603,6 +650,25 @@ impl ResourceTx for SqliteResourceTx {
             });
             qb.build().execute(&mut *self.tx).await?;
         }
+        Ok(())
+    }
+
+    async fn enqueue_notification(
+        &mut self,
+        subscription_id: &str,
+        focus: &str,
+        now_ms: i64,
+    ) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO notification_outbox (subscription_id, focus, created_ms, next_attempt_ms)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(subscription_id)
+        .bind(focus)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 

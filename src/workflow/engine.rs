@@ -30,6 +30,8 @@ pub const SPECIALTY: &str = "http://konsil.dev/fhir/CodeSystem/specialty";
 pub const ANNOUNCED_INSTANCES: &str =
     "http://konsil.dev/fhir/StructureDefinition/announced-instances";
 const LOINC: &str = "http://loinc.org";
+/// `Task.output` type code of the patient's notification.
+const PATIENT_NOTIFIED: &str = "patient-notified";
 /// LOINC "Consult note": the document type of the delivered opinion.
 const CONSULT_NOTE: &str = "11488-4";
 
@@ -1029,6 +1031,67 @@ impl Workflow {
         }
         r.update(&file.task).await?;
         Ok(report)
+    }
+
+    /// The referring partner read a final opinion: the patient's
+    /// notification is released now, once (the referrer hears first).
+    pub async fn opinion_read(
+        &self,
+        r: &mut dyn Records,
+        report_id: &str,
+        now_ms: i64,
+    ) -> Result<(), WorkflowError> {
+        let Some(report) = r.read(&format!("DiagnosticReport/{report_id}")).await? else {
+            return Ok(());
+        };
+        if report.body.get("status").and_then(Value::as_str) != Some("final") {
+            return Ok(());
+        }
+        let Some(mut file) = self.case_of_report(r, &report).await? else {
+            return Ok(());
+        };
+        let notified = file
+            .task
+            .body
+            .get("output")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|o| has_coding(o.get("type"), task::CASE_INPUT, PATIENT_NOTIFIED));
+        if notified || file.case.stage != Stage::Delivered {
+            return Ok(());
+        }
+        let Some(patient) = file.patient.clone() else {
+            return Ok(());
+        };
+        let now = instant_text(now_ms);
+        let message = json!({
+            "resourceType": "Communication",
+            "status": "completed",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "notification"}]}],
+            "subject": {"reference": patient},
+            "about": [{"reference": report.reference()}],
+            "sent": now,
+            "sender": {"reference": SERVICE_ORGANIZATION},
+            "recipient": [{"reference": patient}],
+            "payload": [{"contentString": "Your second opinion is complete and has been sent to your referring physician, who will discuss it with you."}],
+        });
+        let message = r
+            .create("Communication", file.partner.clone(), message)
+            .await?;
+        let outputs = file
+            .task
+            .body
+            .as_object_mut()
+            .map(|o| o.entry("output").or_insert_with(|| json!([])));
+        if let Some(Value::Array(outputs)) = outputs {
+            outputs.push(json!({
+                "type": {"coding": [{"system": task::CASE_INPUT, "code": PATIENT_NOTIFIED, "display": "Patient notified"}]},
+                "valueReference": {"reference": message.reference()},
+            }));
+        }
+        r.update(&file.task).await?;
+        Ok(())
     }
 
     /// `$return`: the draft goes back to the specialist with a note (kept

@@ -406,3 +406,30 @@ pub fn assert_same_data_set(sent: &Path, stored: &Path) {
         stderr(&out)
     );
 }
+
+/// Where tests/run installs the Node peers.
+pub fn node_modules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/node/node_modules")
+}
+
+/// Run @medplum/core and FHIR.js over `resources`.
+pub fn public_validators(resources: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("resources.json");
+    std::fs::write(&input, serde_json::to_vec(resources).unwrap()).unwrap();
+    let out = Command::new("node")
+        // @medplum/core 5 expects Node 22's global WebSocket.
+        .arg("--experimental-websocket")
+        .arg(peers_dir().join("fhir_validate.mjs"))
+        .arg(&input)
+        .env("KONSIL_NODE_MODULES", node_modules())
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "fhir_validate.mjs: {}",
+        stderr(&out).chars().take(2000).collect::<String>()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("validator report");
+    report.as_array().unwrap().clone()
+}
