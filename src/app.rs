@@ -15,6 +15,7 @@ use crate::store::sqlite::SqliteStore;
 use crate::store::{BlobStore, MetadataStore};
 use crate::workflow::engine::Workflow;
 use crate::workflow::records::RecordStore;
+use crate::workflow::retention::Retention;
 use crate::workflow::runner::{Arrivals, Runner, StudyKey};
 use tokio::sync::mpsc;
 
@@ -158,9 +159,21 @@ impl App {
                 workflow: Arc::clone(&self.workflow),
                 records: Arc::clone(&self.cases),
                 index: Arc::clone(&self.index),
+                retention: self.retention(),
             },
             arrivals,
         ))
+    }
+
+    /// Retention over this node's stores.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            workflow: Arc::clone(&self.workflow),
+            records: Arc::clone(&self.cases),
+            index: Arc::clone(&self.index),
+            dicom_blobs: Arc::clone(&self.blobs),
+            fhir_blobs: Arc::clone(&self.fhir_blobs),
+        }
     }
 
     /// The Subscription notification deliverer.

@@ -52,6 +52,17 @@ enum Command {
         #[arg(long)]
         partner: String,
     },
+    /// Discard the submitted records (DICOM studies, Binaries, document content) of cases
+    /// inactive for [workflow] retention_months, unless on legal hold; keep the opinion,
+    /// the case skeleton and the audit trail. Prints what it removed. (`serve` runs it daily.)
+    Retention {
+        /// List what would be discarded; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Judge inactivity as if it were this date (YYYY-MM-DD or a FHIR dateTime); default now.
+        #[arg(long)]
+        as_of: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Import { path, partner } => import(config, &path, &partner).await,
+        Command::Retention { dry_run, as_of } => retention(config, dry_run, as_of.as_deref()).await,
     }
 }
 
@@ -133,6 +145,49 @@ async fn import(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn retention(
+    config: config::Config,
+    dry_run: bool,
+    as_of: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let as_of_ms = match as_of {
+        None => chrono::Utc::now().timestamp_millis(),
+        Some(text) => konsil::fhir::search::date_range(text)
+            .map(|(start, _)| start)
+            .with_context(|| {
+                format!("--as-of {text:?} is not a date (YYYY-MM-DD) or a FHIR dateTime")
+            })?,
+    };
+    let app = App::open_without_recovery(config).await?;
+    let reports = app
+        .retention()
+        .run(as_of_ms, dry_run)
+        .await
+        .map_err(|e| anyhow::anyhow!("retention failed: {e}"))?;
+    let verb = if dry_run {
+        "would discard"
+    } else {
+        "discarded"
+    };
+    for r in &reports {
+        println!(
+            "{} (last activity {}): {verb} {} studies ({} instances), the content of {} documents, {} binaries",
+            r.task, r.last_activity, r.studies, r.instances, r.documents, r.binaries
+        );
+    }
+    println!(
+        "{} case(s); retention period {} months{}",
+        reports.len(),
+        app.config.workflow.retention_months,
+        if dry_run {
+            "; dry run, nothing changed"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

@@ -79,6 +79,8 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         );
     }
 
+    retention_discards_the_submitted_records_and_keeps_the_opinion(&gw, facts);
+
     // Every resource the server emitted passes both public validators.
     let resources = result["resources"].as_array().unwrap();
     assert!(resources.len() >= 12, "{} resources", resources.len());
@@ -91,4 +93,156 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         })
         .collect();
     assert!(failures.is_empty(), "validator findings: {failures:#?}");
+}
+
+/// `konsil retention` with a shifted clock (seven months on): the study,
+/// the Binaries and the documents' content go, everywhere (index, history,
+/// segment files); the opinion, the case and the audit trail stay.
+fn retention_discards_the_submitted_records_and_keeps_the_opinion(gw: &Gateway, facts: &Value) {
+    let as_of = (chrono_like_today_plus_days(214)).to_string();
+    let run = |dry: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_konsil"));
+        cmd.args([
+            "--config",
+            gw.config_path().to_str().unwrap(),
+            "retention",
+            "--as-of",
+            &as_of,
+        ]);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd.output().expect("konsil retention");
+        assert!(out.status.success(), "retention: {}", stderr(&out));
+        stdout(&out)
+    };
+    let task = format!("Task/{}", facts["task_id"].as_str().unwrap());
+    // Today nothing is old enough.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_konsil"));
+    cmd.args([
+        "--config",
+        gw.config_path().to_str().unwrap(),
+        "retention",
+        "--dry-run",
+    ]);
+    let today = stdout(&cmd.output().unwrap());
+    assert!(today.starts_with("0 case(s)"), "{today}");
+
+    let dry = run(true);
+    assert!(
+        dry.contains(&task)
+            && dry.contains(
+                "would discard 1 studies (4 instances), the content of 4 documents, 4 binaries"
+            ),
+        "{dry}"
+    );
+    let study_uid = facts["study_uid"].as_str().unwrap();
+    let partner = [("X-Konsil-Partner", "st-mary")];
+    let (status, _) = gw.get_with(&format!("/dicomweb/studies/{study_uid}/metadata"), &partner);
+    assert_eq!(status, 200, "a dry run changes nothing");
+
+    let done = run(false);
+    assert!(
+        done.contains(&task) && done.contains("discarded 1 studies (4 instances)"),
+        "{done}"
+    );
+    let (status, _) = gw.get_with(&format!("/dicomweb/studies/{study_uid}/metadata"), &partner);
+    assert_eq!(status, 404, "the study is gone from DICOMweb");
+    assert_eq!(gw.instance_count(), 0);
+    // The bytes are gone from the segment files too (the patient's name was
+    // in every instance).
+    let mut found = false;
+    for entry in walk(&gw.data_dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        found |= bytes
+            .windows("Jürgen".len())
+            .any(|w| w == "Jürgen".as_bytes());
+    }
+    assert!(!found, "discarded DICOM content still on disk");
+
+    let locations: Vec<&str> = facts["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    for location in &locations {
+        let mut parts = location.split('/');
+        let (kind, id) = (parts.next().unwrap(), parts.next().unwrap());
+        let (status, body) = gw.get_with(&format!("/fhir/{kind}/{id}"), &partner);
+        match kind {
+            "Binary" => {
+                assert_eq!(status, 410, "{location}: {body}");
+                let (status, _) = gw.get_with(&format!("/fhir/{kind}/{id}/_history/1"), &partner);
+                assert_eq!(status, 410, "{location} v1 is purged");
+            }
+            "DocumentReference" => {
+                assert_eq!(status, 200);
+                let doc: Value = serde_json::from_str(&body).unwrap();
+                let attachment = &doc["content"][0]["attachment"];
+                assert!(
+                    attachment.get("url").is_none() && attachment.get("data").is_none(),
+                    "{doc}"
+                );
+                let (status, _) = gw.get_with(&format!("/fhir/{kind}/{id}/_history/1"), &partner);
+                assert_eq!(status, 410, "{location} v1 is purged");
+            }
+            _ => {}
+        }
+    }
+    // Kept: the opinion and its PDF, the case (now closed), the audit trail.
+    let (status, body) = gw.get_with(
+        &format!(
+            "/fhir/DiagnosticReport/{}",
+            facts["report_id"].as_str().unwrap()
+        ),
+        &partner,
+    );
+    assert_eq!(status, 200);
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["status"], "final");
+    assert!(report["presentedForm"][0]["data"].as_str().unwrap().len() > 100);
+    let (_, body) = gw.get_with(
+        &format!(
+            "/fhir/DocumentReference/{}",
+            facts["opinion_document"].as_str().unwrap()
+        ),
+        &partner,
+    );
+    let opinion_doc: Value = serde_json::from_str(&body).unwrap();
+    assert!(opinion_doc["content"][0]["attachment"]["data"].is_string());
+    let (_, body) = gw.get_with(&format!("/fhir/{task}"), &partner);
+    let case: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(case["businessStatus"]["coding"][0]["code"], "closed");
+    assert!(case["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o["type"]["coding"][0]["code"] == "records-discarded"));
+    let (_, body) = gw.get("/fhir/AuditEvent?subtype=retention");
+    assert!(body.contains("DICOM Study Deleted"), "{body}");
+    // A second run finds nothing more to do.
+    assert!(run(false).starts_with("0 case(s)"));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else if path.extension().is_some_and(|e| e == "seg") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Today plus `days`, as YYYY-MM-DD (UTC), without a date crate.
+fn chrono_like_today_plus_days(days: u64) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("+{days} days"), "+%Y-%m-%d"])
+        .output()
+        .expect("date");
+    stdout(&out).trim().to_owned()
 }

@@ -231,6 +231,53 @@ impl Records for StoreRecords {
             .await
     }
 
+    async fn delete(&mut self, reference: &str) -> Result<(), WorkflowError> {
+        let Some((resource_type, id)) = reference.split_once('/') else {
+            return Ok(());
+        };
+        let Some(current) = self
+            .tx
+            .current(resource_type, id)
+            .await
+            .map_err(store_error)?
+            .filter(|c| c.body.is_some())
+        else {
+            return Ok(());
+        };
+        let (last_updated, updated_ms) = rest::now();
+        let deletion = StoredResource {
+            version: current.version + 1,
+            last_updated,
+            updated_ms,
+            body: None,
+            method: "DELETE".to_owned(),
+            blob: None,
+            ..current
+        };
+        self.tx
+            .write(&ResourceWrite {
+                resource: deletion,
+                index: Default::default(),
+                blob_resume_at: None,
+            })
+            .await
+            .map_err(store_error)
+    }
+
+    async fn purge_history(
+        &mut self,
+        reference: &str,
+        below_version: i64,
+    ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError> {
+        let Some((resource_type, id)) = reference.split_once('/') else {
+            return Ok(Vec::new());
+        };
+        self.tx
+            .purge_history(resource_type, id, below_version)
+            .await
+            .map_err(store_error)
+    }
+
     async fn referral_findings(&mut self, service_request: &Value) -> Vec<String> {
         rest::validation(
             "ServiceRequest",
@@ -403,6 +450,18 @@ impl ResourceTx for CaseTx {
             previous,
         });
         Ok(())
+    }
+
+    async fn purge_history(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        below_version: i64,
+    ) -> Result<Vec<crate::store::BlobLocation>, MetaError> {
+        self.records
+            .tx
+            .purge_history(resource_type, id, below_version)
+            .await
     }
 
     async fn enqueue_notification(

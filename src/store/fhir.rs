@@ -253,6 +253,16 @@ pub trait ResourceTx: Send {
     /// and references), seeing its own writes.
     async fn search(&mut self, query: &ResourceQuery) -> Result<ResourcePage, MetaError>;
     async fn write(&mut self, write: &ResourceWrite) -> Result<(), MetaError>;
+    /// Erase the content of every version of a resource below `version`
+    /// (retention: the history keeps that versions existed, not what they
+    /// held; reading one answers as deleted). Returns the blob-store
+    /// objects those versions held, to discard after the commit.
+    async fn purge_history(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        below_version: i64,
+    ) -> Result<Vec<BlobLocation>, MetaError>;
     /// Queue a notification to `subscription_id` about `focus`, committed
     /// with the change it announces.
     async fn enqueue_notification(

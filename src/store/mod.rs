@@ -77,6 +77,9 @@ pub trait BlobStore: Send + Sync + 'static {
     fn recover(&self, resume_at: &HashMap<String, u64>) -> Result<Recovery, BlobError>;
     /// Whether the store is reachable.
     fn ping(&self) -> Result<(), BlobError>;
+    /// Destroy a committed object's content for good (retention), once the
+    /// index no longer points at it. Recovery never brings it back.
+    fn discard(&self, location: &BlobLocation) -> Result<(), BlobError>;
 }
 
 /// An object being written. Dropping it without [`commit`](BlobWrite::commit)
@@ -209,4 +212,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn cached_metadata(&self, ids: &[i64]) -> Result<HashMap<i64, String>, MetaError>;
     /// Keep computed metadata for later requests.
     async fn cache_metadata(&self, entries: &[(i64, String)]) -> Result<(), MetaError>;
+    /// Remove a partner's study from the index (retention). Returns where
+    /// its objects are, for the blob store to discard after this commits.
+    async fn discard_study(
+        &self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Vec<BlobLocation>, MetaError>;
 }

@@ -35,6 +35,9 @@ use super::{
 
 const RECORD_MAGIC: &[u8; 8] = b"KNSLREC1";
 const END_MAGIC: &[u8; 8] = b"KNSLEND1";
+/// Replaces [`RECORD_MAGIC`] when retention discards a record: the record
+/// keeps its length (so a scan steps over it) but is never recovered.
+const DISCARDED_MAGIC: &[u8; 8] = b"KNSLDEL1";
 const HEADER_LEN: u64 = 16;
 /// A segment past this size takes no new records.
 const DEFAULT_SEGMENT_LIMIT: u64 = 1 << 30;
@@ -179,6 +182,46 @@ impl BlobStore for SegmentStore {
         Ok(recovery)
     }
 
+    fn discard(&self, location: &BlobLocation) -> Result<(), BlobError> {
+        let fail = |source| BlobError::Retract(source);
+        let invalid = |why: &str| fail(io::Error::new(io::ErrorKind::InvalidInput, why.to_owned()));
+        if !is_segment_name(&location.object) || location.offset < HEADER_LEN {
+            return Err(invalid("not a record of this store"));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(&location.object))
+            .map_err(fail)?;
+        let at = location.offset - HEADER_LEN;
+        let mut header = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut header, at).map_err(fail)?;
+        let payload_len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+        let magic = &header[..8];
+        if (magic != RECORD_MAGIC && magic != DISCARDED_MAGIC) || payload_len != location.length {
+            return Err(invalid("the location is not a whole record"));
+        }
+        file.write_all_at(DISCARDED_MAGIC, at).map_err(fail)?;
+        // Give the space back where the file system can; else overwrite.
+        let punched = rustix::fs::fallocate(
+            &file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            location.offset,
+            location.length,
+        );
+        if punched.is_err() {
+            let zeros = vec![0u8; 1 << 20];
+            let mut done = 0;
+            while done < location.length {
+                let n = (location.length - done).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], location.offset + done)
+                    .map_err(fail)?;
+                done += n as u64;
+            }
+        }
+        file.sync_data().map_err(fail)
+    }
+
     fn ping(&self) -> Result<(), BlobError> {
         match fs::metadata(&self.dir) {
             Ok(m) if m.is_dir() => Ok(()),
@@ -213,7 +256,17 @@ fn scan_segment(path: &Path, name: &str, start: u64, recovery: &mut Recovery) ->
     }
     while at < len {
         match read_record(&file, at, len)? {
-            Some((payload_len, label, end)) => {
+            Some(Record {
+                end,
+                discarded: true,
+                ..
+            }) => at = end,
+            Some(Record {
+                payload_len,
+                label,
+                end,
+                ..
+            }) => {
                 recovery.unindexed.push(RecoveredBlob {
                     location: BlobLocation {
                         object: name.to_owned(),
@@ -243,18 +296,29 @@ fn starts_record(file: &File, at: u64, len: u64) -> io::Result<bool> {
     }
     let mut magic = [0u8; 8];
     file.read_exact_at(&mut magic, at)?;
-    Ok(&magic == RECORD_MAGIC)
+    Ok(&magic == RECORD_MAGIC || &magic == DISCARDED_MAGIC)
 }
 
-/// A complete record at `at`: (payload length, label, end offset).
-fn read_record(file: &File, at: u64, len: u64) -> io::Result<Option<(u64, Vec<u8>, u64)>> {
+/// A complete record found by a scan.
+struct Record {
+    payload_len: u64,
+    label: Vec<u8>,
+    /// Offset just past the record.
+    end: u64,
+    /// Retention destroyed its content.
+    discarded: bool,
+}
+
+/// The complete record at `at`, if there is one.
+fn read_record(file: &File, at: u64, len: u64) -> io::Result<Option<Record>> {
     if at + HEADER_LEN > len {
         return Ok(None);
     }
     let mut header = [0u8; HEADER_LEN as usize];
     file.read_exact_at(&mut header, at)?;
     let payload_len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-    if &header[..8] != RECORD_MAGIC || payload_len == 0 {
+    let discarded = &header[..8] == DISCARDED_MAGIC;
+    if (&header[..8] != RECORD_MAGIC && !discarded) || payload_len == 0 {
         return Ok(None);
     }
     let label_at = at + HEADER_LEN + payload_len;
@@ -275,7 +339,12 @@ fn read_record(file: &File, at: u64, len: u64) -> io::Result<Option<(u64, Vec<u8
     }
     let mut label = vec![0u8; label_len as usize];
     file.read_exact_at(&mut label, label_at + 4)?;
-    Ok(Some((payload_len, label, end)))
+    Ok(Some(Record {
+        payload_len,
+        label,
+        end,
+        discarded,
+    }))
 }
 
 fn is_segment_name(name: &str) -> bool {
@@ -576,6 +645,37 @@ mod tests {
         drop(third);
         assert_eq!(read_all(&store, &third_loc), b"third");
         assert_eq!(read_all(&store, &first_loc), b"first object");
+    }
+
+    #[test]
+    fn a_discarded_record_is_destroyed_and_never_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SegmentStore::open(dir.path()).unwrap();
+        let a = write_object(&store, b"patient records")
+            .commit(b"A")
+            .unwrap();
+        let a_loc = a.location().clone();
+        drop(a);
+        let b = write_object(&store, b"kept").commit(b"B").unwrap();
+        let b_loc = b.location().clone();
+        drop(b);
+        store.discard(&a_loc).unwrap();
+        // Idempotent.
+        store.discard(&a_loc).unwrap();
+        assert_eq!(read_all(&store, &a_loc), vec![0u8; a_loc.length as usize]);
+        assert_eq!(read_all(&store, &b_loc), b"kept");
+        // A sub-range is refused (only whole records are discarded).
+        let part = BlobLocation {
+            length: 3,
+            ..b_loc.clone()
+        };
+        assert!(store.discard(&part).is_err());
+        drop(store);
+        let store = SegmentStore::open(dir.path()).unwrap();
+        let found = store.recover(&HashMap::new()).unwrap();
+        let labels: Vec<&[u8]> = found.unindexed.iter().map(|r| r.label.as_slice()).collect();
+        assert_eq!(labels, vec![b"B".as_slice()]);
+        assert_eq!(found.discarded_bytes, 0);
     }
 
     #[test]

@@ -249,6 +249,56 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
+    async fn discard_study(
+        &self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Vec<BlobLocation>, MetaError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(
+            "SELECT blob_object, blob_offset, blob_length FROM instances WHERE partner = ? AND study_uid = ?",
+        )
+        .bind(partner.as_str())
+        .bind(study_uid.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut locations = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let offset: i64 = row.try_get(1)?;
+            let length: i64 = row.try_get(2)?;
+            locations.push(BlobLocation {
+                object: row.try_get(0)?,
+                offset: u64::try_from(offset).unwrap_or(0),
+                length: u64::try_from(length).unwrap_or(0),
+            });
+        }
+        let series: Vec<String> =
+            sqlx::query_scalar("SELECT series_uid FROM series WHERE partner = ? AND study_uid = ?")
+                .bind(partner.as_str())
+                .bind(study_uid.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+        for statement in [
+            "DELETE FROM instance_metadata WHERE instance_id IN (SELECT id FROM instances WHERE partner = ? AND study_uid = ?)",
+            "DELETE FROM instances WHERE partner = ? AND study_uid = ?",
+            "DELETE FROM series WHERE partner = ? AND study_uid = ?",
+            "DELETE FROM studies WHERE partner = ? AND study_uid = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(partner.as_str())
+                .bind(study_uid.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        // The series rows are gone: a later instance must create them again.
+        for uid in series {
+            self.known_series
+                .invalidate(&(partner.as_str().to_owned(), uid));
+        }
+        Ok(locations)
+    }
+
     async fn search(&self, search: &Search) -> Result<Vec<SearchRow>, MetaError> {
         let width = search.columns().count();
         let rows = search_sql(search).build().fetch_all(&self.reader).await?;

@@ -653,6 +653,46 @@ impl ResourceTx for SqliteResourceTx {
         Ok(())
     }
 
+    async fn purge_history(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        below_version: i64,
+    ) -> Result<Vec<BlobLocation>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT h.blob_object, h.blob_offset, h.blob_length FROM fhir_history h
+             JOIN fhir_resource r ON r.rid = h.rid
+             WHERE r.type = ? AND r.id = ? AND h.version < ? AND h.blob_object IS NOT NULL",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(below_version)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut blobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let offset: i64 = row.try_get(1)?;
+            let length: i64 = row.try_get(2)?;
+            blobs.push(BlobLocation {
+                object: row.try_get(0)?,
+                offset: u64::try_from(offset).unwrap_or(0),
+                length: u64::try_from(length).unwrap_or(0),
+            });
+        }
+        blobs.dedup();
+        sqlx::query(
+            "UPDATE fhir_history SET body = NULL, blob_object = NULL, blob_offset = NULL,
+                blob_length = NULL
+             WHERE version < ? AND rid = (SELECT rid FROM fhir_resource WHERE type = ? AND id = ?)",
+        )
+        .bind(below_version)
+        .bind(resource_type)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(blobs)
+    }
+
     async fn enqueue_notification(
         &mut self,
         subscription_id: &str,

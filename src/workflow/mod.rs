@@ -9,6 +9,7 @@
 //!   approval, follow-up) on stored records.
 //! - [`imaging`]: a received study as the DICOM index knows it.
 //! - [`records`]: the storage port the steps run on.
+//! - [`retention`]: discarding the records of inactive cases.
 //! - [`runner`]: the background work (study arrivals, timers).
 //! - [`pdf`]: the approved opinion as a PDF.
 
@@ -18,5 +19,6 @@ pub mod engine;
 pub mod imaging;
 pub mod pdf;
 pub mod records;
+pub mod retention;
 pub mod runner;
 pub mod task;

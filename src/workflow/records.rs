@@ -84,6 +84,15 @@ pub trait Records: Send {
         id: &str,
         body: Value,
     ) -> Result<Record, WorkflowError>;
+    /// Delete `Type/id` (a deletion version; absent is fine).
+    async fn delete(&mut self, reference: &str) -> Result<(), WorkflowError>;
+    /// Erase the content of `Type/id`'s versions below `below_version`;
+    /// returns the blob-store objects they held.
+    async fn purge_history(
+        &mut self,
+        reference: &str,
+        below_version: i64,
+    ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError>;
     /// Why `service_request` does not meet the referral profile (empty: it
     /// does).
     async fn referral_findings(&mut self, service_request: &Value) -> Vec<String>;

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::engine::Workflow;
 use super::imaging::StudySummary;
 use super::records::{RecordStore, WorkflowError};
+use super::retention::Retention;
 use crate::ids::{PartnerId, Uid};
 use crate::store::MetadataStore;
 
@@ -45,7 +46,12 @@ pub struct Runner {
     pub workflow: Arc<Workflow>,
     pub records: Arc<dyn RecordStore>,
     pub index: Arc<dyn MetadataStore>,
+    /// Run once a day.
+    pub retention: Retention,
 }
+
+/// How often retention runs inside `serve`.
+const RETENTION_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -84,6 +90,8 @@ impl Runner {
         // Studies whose reconciliation failed (a busy or failing store):
         // tried again at each tick until it works.
         let mut retry: BTreeSet<StudyKey> = BTreeSet::new();
+        let mut retention = tokio::time::interval(RETENTION_EVERY);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -112,6 +120,13 @@ impl Runner {
                         Ok(0) => {}
                         Ok(moved) => tracing::info!(cases = moved, "time-driven checks moved cases"),
                         Err(e) => tracing::warn!(error = %e, "time-driven case checks failed"),
+                    }
+                }
+                _ = retention.tick() => {
+                    match self.retention.run(now_ms(), false).await {
+                        Ok(cases) if cases.is_empty() => {}
+                        Ok(cases) => tracing::info!(cases = cases.len(), "retention discarded the records of inactive cases"),
+                        Err(e) => tracing::warn!(error = %e, "retention failed; it runs again tomorrow"),
                     }
                 }
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => break,

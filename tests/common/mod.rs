@@ -139,6 +139,18 @@ impl Gateway {
         self.try_get(path).expect("HTTP GET")
     }
 
+    /// GET with request headers (status, body).
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let mut request =
+            reqwest::blocking::Client::new().get(format!("http://127.0.0.1:{}{path}", self.http));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().expect("HTTP GET");
+        let status = response.status().as_u16();
+        (status, response.text().unwrap_or_default())
+    }
+
     /// Peak resident set size so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();

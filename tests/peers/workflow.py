@@ -405,5 +405,9 @@ for e in audits.get("entry", []):
     keep(e["resource"])
 facts["audit_events"] = len(audits.get("entry", []))
 facts["task_id"] = task_id
+facts["study_uid"] = study_uid
+facts["request_id"] = request_id
+facts["locations"] = locations
+facts["opinion_document"] = documents[0].id
 facts["report_id"] = report_id
 json.dump({"facts": facts, "resources": list(emitted.values())}, sys.stdout)

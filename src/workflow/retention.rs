@@ -1,0 +1,396 @@
+//! Retention: the submitted records of a case that has been inactive for
+//! the retention period (`[workflow] retention_months`, six by default) are
+//! discarded — its DICOM studies, the Binaries its documents point to, the
+//! content of its DocumentReferences, and every earlier version of those —
+//! unless the case Task carries the legal-hold tag. The opinion (report,
+//! PDF, its DocumentReference), the case skeleton (Task, ServiceRequest,
+//! Patient, Consent, ImagingStudy without endpoints) and the audit trail
+//! stay. Inactivity is `Task.lastModified`; only cases that are over
+//! (delivered, closed, declined, withdrawn) or on hold for missing records
+//! are eligible.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::case::{self, Event, Hold, Stage};
+use super::engine::{instant_text, Workflow, SERVICE_ORGANIZATION};
+use super::records::{codes, has_coding, reference_of, Record, RecordStore, WorkflowError};
+use super::task::{self, case_of, write_case};
+use crate::ids::Uid;
+use crate::store::{BlobLocation, BlobStore, MetadataStore};
+
+/// `Task.meta.tag` that keeps a case's records whatever their age.
+pub const CASE_FLAG: &str = "http://konsil.dev/fhir/CodeSystem/case-flag";
+pub const LEGAL_HOLD: &str = "legal-hold";
+/// `Task.output` type code saying when records were discarded.
+const RECORDS_DISCARDED: &str = "records-discarded";
+
+/// What retention did (or would do) to one case.
+#[derive(Debug, Clone, Default)]
+pub struct CaseReport {
+    pub task: String,
+    pub last_activity: String,
+    pub studies: usize,
+    pub instances: usize,
+    pub documents: usize,
+    pub binaries: usize,
+}
+
+/// Retention over the stores.
+pub struct Retention {
+    pub workflow: Arc<Workflow>,
+    pub records: Arc<dyn RecordStore>,
+    pub index: Arc<dyn MetadataStore>,
+    pub dicom_blobs: Arc<dyn BlobStore>,
+    pub fhir_blobs: Arc<dyn BlobStore>,
+}
+
+/// Months back from `as_of_ms`, as ms (calendar months, day clamped).
+fn months_before(as_of_ms: i64, months: u32) -> i64 {
+    let Some(at) = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(as_of_ms) else {
+        return i64::MIN;
+    };
+    at.checked_sub_months(chrono::Months::new(months))
+        .map_or(i64::MIN, |t| t.timestamp_millis())
+}
+
+impl Retention {
+    /// Discard (or with `dry_run`, list) the records of every eligible
+    /// case, judging inactivity as of `as_of_ms`.
+    pub async fn run(
+        &self,
+        as_of_ms: i64,
+        dry_run: bool,
+    ) -> Result<Vec<CaseReport>, WorkflowError> {
+        let cutoff = months_before(as_of_ms, self.workflow.config.retention_months);
+        let candidates = {
+            let mut tx = self.records.begin().await?;
+            let tasks = tx
+                .records()
+                .search("Task", &format!("modified=lt{}", instant_text(cutoff)))
+                .await?;
+            tasks
+                .into_iter()
+                .filter(|t| eligible(&t.body))
+                .map(|t| t.reference())
+                .collect::<Vec<_>>()
+        };
+        let mut reports = Vec::new();
+        for task in candidates {
+            if let Some(report) = self.discard_case(&task, cutoff, as_of_ms, dry_run).await? {
+                reports.push(report);
+            }
+        }
+        Ok(reports)
+    }
+
+    /// One case, in one transaction; the blobs go after it commits.
+    async fn discard_case(
+        &self,
+        task_ref: &str,
+        cutoff: i64,
+        as_of_ms: i64,
+        dry_run: bool,
+    ) -> Result<Option<CaseReport>, WorkflowError> {
+        let mut tx = self.records.begin().await?;
+        let r = tx.records();
+        // Re-read inside the transaction: the case may have moved.
+        let Some(mut task) = r.read(task_ref).await? else {
+            return Ok(None);
+        };
+        let last = task
+            .body
+            .get("lastModified")
+            .and_then(Value::as_str)
+            .and_then(|t| crate::fhir::search::date_range(t).map(|r| r.1));
+        if !eligible(&task.body) || last.is_none_or(|t| t >= cutoff) {
+            return Ok(None);
+        }
+        let Some(request_ref) = reference_of(task.body.get("focus")).map(str::to_owned) else {
+            return Ok(None);
+        };
+        let Some(request) = r.read(&request_ref).await? else {
+            return Ok(None);
+        };
+        let mut report = CaseReport {
+            task: task.reference(),
+            last_activity: task
+                .body
+                .get("lastModified")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+            ..CaseReport::default()
+        };
+        let mut fhir_blobs: Vec<BlobLocation> = Vec::new();
+        let mut studies: Vec<Uid> = Vec::new();
+
+        // Documents the referrer submitted (not the opinion we filed).
+        let mut documents = r
+            .search("DocumentReference", &format!("related={request_ref}"))
+            .await?;
+        if let Some(patient) =
+            reference_of(request.body.get("subject")).filter(|p| p.starts_with("Patient/"))
+        {
+            documents.extend(
+                r.search("DocumentReference", &format!("patient={patient}"))
+                    .await?,
+            );
+        }
+        documents.sort_by(|a, b| a.id.cmp(&b.id));
+        documents.dedup_by(|a, b| a.id == b.id);
+        for mut document in documents {
+            if document.partner != request.partner
+                || reference_of(document.body.get("custodian")) == Some(SERVICE_ORGANIZATION)
+            {
+                continue;
+            }
+            let mut binaries = Vec::new();
+            let mut had_content = false;
+            for content in document
+                .body
+                .get_mut("content")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let Some(attachment) = content.get_mut("attachment").and_then(Value::as_object_mut)
+                else {
+                    continue;
+                };
+                if let Some(url) = attachment.get("url").and_then(Value::as_str) {
+                    if url.starts_with("Binary/") {
+                        binaries.push(url.to_owned());
+                    }
+                }
+                had_content |= attachment.shift_remove("url").is_some();
+                had_content |= attachment.shift_remove("data").is_some();
+                attachment.shift_remove("hash");
+                attachment.shift_remove("size");
+            }
+            if !had_content {
+                continue;
+            }
+            report.documents += 1;
+            report.binaries += binaries.len();
+            if dry_run {
+                continue;
+            }
+            if let Some(list) = document
+                .body
+                .get_mut("content")
+                .and_then(Value::as_array_mut)
+            {
+                for content in list {
+                    if let Some(attachment) =
+                        content.get_mut("attachment").and_then(Value::as_object_mut)
+                    {
+                        attachment.insert(
+                            "title".into(),
+                            json!(format!(
+                                "{} (discarded by retention {})",
+                                attachment
+                                    .get("title")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("content"),
+                                instant_text(as_of_ms)
+                            )),
+                        );
+                    }
+                }
+            }
+            let updated = r.update(&document).await?;
+            fhir_blobs.extend(
+                r.purge_history(&updated.reference(), updated.version)
+                    .await?,
+            );
+            for binary in binaries {
+                if let Some(current) = r.read(&binary).await? {
+                    if current.partner == request.partner {
+                        r.delete(&binary).await?;
+                        fhir_blobs.extend(r.purge_history(&binary, current.version + 1).await?);
+                    }
+                }
+            }
+        }
+
+        // The case's studies.
+        for mut study in r
+            .search("ImagingStudy", &format!("basedon={request_ref}"))
+            .await?
+        {
+            if study.partner != request.partner {
+                continue;
+            }
+            let uids: Vec<Uid> = study
+                .body
+                .get("identifier")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|i| i.get("system").and_then(Value::as_str) == Some("urn:dicom:uid"))
+                .filter_map(|i| i.get("value").and_then(Value::as_str))
+                .filter_map(|v| Uid::parse(v.strip_prefix("urn:oid:").unwrap_or(v)).ok())
+                .collect();
+            let count = study
+                .body
+                .get("numberOfInstances")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if study.body.get("endpoint").is_none() {
+                continue;
+            }
+            report.studies += uids.len();
+            report.instances += count as usize;
+            studies.extend(uids);
+            if dry_run {
+                continue;
+            }
+            discard_endpoints(&mut study);
+            study.body["note"] = json!([{
+                "time": instant_text(as_of_ms),
+                "text": "The images were discarded by retention after the case was inactive; the study record is kept.",
+            }]);
+            r.update(&study).await?;
+        }
+        if dry_run {
+            return Ok(Some(report));
+        }
+
+        // The case: closed if it was delivered; says what was discarded.
+        let current = case_of(&task.body).unwrap_or_default();
+        let next = if current.stage == Stage::Delivered {
+            case::apply(&current, &Event::Inactive)?
+        } else {
+            current
+        };
+        write_case(
+            &mut task.body,
+            &next,
+            self.workflow.rules,
+            SERVICE_ORGANIZATION,
+            &instant_text(as_of_ms),
+        );
+        let outputs = task
+            .body
+            .as_object_mut()
+            .map(|o| o.entry("output").or_insert_with(|| json!([])));
+        if let Some(Value::Array(outputs)) = outputs {
+            outputs.push(json!({
+                "type": {"coding": [{"system": task::CASE_INPUT, "code": RECORDS_DISCARDED, "display": "Submitted records discarded"}]},
+                "valueDateTime": instant_text(as_of_ms),
+            }));
+        }
+        r.update(&task).await?;
+        r.create(
+            "AuditEvent",
+            None,
+            audit_event(&task, &request, &report, as_of_ms),
+        )
+        .await?;
+        // The FHIR side commits first, then the DICOM index forgets the
+        // studies (its own store), then the bytes go. A failure in between
+        // leaves images indexed but no longer offered by the case: the
+        // next run does not retry them, so it is logged by the caller.
+        tx.commit().await?;
+        let mut dicom_blobs = Vec::new();
+        if let Some(partner) = &request.partner {
+            for uid in &studies {
+                dicom_blobs.extend(
+                    self.index
+                        .discard_study(partner, uid)
+                        .await
+                        .map_err(|e| WorkflowError::Store(e.to_string()))?,
+                );
+            }
+        }
+        let dicom = Arc::clone(&self.dicom_blobs);
+        let fhir = Arc::clone(&self.fhir_blobs);
+        tokio::task::spawn_blocking(move || {
+            for location in &dicom_blobs {
+                dicom.discard(location)?;
+            }
+            for location in &fhir_blobs {
+                fhir.discard(location)?;
+            }
+            Ok::<(), crate::store::BlobError>(())
+        })
+        .await
+        .map_err(|_| WorkflowError::Store("blob discard task failed".into()))?
+        .map_err(|e| WorkflowError::Store(e.to_string()))?;
+        Ok(Some(report))
+    }
+}
+
+/// Whether a case Task's records may be discarded at all (its age aside).
+fn eligible(task: &Value) -> bool {
+    if task.get("partOf").is_some() {
+        return false;
+    }
+    let held = task
+        .get("meta")
+        .and_then(|m| m.get("tag"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|t| {
+            t.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
+                && t.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
+        });
+    let discarded = task
+        .get("output")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|o| has_coding(o.get("type"), task::CASE_INPUT, RECORDS_DISCARDED));
+    let Some(case) = case_of(task) else {
+        return false;
+    };
+    let over = matches!(
+        case.stage,
+        Stage::Delivered | Stage::Closed | Stage::Declined | Stage::Withdrawn
+    ) || case.hold == Some(Hold::Stale);
+    over && !held && !discarded
+}
+
+fn discard_endpoints(study: &mut Record) {
+    if let Some(obj) = study.body.as_object_mut() {
+        obj.shift_remove("endpoint");
+    }
+    if let Some(series) = study.body.get_mut("series").and_then(Value::as_array_mut) {
+        for s in series {
+            if let Some(obj) = s.as_object_mut() {
+                obj.shift_remove("endpoint");
+            }
+        }
+    }
+}
+
+/// The audit record of a purge (DICOM "Study Deleted", ATNA-shaped).
+fn audit_event(task: &Record, request: &Record, report: &CaseReport, as_of_ms: i64) -> Value {
+    let specialty: Vec<&str> = codes(request.body.get("code"), super::engine::SPECIALTY).collect();
+    json!({
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110105", "display": "DICOM Study Deleted"},
+        "subtype": [{"system": "http://konsil.dev/fhir/CodeSystem/audit-subtype", "code": "retention", "display": "Retention purge of submitted records"}],
+        "action": "D",
+        "recorded": instant_text(chrono::Utc::now().timestamp_millis()),
+        "outcome": "0",
+        "outcomeDesc": format!(
+            "as of {}: {} studies ({} instances), content of {} documents, {} binaries discarded; specialty {}",
+            instant_text(as_of_ms), report.studies, report.instances, report.documents, report.binaries,
+            specialty.join(",")
+        ),
+        "agent": [{
+            "type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110150", "display": "Application"}]},
+            "who": {"reference": SERVICE_ORGANIZATION},
+            "requestor": true,
+        }],
+        "source": {"observer": {"reference": SERVICE_ORGANIZATION}},
+        "entity": [
+            {"what": {"reference": task.reference()}, "description": "case"},
+            {"what": {"reference": request.reference()}, "description": "referral"},
+        ],
+    })
+}
