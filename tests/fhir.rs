@@ -271,14 +271,35 @@ fn official_examples_round_trip_losslessly() {
         let created = fhir.post(&format!("/{t}"), &sent);
         assert_eq!(created.status, 201, "{name}: {}", created.text);
         let location = created.header("location").expect("Location");
-        assert!(location.contains("/_history/1"), "{location}");
+        // A Subscription's status is the server's to set (R4): one that
+        // asks to be active is stored as sent, then again with the status
+        // the server decided.
+        let version = if t == "Subscription"
+            && matches!(sent["status"].as_str(), Some("requested" | "active"))
+        {
+            "2"
+        } else {
+            "1"
+        };
+        assert!(
+            location.contains(&format!("/_history/{version}")),
+            "{location}"
+        );
         let id = created.json()["id"].as_str().unwrap().to_owned();
         let read = fhir.get(&format!("/{t}/{id}?_format=json"));
         assert_eq!(read.status, 200, "{name}");
-        assert_eq!(read.header("etag").as_deref(), Some("W/\"1\""));
-        let back = read.json();
+        assert_eq!(read.header("etag"), Some(format!("W/\"{version}\"")));
+        let mut back = read.json();
         assert_eq!(back["id"], json!(id));
-        assert_eq!(back["meta"]["versionId"], json!("1"));
+        assert_eq!(back["meta"]["versionId"], json!(version));
+        let mut sent = sent;
+        if t == "Subscription" {
+            for v in [&mut back, &mut sent] {
+                let o = v.as_object_mut().unwrap();
+                o.remove("status");
+                o.remove("error");
+            }
+        }
         // Equal in value, numbers compared by their lexical form.
         assert_eq!(
             without_server_parts(back),
@@ -1392,11 +1413,16 @@ fn fhir_json_bodies_are_capped_raw_binaries_are_not() {
 }
 
 /// The worked referral (conformance/examples/referral-transaction.json) is
-/// valid FHIR, meets our referral profile, and posts as one transaction.
+/// valid FHIR, meets our referral profile, posts as one transaction, starts
+/// a case that waits only for its images, and is ready for triage once the
+/// PACS sent the study.
 #[test]
 fn the_worked_referral_example_posts_as_one_transaction() {
     let work = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(work.path(), "");
+    let gw = Gateway::start(
+        work.path(),
+        "[workflow]\nimaging_quiet_secs = 1\ncheck_interval_secs = 1",
+    );
     let fhir = Fhir::new(&gw, Some("st-mary"));
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("conformance/examples/referral-transaction.json");
@@ -1405,7 +1431,7 @@ fn the_worked_referral_example_posts_as_one_transaction() {
     assert_eq!(a.status, 200, "{}", a.text);
     let answer = a.json();
     let entries = answer["entry"].as_array().unwrap();
-    assert_eq!(entries.len(), 11);
+    assert_eq!(entries.len(), 15);
     assert!(
         entries
             .iter()
@@ -1428,7 +1454,71 @@ fn the_worked_referral_example_posts_as_one_transaction() {
             sr["id"].as_str().unwrap()
         ))
         .json();
-    assert_eq!(documents["total"], 2);
+    assert_eq!(documents["total"], 4);
+    // The referrer's Task was adopted as the case: everything but the images
+    // is there. (The example's notes are dated 2026-11-12 and its consent
+    // ends 2027-11-19: run later than that, those are missing too, rightly.)
+    let task_id = entries[3]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let case_missing = |fhir: &Fhir| -> Vec<String> {
+        let task = fhir.get(&format!("/Task/{task_id}")).json();
+        task["input"]
+            .as_array()
+            .map(|inputs| {
+                inputs
+                    .iter()
+                    .map(|i| {
+                        i["valueCodeableConcept"]["coding"][0]["code"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let today = chrono::Utc::now().date_naive().to_string();
+    let mut expected = vec!["imaging".to_owned()];
+    if today.as_str() > "2027-05-12" {
+        expected.push("clinical-notes".to_owned());
+    }
+    if today.as_str() > "2027-11-19" {
+        expected.push("consent".to_owned());
+    }
+    assert_eq!(case_missing(&fhir), expected);
+    // The PACS sends the study under the referral's accession number.
+    let files = dicom_files(&[
+        "ct",
+        work.path().join("ct").to_str().unwrap(),
+        "3",
+        "GW-TEST-0001",
+        "ACC0001",
+    ]);
+    let paths: Vec<&Path> = files.iter().map(|f| f.path.as_path()).collect();
+    let out = storescu(&gw, ST_MARY_AE, &paths);
+    assert!(out.status.success(), "storescu: {}", stderr(&out));
+    expected.retain(|k| k != "imaging");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while case_missing(&fhir) != expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        case_missing(&fhir),
+        expected,
+        "imaging counts once the study is quiet"
+    );
+    if expected.is_empty() {
+        let task = fhir.get(&format!("/Task/{task_id}")).json();
+        assert_eq!(
+            task["businessStatus"]["coding"][0]["code"],
+            "ready-for-triage"
+        );
+    }
     // Sent again, the Organization and Patient are found (ifNoneExist), not
     // duplicated.
     let again = fhir.post("", &bundle).json();

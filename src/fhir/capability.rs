@@ -84,11 +84,22 @@ fn resource_entry(resource_type: &str) -> Value {
         "conditionalDelete": if read_only(resource_type) { "not-supported" } else { "single" },
         "searchParam": search_params,
     });
-    entry["operation"] = json!([{
+    let mut operations = vec![json!({
         "name": "validate",
         "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
         "documentation": "Checks a resource against the R4 core definitions (structure, required codes, invariants) and the profiles it claims or the 'profile' parameter names; nothing is stored.",
-    }]);
+    })];
+    for (_, name, documentation) in super::operations::OPERATIONS
+        .iter()
+        .filter(|(t, _, _)| *t == resource_type)
+    {
+        operations.push(json!({
+            "name": name,
+            "definition": format!("http://konsil.dev/fhir/OperationDefinition/{resource_type}-{name}"),
+            "documentation": format!("{documentation}. Staff only."),
+        }));
+    }
+    entry["operation"] = Value::Array(operations);
     let supported: Vec<&str> = super::profiles::all()
         .values()
         .filter(|p| p.resource_type == resource_type)

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
 
+use super::build;
 use super::case::{self, Case, ConsentState, Event, Stage};
 use super::completeness::{self, Coding, Document, Rules, Submitted};
 use super::imaging::StudySummary;
@@ -29,11 +30,8 @@ pub const SPECIALTY: &str = "http://konsil.dev/fhir/CodeSystem/specialty";
 /// manifest announced (`numberOfInstances` then counts what arrived).
 pub const ANNOUNCED_INSTANCES: &str =
     "http://konsil.dev/fhir/StructureDefinition/announced-instances";
-const LOINC: &str = "http://loinc.org";
 /// `Task.output` type code of the patient's notification.
 const PATIENT_NOTIFIED: &str = "patient-notified";
-/// LOINC "Consult note": the document type of the delivered opinion.
-const CONSULT_NOTE: &str = "11488-4";
 
 /// A resource a client's interaction wrote (the workflow reacts to these).
 #[derive(Debug, Clone)]
@@ -270,20 +268,12 @@ impl Workflow {
         let mut task = match theirs {
             Some(task) => task,
             None => {
-                let mut fresh = json!({
-                    "resourceType": "Task",
-                    "status": "received",
-                    "intent": "order",
-                    "code": {"coding": [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]},
-                    "focus": {"reference": request.reference()},
-                    "authoredOn": now,
-                });
-                if let Some(subject) = body.get("subject") {
-                    fresh["for"] = subject.clone();
-                }
-                if let Some(requester) = body.get("requester") {
-                    fresh["requester"] = requester.clone();
-                }
+                let mut fresh = build::case_task(
+                    &request.reference(),
+                    reference_of(body.get("subject")),
+                    reference_of(body.get("requester")),
+                    now_ms,
+                )?;
                 write_case(
                     &mut fresh,
                     &Case::new(),
@@ -994,19 +984,13 @@ impl Workflow {
         report.partner = file.partner.clone();
         let report = r.update(&report).await?;
         // The opinion as a document of the case.
-        let mut document = json!({
-            "resourceType": "DocumentReference",
-            "status": "current",
-            "docStatus": "final",
-            "type": {"coding": [{"system": LOINC, "code": CONSULT_NOTE, "display": "Consult note"}], "text": "Second opinion"},
-            "date": now,
-            "custodian": {"reference": SERVICE_ORGANIZATION},
-            "content": [{"attachment": {"contentType": "application/pdf", "data": base64_encode(&pdf), "title": "Second opinion", "creation": now}}],
-            "context": {"related": [{"reference": file.request.reference()}, {"reference": report.reference()}]},
-        });
-        if let Some(patient) = &file.patient {
-            document["subject"] = json!({ "reference": patient });
-        }
+        let document = build::opinion_document(
+            &pdf,
+            file.patient.as_deref(),
+            &[file.request.reference(), report.reference()],
+            SERVICE_ORGANIZATION,
+            now_ms,
+        )?;
         r.create("DocumentReference", file.partner.clone(), document)
             .await?;
         // The case.
@@ -1064,18 +1048,17 @@ impl Workflow {
         let Some(patient) = file.patient.clone() else {
             return Ok(());
         };
-        let now = instant_text(now_ms);
-        let message = json!({
-            "resourceType": "Communication",
-            "status": "completed",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "notification"}]}],
-            "subject": {"reference": patient},
-            "about": [{"reference": report.reference()}],
-            "sent": now,
-            "sender": {"reference": SERVICE_ORGANIZATION},
-            "recipient": [{"reference": patient}],
-            "payload": [{"contentString": "Your second opinion is complete and has been sent to your referring physician, who will discuss it with you."}],
-        });
+        let message = build::communication(
+            build::Message {
+                category: build::notification_category()?,
+                subject: Some(&patient),
+                about: vec![report.reference()],
+                recipients: vec![patient.clone()],
+                sender: SERVICE_ORGANIZATION,
+                text: "Your second opinion is complete and has been sent to your referring physician, who will discuss it with you.",
+            },
+            now_ms,
+        )?;
         let message = r
             .create("Communication", file.partner.clone(), message)
             .await?;
@@ -1127,18 +1110,17 @@ impl Workflow {
             now_ms,
         )
         .await?;
-        let mut message = json!({
-            "resourceType": "Communication",
-            "status": "completed",
-            "category": [{"text": "Opinion returned for revision"}],
-            "about": [{"reference": report.reference()}, {"reference": file.task.reference()}],
-            "sent": instant_text(now_ms),
-            "sender": {"reference": SERVICE_ORGANIZATION},
-            "payload": [{"contentString": note}],
-        });
-        if let Some(specialist) = &file.case.specialist {
-            message["recipient"] = json!([{ "reference": specialist }]);
-        }
+        let message = build::communication(
+            build::Message {
+                category: build::text_category("Opinion returned for revision")?,
+                subject: None,
+                about: vec![report.reference(), file.task.reference()],
+                recipients: file.case.specialist.iter().cloned().collect(),
+                sender: SERVICE_ORGANIZATION,
+                text: note,
+            },
+            now_ms,
+        )?;
         r.create("Communication", None, message).await?;
         Ok(file.task)
     }
@@ -1401,26 +1383,17 @@ impl Workflow {
             )));
         }
         let now = instant_text(now_ms);
-        let mut child = json!({
-            "resourceType": "Task",
-            "status": "in-progress",
-            "intent": "order",
-            "code": {"text": "Follow-up question"},
-            "partOf": [{"reference": file.task.reference()}],
-            "focus": {"reference": message.reference()},
-            "authoredOn": now,
-            "lastModified": now,
-            "businessStatus": {"text": "question received"},
-        });
-        if let Some(patient) = &file.patient {
-            child["for"] = json!({ "reference": patient });
-        }
-        if let Some(requester) = file.request.body.get("requester") {
-            child["requester"] = requester.clone();
-        }
-        child["owner"] = json!({
-            "reference": file.case.specialist.clone().unwrap_or_else(|| SERVICE_ORGANIZATION.to_owned())
-        });
+        let child = build::follow_up_task(
+            &file.task.reference(),
+            &message.reference(),
+            file.patient.as_deref(),
+            reference_of(file.request.body.get("requester")),
+            file.case
+                .specialist
+                .as_deref()
+                .unwrap_or(SERVICE_ORGANIZATION),
+            now_ms,
+        )?;
         r.create("Task", file.partner.clone(), child).await?;
         // The parent case is active again: its inactivity clock restarts.
         let mut parent = file.task;

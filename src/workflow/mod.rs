@@ -4,6 +4,7 @@
 //! - [`case`]: the case state machine of `design.md`.
 //! - [`completeness`]: which records a case still needs, by the rules in
 //!   `profiles/completeness-rules.json`.
+//! - [`build`]: the resources it creates, built with fhir-sdk.
 //! - [`task`]: the case read from and written to its FHIR `Task`.
 //! - [`engine`]: the steps (intake, checks, reconciliation, assignment,
 //!   approval, follow-up) on stored records.
@@ -13,6 +14,7 @@
 //! - [`runner`]: the background work (study arrivals, timers).
 //! - [`pdf`]: the approved opinion as a PDF.
 
+pub mod build;
 pub mod case;
 pub mod completeness;
 pub mod engine;

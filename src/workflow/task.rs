@@ -235,6 +235,53 @@ mod tests {
         }
     }
 
+    fn concepts(text: &str) -> Vec<String> {
+        let cs: Value = serde_json::from_str(text).unwrap();
+        cs["concept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["code"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn every_code_the_workflow_writes_is_in_the_shipped_code_systems() {
+        let stages = concepts(include_str!(
+            "../../profiles/konsil/CodeSystem-case-stage.json"
+        ));
+        for stage in Stage::ALL {
+            assert!(stages.contains(&stage.business_status().to_owned()));
+        }
+        let kinds = concepts(include_str!(
+            "../../profiles/konsil/CodeSystem-record-kind.json"
+        ));
+        let rules = Rules::shipped().expect("rules");
+        for kind in rules
+            .record_kinds
+            .keys()
+            .map(String::as_str)
+            .chain([CONSENT_KIND, SPECIALTY_KIND])
+        {
+            assert!(kinds.contains(&kind.to_owned()), "{kind}");
+        }
+        let inputs = concepts(include_str!(
+            "../../profiles/konsil/CodeSystem-case-input.json"
+        ));
+        for code in [
+            MISSING_RECORD,
+            "opinion",
+            "patient-notified",
+            "records-discarded",
+        ] {
+            assert!(inputs.contains(&code.to_owned()), "{code}");
+        }
+        let holds = concepts(include_str!(
+            "../../profiles/konsil/CodeSystem-case-hold.json"
+        ));
+        assert_eq!(holds, ["consent", "stale"]);
+    }
+
     #[test]
     fn a_task_without_a_case_stage_is_no_case() {
         assert_eq!(
