@@ -1080,6 +1080,9 @@ fn partners_see_only_their_own_resources() {
 fn binary_streams_raw_content_in_bounded_memory() {
     let work = tempfile::tempdir().unwrap();
     let gw = Gateway::start(work.path(), "");
+    // The fixed start-up cost (compiled FHIR definitions, pools) is not
+    // what this bounds: the growth over it is.
+    let baseline = gw.peak_rss_kib() / 1024;
     let fhir = Fhir::new(&gw, Some("st-mary"));
     // 192 MiB of a PDF-typed upload, made on the fly.
     let size: usize = 192 * 1024 * 1024;
@@ -1125,10 +1128,10 @@ fn binary_streams_raw_content_in_bounded_memory() {
     assert_eq!(chunks, 192);
     drop(back);
     // Peak memory stays far below the upload: nothing buffered whole.
-    let peak_mib = gw.peak_rss_kib() / 1024;
+    let growth = gw.peak_rss_kib() / 1024 - baseline;
     assert!(
-        peak_mib < 128,
-        "peak RSS {peak_mib} MiB for a 192 MiB upload"
+        growth <= 64,
+        "peak RSS grew {growth} MiB (from {baseline} MiB) for a 192 MiB upload"
     );
     // An acknowledged Binary survives a kill -9 and the restart's recovery.
     let data_dir = gw.data_dir.clone();

@@ -16,7 +16,7 @@ fn konsil(args: &[&str]) -> std::process::Output {
 #[test]
 fn import_a_dicomdir_and_a_folder() {
     let work = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(work.path(), "");
+    let gw = Gateway::start(work.path(), "[workflow]\ncheck_interval_secs = 1");
     let cd = work.path().join("cd");
     let files = dicom_files(&[
         "ct",
@@ -61,6 +61,28 @@ fn import_a_dicomdir_and_a_folder() {
         &files[0].transfer_syntax,
     );
     assert_same_data_set(&files[0].path, &stored);
+    // The running server's workflow picks the imported study up from the
+    // index's durable arrival note: with no referral it waits, unmatched,
+    // for staff to link it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let unmatched = loop {
+        let (status, body) = gw.get_with(
+            "/fhir/ImagingStudy?basedon:missing=true",
+            &[("X-Konsil-Partner", "st-mary")],
+        );
+        assert_eq!(status, 200, "{body}");
+        let bundle: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if bundle["total"] == 1 || std::time::Instant::now() > deadline {
+            break bundle;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(unmatched["total"], 1, "{unmatched}");
+    assert_eq!(unmatched["entry"][0]["resource"]["numberOfInstances"], 4);
+    assert_eq!(
+        sql(&gw.data_dir, "SELECT count(*) FROM study_arrivals").trim(),
+        "0"
+    );
 
     // A folder: the same files again are duplicates; the non-DICOM file is
     // skipped; a broken DICOM file is rejected with its reason (exit 1).

@@ -61,16 +61,21 @@ fn store_error(e: MetaError) -> WorkflowError {
     WorkflowError::Store(e.to_string())
 }
 
+/// A stored version with its body parsed (`None`: a deletion).
 fn record_of(stored: StoredResource) -> Option<Record> {
     let body: Value = serde_json::from_str(stored.body.as_deref()?).ok()?;
-    Some(Record {
+    Some(record(stored, body))
+}
+
+fn record(stored: StoredResource, body: Value) -> Record {
+    Record {
         resource_type: stored.resource_type,
         id: stored.id,
         version: stored.version,
         partner: stored.partner,
         body,
         updated_ms: stored.updated_ms,
-    })
+    }
 }
 
 /// [`Records`] on one open resource-store transaction.
@@ -118,14 +123,7 @@ impl StoreRecords {
             (stored.resource_type.clone(), stored.id.clone()),
             stored.clone(),
         );
-        Ok(Record {
-            resource_type: stored.resource_type,
-            id: stored.id,
-            version: stored.version,
-            partner: stored.partner,
-            body,
-            updated_ms: stored.updated_ms,
-        })
+        Ok(record(stored, body))
     }
 }
 
@@ -244,22 +242,8 @@ impl Records for StoreRecords {
         else {
             return Ok(());
         };
-        let (last_updated, updated_ms) = rest::now();
-        let deletion = StoredResource {
-            version: current.version + 1,
-            last_updated,
-            updated_ms,
-            body: None,
-            method: "DELETE".to_owned(),
-            blob: None,
-            ..current
-        };
         self.tx
-            .write(&ResourceWrite {
-                resource: deletion,
-                index: Default::default(),
-                blob_resume_at: None,
-            })
+            .write(&rest::deletion_of(current))
             .await
             .map_err(store_error)
     }

@@ -590,8 +590,14 @@ pub async fn delete_in(
     if current.body.is_none() {
         return Ok(());
     }
+    tx.write(&deletion_of(current)).await?;
+    Ok(())
+}
+
+/// The version that deletes `current`.
+pub fn deletion_of(current: StoredResource) -> ResourceWrite {
     let (last_updated, updated_ms) = now();
-    tx.write(&ResourceWrite {
+    ResourceWrite {
         resource: StoredResource {
             version: current.version + 1,
             last_updated,
@@ -603,9 +609,7 @@ pub async fn delete_in(
         },
         index: IndexEntries::default(),
         blob_resume_at: None,
-    })
-    .await?;
-    Ok(())
+    }
 }
 
 fn etag(version: i64) -> String {

@@ -212,6 +212,23 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn cached_metadata(&self, ids: &[i64]) -> Result<HashMap<i64, String>, MetaError>;
     /// Keep computed metadata for later requests.
     async fn cache_metadata(&self, entries: &[(i64, String)]) -> Result<(), MetaError>;
+    /// Studies with instances not yet reconciled by the workflow, with the
+    /// arrival counter to clear them by.
+    async fn pending_studies(&self, limit: u32) -> Result<Vec<(PartnerId, Uid, i64)>, MetaError>;
+    /// The arrival counter of one pending study.
+    async fn pending_seq(
+        &self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Option<i64>, MetaError>;
+    /// The workflow reconciled the study as of arrival `seq` (a later
+    /// arrival keeps it pending).
+    async fn clear_pending_study(
+        &self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+        seq: i64,
+    ) -> Result<(), MetaError>;
     /// Remove a partner's study from the index (retention). Returns where
     /// its objects are, for the blob store to discard after this commits.
     async fn discard_study(

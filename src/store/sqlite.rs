@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "notification outbox",
         include_str!("migrations/0005_outbox.sql"),
     ),
+    (
+        6,
+        "study arrivals",
+        include_str!("migrations/0006_study_arrivals.sql"),
+    ),
 ];
 
 /// The index in a SQLite file.
@@ -249,6 +254,54 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
+    async fn pending_studies(&self, limit: u32) -> Result<Vec<(PartnerId, Uid, i64)>, MetaError> {
+        let rows = sqlx::query("SELECT partner, study_uid, seq FROM study_arrivals LIMIT ?")
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let partner: String = row.try_get(0)?;
+            let uid: String = row.try_get(1)?;
+            // Rows the index wrote itself; one that does not parse is skipped.
+            if let (Ok(partner), Ok(uid)) = (PartnerId::parse(&partner), Uid::parse(&uid)) {
+                out.push((partner, uid, row.try_get(2)?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn pending_seq(
+        &self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Option<i64>, MetaError> {
+        Ok(
+            sqlx::query_scalar(
+                "SELECT seq FROM study_arrivals WHERE partner = ? AND study_uid = ?",
+            )
+            .bind(partner.as_str())
+            .bind(study_uid.as_str())
+            .fetch_optional(&self.reader)
+            .await?,
+        )
+    }
+
+    async fn clear_pending_study(
+        &self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+        seq: i64,
+    ) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM study_arrivals WHERE partner = ? AND study_uid = ? AND seq = ?")
+            .bind(partner.as_str())
+            .bind(study_uid.as_str())
+            .bind(seq)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     async fn discard_study(
         &self,
         partner: &PartnerId,
@@ -283,6 +336,7 @@ impl MetadataStore for SqliteStore {
             "DELETE FROM instances WHERE partner = ? AND study_uid = ?",
             "DELETE FROM series WHERE partner = ? AND study_uid = ?",
             "DELETE FROM studies WHERE partner = ? AND study_uid = ?",
+            "DELETE FROM study_arrivals WHERE partner = ? AND study_uid = ?",
         ] {
             sqlx::query(statement)
                 .bind(partner.as_str())

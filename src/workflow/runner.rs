@@ -58,16 +58,41 @@ fn now_ms() -> i64 {
 }
 
 impl Runner {
-    /// Reconcile one study in its own transaction.
+    /// Reconcile one study in its own transaction, then clear its durable
+    /// arrival note (as of what was seen before reconciling).
     pub async fn reconcile(&self, key: &StudyKey) -> Result<(), WorkflowError> {
-        let Some(summary) = StudySummary::load(&*self.index, &key.0, &key.1).await? else {
-            return Ok(());
-        };
-        let mut tx = self.records.begin().await?;
-        self.workflow
-            .reconcile(tx.records(), &summary, now_ms())
-            .await?;
-        tx.commit().await
+        let store = |e: crate::store::MetaError| WorkflowError::Store(e.to_string());
+        let seq = self
+            .index
+            .pending_seq(&key.0, &key.1)
+            .await
+            .map_err(store)?;
+        if let Some(summary) = StudySummary::load(&*self.index, &key.0, &key.1).await? {
+            let mut tx = self.records.begin().await?;
+            self.workflow
+                .reconcile(tx.records(), &summary, now_ms())
+                .await?;
+            tx.commit().await?;
+        }
+        if let Some(seq) = seq {
+            self.index
+                .clear_pending_study(&key.0, &key.1, seq)
+                .await
+                .map_err(store)?;
+        }
+        Ok(())
+    }
+
+    /// Studies noted durably but not reconciled (a crash, or a `konsil
+    /// import` next to this server).
+    async fn pending(&self) -> Vec<StudyKey> {
+        match self.index.pending_studies(1000).await {
+            Ok(rows) => rows.into_iter().map(|(p, u, _)| (p, u)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pending study arrivals");
+                Vec::new()
+            }
+        }
     }
 
     /// Run the time-driven checks once.
@@ -110,6 +135,7 @@ impl Runner {
                     }
                 }
                 _ = ticker.tick() => {
+                    retry.extend(self.pending().await);
                     for key in std::mem::take(&mut retry) {
                         if let Err(e) = self.reconcile(&key).await {
                             tracing::warn!(partner = %key.0, error = %e, "study reconciliation failed again");
