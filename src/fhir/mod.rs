@@ -12,6 +12,7 @@ pub mod definitions;
 mod invariants;
 mod json;
 mod operations;
+pub use operations::OPERATIONS;
 pub mod outcome;
 pub mod profiles;
 pub mod records;

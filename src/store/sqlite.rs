@@ -14,6 +14,18 @@ use super::query::{self, Level, Locate, Matcher, Search, SearchRow, StoredInstan
 use super::{BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore};
 use crate::ids::{PartnerId, Uid};
 
+/// A blob location from a row whose first three columns are object, offset
+/// and length.
+pub(super) fn blob_location(row: &sqlx::sqlite::SqliteRow) -> Result<BlobLocation, MetaError> {
+    let offset: i64 = row.try_get(1)?;
+    let length: i64 = row.try_get(2)?;
+    Ok(BlobLocation {
+        object: row.try_get(0)?,
+        offset: u64::try_from(offset).unwrap_or(0),
+        length: u64::try_from(length).unwrap_or(0),
+    })
+}
+
 /// Schema migrations, applied in order at start-up.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "dicom index", include_str!("migrations/0001_index.sql")),
@@ -315,16 +327,10 @@ impl MetadataStore for SqliteStore {
         .bind(study_uid.as_str())
         .fetch_all(&mut *tx)
         .await?;
-        let mut locations = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let offset: i64 = row.try_get(1)?;
-            let length: i64 = row.try_get(2)?;
-            locations.push(BlobLocation {
-                object: row.try_get(0)?,
-                offset: u64::try_from(offset).unwrap_or(0),
-                length: u64::try_from(length).unwrap_or(0),
-            });
-        }
+        let locations = rows
+            .iter()
+            .map(blob_location)
+            .collect::<Result<Vec<_>, _>>()?;
         let series: Vec<String> =
             sqlx::query_scalar("SELECT series_uid FROM series WHERE partner = ? AND study_uid = ?")
                 .bind(partner.as_str())

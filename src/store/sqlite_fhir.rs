@@ -669,16 +669,10 @@ impl ResourceTx for SqliteResourceTx {
         .bind(below_version)
         .fetch_all(&mut *self.tx)
         .await?;
-        let mut blobs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let offset: i64 = row.try_get(1)?;
-            let length: i64 = row.try_get(2)?;
-            blobs.push(BlobLocation {
-                object: row.try_get(0)?,
-                offset: u64::try_from(offset).unwrap_or(0),
-                length: u64::try_from(length).unwrap_or(0),
-            });
-        }
+        let mut blobs = rows
+            .iter()
+            .map(super::sqlite::blob_location)
+            .collect::<Result<Vec<_>, _>>()?;
         blobs.dedup();
         sqlx::query(
             "UPDATE fhir_history SET body = NULL, blob_object = NULL, blob_offset = NULL,
