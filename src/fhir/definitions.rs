@@ -185,25 +185,26 @@ impl Definitions {
     }
 
     fn compile() -> Result<Definitions, DefinitionError> {
-        let sds: Value = serde_json::from_str(STRUCTURE_DEFINITIONS)?;
+        // One entry at a time: the parsed JSON of all definitions at once
+        // would set the process's peak memory for good (3.5 MB of text is
+        // tens of MB as values), for a structure that is much smaller.
         let mut types = HashMap::new();
-        for sd in entries(&sds)? {
+        for raw in raw_entries(STRUCTURE_DEFINITIONS)? {
+            let sd: Value = serde_json::from_str(raw.get())?;
             // Core type profiles (SimpleQuantity) constrain a base type: the
             // base type's definition is what the validator walks.
             if sd["derivation"] == "constraint" {
                 continue;
             }
-            let def = compile_type(sd)?;
+            let def = compile_type(&sd)?;
             types.insert(def.name.clone(), def);
         }
-        let vs: Value = serde_json::from_str(REQUIRED_VALUE_SETS)?;
-        let ours = super::profiles::VALUE_SETS
-            .iter()
-            .map(|text| serde_json::from_str::<Value>(text))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ours = super::profiles::VALUE_SETS.iter().copied();
+        let required = raw_entries(REQUIRED_VALUE_SETS)?;
         let mut value_sets = HashMap::new();
-        for set in entries(&vs)?.chain(ours.iter()) {
-            let url = str_of(set, "url")?;
+        for text in required.iter().map(|r| r.get()).chain(ours) {
+            let set: Value = serde_json::from_str(text)?;
+            let url = str_of(&set, "url")?;
             let codes = match set.get("expansion") {
                 None => Codes::Open,
                 Some(expansion) => {
@@ -238,12 +239,20 @@ impl Definitions {
     }
 }
 
-fn entries(bundle: &Value) -> Result<impl Iterator<Item = &Value>, DefinitionError> {
-    Ok(bundle["entry"]
-        .as_array()
-        .ok_or_else(|| DefinitionError::Shape("bundle without entries".into()))?
-        .iter()
-        .map(|e| &e["resource"]))
+/// The resources of a Bundle text, unparsed.
+fn raw_entries(bundle: &str) -> Result<Vec<&serde_json::value::RawValue>, DefinitionError> {
+    #[derive(serde::Deserialize)]
+    struct Bundle<'a> {
+        #[serde(borrow)]
+        entry: Vec<Entry<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry<'a> {
+        #[serde(borrow)]
+        resource: &'a serde_json::value::RawValue,
+    }
+    let bundle: Bundle<'_> = serde_json::from_str(bundle)?;
+    Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> Result<&'a str, DefinitionError> {

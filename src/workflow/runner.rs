@@ -2,9 +2,9 @@
 //! (the ingest pipeline reports each stored instance's study) and the
 //! time-driven checks (quiet periods, stale records, expiring consents).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
@@ -37,9 +37,12 @@ impl Arrivals {
     }
 }
 
-/// Arrivals are gathered this long, so a burst of instances of one study
-/// makes one reconciliation.
-const GATHER: Duration = Duration::from_millis(250);
+/// A study is reconciled once no instance of it arrived for this long (a
+/// study streaming in costs one reconciliation, not one per instance, and
+/// the ingest keeps the index's writer to itself meanwhile)...
+const QUIET: Duration = Duration::from_secs(1);
+/// ...or, while instances keep coming, at most this long after the first.
+const MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// What the runner works with.
 pub struct Runner {
@@ -52,6 +55,14 @@ pub struct Runner {
 
 /// How often retention runs inside `serve`.
 const RETENTION_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Sleep until `at`, or forever without one.
+async fn sleep_until_or_forever(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -118,16 +129,29 @@ impl Runner {
         let mut retention = tokio::time::interval(RETENTION_EVERY);
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Studies arriving: (first, last) arrival since their last
+        // reconciliation.
+        let mut arriving: HashMap<StudyKey, (Instant, Instant)> = HashMap::new();
         loop {
+            let due_at = arriving
+                .values()
+                .map(|(first, last)| (*last + QUIET).min(*first + MAX_DELAY))
+                .min();
             tokio::select! {
-                first = arrivals.recv() => {
-                    let Some(first) = first else { break };
-                    let mut pending = BTreeSet::from([first]);
-                    tokio::time::sleep(GATHER).await;
-                    while let Ok(more) = arrivals.try_recv() {
-                        pending.insert(more);
-                    }
-                    for key in pending {
+                key = arrivals.recv() => {
+                    let Some(key) = key else { break };
+                    let now = Instant::now();
+                    arriving.entry(key).and_modify(|e| e.1 = now).or_insert((now, now));
+                }
+                _ = sleep_until_or_forever(due_at) => {
+                    let now = Instant::now();
+                    let due: Vec<StudyKey> = arriving
+                        .iter()
+                        .filter(|(_, (first, last))| now >= *last + QUIET || now >= *first + MAX_DELAY)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in due {
+                        arriving.remove(&key);
                         if let Err(e) = self.reconcile(&key).await {
                             tracing::warn!(partner = %key.0, error = %e, "study reconciliation failed; tried again at the next check");
                             retry.insert(key);
@@ -135,7 +159,14 @@ impl Runner {
                     }
                 }
                 _ = ticker.tick() => {
-                    retry.extend(self.pending().await);
+                    // Noted durably but not heard of (a crash, an import);
+                    // studies still arriving wait for their quiet moment.
+                    retry.extend(
+                        self.pending()
+                            .await
+                            .into_iter()
+                            .filter(|k| !arriving.contains_key(k)),
+                    );
                     for key in std::mem::take(&mut retry) {
                         if let Err(e) = self.reconcile(&key).await {
                             tracing::warn!(partner = %key.0, error = %e, "study reconciliation failed again");
