@@ -1196,14 +1196,7 @@ fn real_fhir_clients_work_unchanged() {
     let work = tempfile::tempdir().unwrap();
     let gw = Gateway::start(work.path(), "");
     let base = format!("http://127.0.0.1:{}/fhir", gw.http);
-    let out = python("fhir_clients.py", &[&base]);
-    assert!(
-        out.status.success(),
-        "fhir_clients.py: {}\nlog:\n{}",
-        stderr(&out),
-        gw.log()
-    );
-    let py: Value = serde_json::from_str(&stdout(&out)).expect("JSON from fhir_clients.py");
+    let py = python_json(&gw, "fhir_clients.py", &[&base]);
     let smart = &py["fhirclient"];
     assert_eq!(smart["fhir_version"], "4.0.1");
     assert_eq!(smart["read_family"], "Client");

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use common::{peers_dir, stderr, stdout, Gateway};
+use common::{python_json, stderr, stdout, Gateway};
 
 #[test]
 fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
@@ -19,18 +19,11 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         "[workflow]\nimaging_quiet_secs = 2\ncheck_interval_secs = 1\nnotify_first_retry_secs = 1\nnotify_max_backoff_secs = 2",
     );
     let base = format!("http://127.0.0.1:{}/fhir", gw.http);
-    let out = Command::new("python3")
-        .arg(peers_dir().join("workflow.py"))
-        .args([&base, &gw.dicom.to_string(), work.path().to_str().unwrap()])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "workflow.py failed:\n{}\nlog:\n{}",
-        stderr(&out),
-        gw.log()
+    let result = python_json(
+        &gw,
+        "workflow.py",
+        &[&base, &gw.dicom.to_string(), work.path().to_str().unwrap()],
     );
-    let result: Value = serde_json::from_str(&stdout(&out)).expect("JSON from workflow.py");
     let facts = &result["facts"];
     assert_eq!(
         facts["awaiting_records_missing"],

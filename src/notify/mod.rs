@@ -20,7 +20,7 @@ use crate::store::fhir::{
 };
 use crate::store::MetaError;
 use crate::workflow::engine::{instant_text, SERVICE_ORGANIZATION};
-use crate::workflow::records::{RecordStore, WorkflowError};
+use crate::workflow::records::{items, RecordStore, WorkflowError};
 
 /// A resource an interaction changed.
 #[derive(Debug, Clone)]
@@ -355,13 +355,7 @@ impl Deliverer {
             .and_then(Value::as_str)
             .ok_or("no endpoint")?;
         let mut request = self.client.post(endpoint);
-        for header in channel
-            .and_then(|c| c.get("header"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
+        for header in items(channel, "header").filter_map(Value::as_str) {
             if let Some((name, value)) = header.split_once(':') {
                 request = request.header(name.trim(), value.trim());
             }

@@ -13,7 +13,9 @@ use super::build;
 use super::case::{self, Case, ConsentState, Event, Stage};
 use super::completeness::{self, Coding, Document, Rules, Submitted};
 use super::imaging::StudySummary;
-use super::records::{codes, has_coding, reference_of, Record, Records, WorkflowError};
+use super::records::{
+    codes, extensions, has_coding, items, reference_of, Record, Records, WorkflowError,
+};
 use super::task::{self, case_of, write_case, SPECIALTY_KIND};
 use crate::auth::Caller;
 use crate::config::WorkflowConfig;
@@ -313,12 +315,7 @@ impl Workflow {
         r: &mut dyn Records,
         request: &Record,
     ) -> Result<(), WorkflowError> {
-        let accessions: Vec<String> = request
-            .body
-            .get("identifier")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let accessions: Vec<String> = items(Some(&request.body), "identifier")
             .filter_map(|i| i.get("value").and_then(Value::as_str))
             .map(str::to_owned)
             .collect();
@@ -502,15 +499,7 @@ impl Workflow {
     /// Whether a linked study's imaging has all arrived: the announced
     /// count reached, or (without one) no new instance for the quiet period.
     fn imaging_complete(&self, study: &Record, now_ms: i64) -> bool {
-        let received = study
-            .body
-            .get("endpoint")
-            .and_then(Value::as_array)
-            .is_some_and(|e| {
-                e.iter()
-                    .any(|x| reference_of(Some(x)) == Some(SERVICE_ENDPOINT))
-            });
-        if !received {
+        if !has_our_endpoint(&study.body) {
             return false;
         }
         let count = study
@@ -580,11 +569,7 @@ impl Workflow {
                 }
             }
         }
-        let purposes: Vec<(String, String)> = provision
-            .and_then(|p| p.get("purpose"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let purposes: Vec<(String, String)> = items(provision, "purpose")
             .filter_map(|c| {
                 Some((
                     c.get("system")?.as_str()?.to_owned(),
@@ -621,19 +606,7 @@ impl Workflow {
                 patients.insert(p.to_owned());
             }
         }
-        for based in body
-            .get("basedOn")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .chain(
-                body.get("context")
-                    .and_then(|c| c.get("related"))
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten(),
-            )
-        {
+        for based in items(Some(body), "basedOn").chain(items(body.get("context"), "related")) {
             if let Some(s) = reference_of(Some(based)).filter(|s| s.starts_with("ServiceRequest/"))
             {
                 requests.insert(s.to_owned());
@@ -800,13 +773,7 @@ impl Workflow {
         r: &mut dyn Records,
         report: &Record,
     ) -> Result<Option<CaseFile>, WorkflowError> {
-        for based in report
-            .body
-            .get("basedOn")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for based in items(Some(&report.body), "basedOn") {
             let Some(request) =
                 reference_of(Some(based)).filter(|s| s.starts_with("ServiceRequest/"))
             else {
@@ -889,13 +856,7 @@ impl Workflow {
             .into_iter()
             .filter(|role| unavailable(&role.body, now_ms).is_none())
             .collect();
-        let requested: Vec<&str> = file
-            .request
-            .body
-            .get("performer")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let requested: Vec<&str> = items(Some(&file.request.body), "performer")
             .filter_map(|p| reference_of(Some(p)))
             .collect();
         if let Some(role) = available
@@ -1034,14 +995,7 @@ impl Workflow {
         let Some(mut file) = self.case_of_report(r, &report).await? else {
             return Ok(());
         };
-        let notified = file
-            .task
-            .body
-            .get("output")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .any(|o| has_coding(o.get("type"), task::CASE_INPUT, PATIENT_NOTIFIED));
+        let notified = task::has_output(&file.task.body, PATIENT_NOTIFIED);
         if notified || file.case.stage != Stage::Delivered {
             return Ok(());
         }
@@ -1503,30 +1457,18 @@ fn codings(concept: Option<&Value>) -> Vec<Coding> {
 }
 
 fn announced(study: &Value) -> Option<u64> {
-    study
-        .get("extension")
-        .and_then(Value::as_array)?
-        .iter()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(ANNOUNCED_INSTANCES))?
+    extensions(Some(study), ANNOUNCED_INSTANCES)
+        .next()?
         .get("valueUnsignedInt")?
         .as_u64()
 }
 
 fn has_our_endpoint(study: &Value) -> bool {
-    study
-        .get("endpoint")
-        .and_then(Value::as_array)
-        .is_some_and(|e| {
-            e.iter()
-                .any(|x| reference_of(Some(x)) == Some(SERVICE_ENDPOINT))
-        })
+    items(Some(study), "endpoint").any(|x| reference_of(Some(x)) == Some(SERVICE_ENDPOINT))
 }
 
 fn based_on_request(study: &Value) -> Option<&str> {
-    study
-        .get("basedOn")
-        .and_then(Value::as_array)?
-        .iter()
+    items(Some(study), "basedOn")
         .filter_map(|b| reference_of(Some(b)))
         .find(|s| s.starts_with("ServiceRequest/"))
 }
@@ -1552,12 +1494,7 @@ fn unavailable(role: &Value, now_ms: i64) -> Option<String> {
     if role.get("active").and_then(Value::as_bool) == Some(false) {
         return Some("is not active".into());
     }
-    for absence in role
-        .get("notAvailable")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for absence in items(Some(role), "notAvailable") {
         let during = absence.get("during");
         let start = during
             .and_then(|d| d.get("start"))
@@ -1583,10 +1520,7 @@ fn unavailable(role: &Value, now_ms: i64) -> Option<String> {
 /// A PDF the specialist supplied in `presentedForm`, decoded.
 fn supplied_pdf(report: &Value) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    report
-        .get("presentedForm")
-        .and_then(Value::as_array)?
-        .iter()
+    items(Some(report), "presentedForm")
         .filter(|a| a.get("contentType").and_then(Value::as_str) == Some("application/pdf"))
         .find_map(|a| {
             let data: String = a.get("data")?.as_str()?.split_whitespace().collect();
@@ -1616,11 +1550,7 @@ fn token_escape(value: &str) -> String {
 /// without an issuer any system will do; with one, the system must name it
 /// (`urn:oid:<issuer>` or the issuer itself).
 fn issuer_matches(patient: &Value, value: &str, issuer: Option<&str>) -> bool {
-    patient
-        .get("identifier")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    items(Some(patient), "identifier")
         .filter(|i| i.get("value").and_then(Value::as_str) == Some(value))
         .any(|i| match issuer {
             None => true,

@@ -5,6 +5,8 @@
 use pdf_writer::{Content, Finish, Name, Pdf, Rect, Ref, Str};
 use serde_json::Value;
 
+use super::records::{extensions, items};
+
 /// Extension on the opinion (`DiagnosticReport.extension`): one section
 /// the opinion answers, with sub-extensions `kind` (valueCode, from
 /// `CodeSystem/opinion-section`), `answer` (valueCodeableConcept, optional)
@@ -80,11 +82,7 @@ fn lines(report: &Value, issued: &str) -> Vec<(bool, String)> {
         out.extend(conclusion.lines().map(|l| (false, l.to_owned())));
         out.push((false, String::new()));
     }
-    let coded: Vec<String> = report
-        .get("conclusionCode")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let coded: Vec<String> = items(Some(report), "conclusionCode")
         .filter_map(|c| text(Some(c)))
         .collect();
     if !coded.is_empty() {
@@ -92,21 +90,8 @@ fn lines(report: &Value, issued: &str) -> Vec<(bool, String)> {
         out.extend(coded.into_iter().map(|c| (false, format!("- {c}"))));
         out.push((false, String::new()));
     }
-    for section in report
-        .get("extension")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|e| e.get("url").and_then(Value::as_str) == Some(OPINION_SECTION))
-    {
-        let part = |name: &str| {
-            section
-                .get("extension")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .find(|e| e.get("url").and_then(Value::as_str) == Some(name))
-        };
+    for section in extensions(Some(report), OPINION_SECTION) {
+        let part = |name: &'static str| extensions(Some(section), name).next();
         let kind = part("kind")
             .and_then(|e| e.get("valueCode"))
             .and_then(Value::as_str)

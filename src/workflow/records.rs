@@ -112,6 +112,21 @@ pub trait RecordsTx: Records {
     async fn commit(self: Box<Self>) -> Result<(), WorkflowError>;
 }
 
+/// The elements of the array `key` of `element` (none when it is absent
+/// or not an array): the walk every repeating FHIR element needs.
+pub fn items<'v>(element: Option<&'v Value>, key: &str) -> impl Iterator<Item = &'v Value> {
+    element
+        .and_then(|e| e.get(key))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+/// The extensions of `element` with this `url`.
+pub fn extensions<'v>(element: Option<&'v Value>, url: &'v str) -> impl Iterator<Item = &'v Value> {
+    items(element, "extension").filter(move |e| e.get("url").and_then(Value::as_str) == Some(url))
+}
+
 /// Reference string of a `Reference` element (`{"reference": "Type/id"}`).
 pub fn reference_of(element: Option<&Value>) -> Option<&str> {
     element?.get("reference")?.as_str()

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::case::{self, Event, Hold, Stage};
 use super::engine::{instant_text, Workflow, SERVICE_ORGANIZATION};
-use super::records::{codes, has_coding, reference_of, Record, RecordStore, WorkflowError};
+use super::records::{codes, items, reference_of, Record, RecordStore, WorkflowError};
 use super::task::{self, case_of, write_case};
 use crate::ids::Uid;
 use crate::store::{BlobLocation, BlobStore, MetadataStore};
@@ -223,12 +223,7 @@ impl Retention {
             if study.partner != request.partner {
                 continue;
             }
-            let uids: Vec<Uid> = study
-                .body
-                .get("identifier")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
+            let uids: Vec<Uid> = items(Some(&study.body), "identifier")
                 .filter(|i| i.get("system").and_then(Value::as_str) == Some("urn:dicom:uid"))
                 .filter_map(|i| i.get("value").and_then(Value::as_str))
                 .filter_map(|v| Uid::parse(v.strip_prefix("urn:oid:").unwrap_or(v)).ok())
@@ -328,22 +323,11 @@ fn eligible(task: &Value) -> bool {
     if task.get("partOf").is_some() {
         return false;
     }
-    let held = task
-        .get("meta")
-        .and_then(|m| m.get("tag"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .any(|t| {
-            t.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
-                && t.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
-        });
-    let discarded = task
-        .get("output")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .any(|o| has_coding(o.get("type"), task::CASE_INPUT, RECORDS_DISCARDED));
+    let held = items(task.get("meta"), "tag").any(|t| {
+        t.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
+            && t.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
+    });
+    let discarded = task::has_output(task, RECORDS_DISCARDED);
     let Some(case) = case_of(task) else {
         return false;
     };

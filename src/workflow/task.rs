@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::case::{Case, Hold, Stage};
 use super::completeness::Rules;
-use super::records::{codes, reference_of};
+use super::records::{codes, has_coding, items, reference_of};
 
 pub const CASE_STAGE: &str = "http://konsil.dev/fhir/CodeSystem/case-stage";
 pub const CASE_HOLD: &str = "http://konsil.dev/fhir/CodeSystem/case-hold";
@@ -44,11 +44,7 @@ pub fn case_of(task: &Value) -> Option<Case> {
     } else {
         None
     };
-    let missing = task
-        .get("input")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let missing = items(Some(task), "input")
         .filter(|i| is_missing_input(i))
         .filter_map(|i| codes(i.get("valueCodeableConcept"), RECORD_KIND).next())
         .map(str::to_owned)
@@ -151,14 +147,15 @@ pub fn write_case(task: &mut Value, case: &Case, rules: &Rules, service: &str, n
     obj.insert("lastModified".into(), json!(now));
 }
 
+/// Whether the Task has an output of this `case-input` type.
+pub fn has_output(task: &Value, code: &str) -> bool {
+    items(Some(task), "output").any(|o| has_coding(o.get("type"), CASE_INPUT, code))
+}
+
 /// The `Task` elements only the workflow may change; a client's update that
 /// changes any of them is refused (a withdrawal or a decline aside).
 pub fn workflow_owned(task: &Value) -> Value {
-    let inputs: Vec<&Value> = task
-        .get("input")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let inputs: Vec<&Value> = items(Some(task), "input")
         .filter(|i| is_missing_input(i))
         .collect();
     json!({

@@ -277,6 +277,19 @@ pub fn python(script: &str, args: &[&str]) -> Output {
         .expect("python3")
 }
 
+/// Run a peer script against a running gateway; it must succeed and print
+/// one JSON document (on failure: its stderr and the gateway's log).
+pub fn python_json(gw: &Gateway, script: &str, args: &[&str]) -> serde_json::Value {
+    let out = python(script, args);
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\nlog:\n{}",
+        stderr(&out),
+        gw.log()
+    );
+    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("JSON from {script}: {e}"))
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
