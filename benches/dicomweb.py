@@ -63,7 +63,7 @@ class Server:
                         f'dicom = "127.0.0.1:{free_port()}"\n'
                         '[[partners]]\nid = "bench"\nname = "Bench"\nae_titles = ["BENCH"]\n')
             env = dict(os.environ, KONSIL_LOG="warn")
-            self.proc = subprocess.Popen([self.binary, "--config", cfg, "serve"],
+            self.proc = subprocess.Popen([self.binary, "--config", cfg, "serve", "--dev"],
                                          stdout=log, stderr=log, env=env)
             self.base = f"http://127.0.0.1:{http}/dicomweb"
             wait_up(f"http://127.0.0.1:{http}/healthz")

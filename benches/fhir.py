@@ -41,7 +41,7 @@ def start(binary, work):
     http, dicom = free_port(), free_port()
     log = open(os.path.join(work, "konsil.log"), "w")
     proc = subprocess.Popen(
-        [binary, "serve", "--data-dir", data, "--http", f"127.0.0.1:{http}", "--dicom", f"127.0.0.1:{dicom}"],
+        [binary, "serve", "--dev", "--data-dir", data, "--http", f"127.0.0.1:{http}", "--dicom", f"127.0.0.1:{dicom}"],
         stdout=log, stderr=log, env={**os.environ, "KONSIL_LOG": "warn"})
     base = f"http://127.0.0.1:{http}/fhir"
     for _ in range(200):

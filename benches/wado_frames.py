@@ -42,7 +42,7 @@ def main():
     with open(config, "w") as f:
         f.write(f'[server]\ndata_dir = "{work}/data"\nhttp = "127.0.0.1:{http_port}"\n'
                 f'dicom = "127.0.0.1:{dicom_port}"\n[[partners]]\nid = "bench"\nname = "Bench"\nae_titles = ["BENCH"]\n')
-    server = subprocess.Popen([binary, "--config", config, "serve"], stdout=subprocess.DEVNULL,
+    server = subprocess.Popen([binary, "--config", config, "serve", "--dev"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "KONSIL_LOG": "warn"})
     try:
         for _ in range(100):

@@ -35,6 +35,8 @@ pub enum StartError {
     Service(#[from] crate::workflow::records::WorkflowError),
     #[error("start-up recovery failed: {0}")]
     Recover(#[from] crate::ingest::IngestError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::token::AuthStartError),
 }
 
 /// Shared state of one gateway node.
@@ -47,6 +49,10 @@ pub struct App {
     /// re-indexes everything it finds as DICOM).
     pub fhir_blobs: Arc<dyn BlobStore>,
     pub metrics: Arc<Metrics>,
+    /// Issues and checks access tokens.
+    pub authority: crate::auth::Authority,
+    /// Client assertions already used (replay protection).
+    pub assertions: Arc<dyn crate::store::AssertionLog>,
     pub ingest: Ingest,
     /// The second-opinion workflow (rules and configuration).
     pub workflow: Arc<Workflow>,
@@ -82,6 +88,8 @@ impl App {
             Arc::new(SegmentStore::open(&data_dir.join("fhir")).map_err(dir_err)?);
         let sqlite = SqliteStore::open(&data_dir).await?;
         let resources: Arc<dyn ResourceStore> = Arc::new(sqlite.clone());
+        let assertions: Arc<dyn crate::store::AssertionLog> = Arc::new(sqlite.clone());
+        let authority = crate::auth::Authority::open(&config)?;
         let index: Arc<dyn MetadataStore> = Arc::new(sqlite);
         let metrics = Arc::new(Metrics::new());
         let (arrivals_tx, arrivals) = Arrivals::channel();
@@ -143,6 +151,8 @@ impl App {
             blobs,
             fhir_blobs,
             metrics,
+            authority,
+            assertions,
             ingest,
             workflow,
             cases,
@@ -221,6 +231,7 @@ impl App {
     /// at `/fhir`.
     pub fn router(self: &Arc<Self>) -> Router {
         crate::ops::routes()
+            .merge(crate::auth::token::routes())
             .merge(crate::dicomweb::routes(self))
             .merge(crate::fhir::routes(self))
             .with_state(Arc::clone(self))

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::auth::scope::Scopes;
 use crate::ids::{AeTitle, IdError, PartnerId};
 
 /// Why the configuration could not be loaded.
@@ -82,6 +83,107 @@ pub struct Partner {
     pub name: String,
     /// Calling AE titles this partner's systems use.
     pub ae_titles: Vec<AeTitle>,
+    /// The partner's registered SMART backend-services clients.
+    pub clients: Vec<ClientRegistration>,
+}
+
+/// A partner's system registered for SMART Backend Services
+/// (`[[partners.clients]]`).
+#[derive(Debug, Clone)]
+pub struct ClientRegistration {
+    pub client_id: String,
+    /// The public keys its client assertions are signed with.
+    pub jwks: jsonwebtoken::jwk::JwkSet,
+    /// The most this client may be granted.
+    pub scopes: Scopes,
+}
+
+/// The `[auth]` section: Konsil as the SMART Backend Services
+/// authorisation server, and how staff tokens are checked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// PEM (PKCS#8) P-384 private key Konsil signs access tokens with; by
+    /// default `<data_dir>/auth/signing-key.pem`, created at first start.
+    /// Gateway nodes that share a database must share this key.
+    pub signing_key: Option<PathBuf>,
+    /// The token endpoint's URL as clients reach it: the `aud` their client
+    /// assertions must carry. By default `http://<Host header>/auth/token`.
+    pub token_url: Option<String>,
+    /// Lifetime of the access tokens `/auth/token` issues.
+    pub access_token_secs: u64,
+    /// Longest a client assertion may live (`exp` - now); SMART says 5 min.
+    pub max_assertion_secs: u64,
+    /// An OpenID Connect issuer whose tokens staff sign in with (`iss`).
+    pub staff_issuer: Option<String>,
+    /// That issuer's public keys (a JWKS file).
+    pub staff_jwks_file: Option<PathBuf>,
+    /// The `aud` that issuer puts in tokens meant for Konsil.
+    pub staff_audience: Option<String>,
+    /// The claim holding the staff member's Konsil roles.
+    pub staff_roles_claim: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            signing_key: None,
+            token_url: None,
+            access_token_secs: 300,
+            max_assertion_secs: 300,
+            staff_issuer: None,
+            staff_jwks_file: None,
+            staff_audience: None,
+            staff_roles_claim: "roles".to_owned(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// `KONSIL_AUTH_<KEY>` variables replace file values; relative paths are
+    /// taken from `base` (the config file's folder).
+    fn apply_env(&mut self, env: &HashMap<String, String>, base: &Path) -> Result<(), ConfigError> {
+        let get = |key: &str| env.get(&format!("KONSIL_AUTH_{}", key.to_uppercase()));
+        if let Some(v) = get("signing_key") {
+            self.signing_key = Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty());
+        }
+        if let Some(v) = get("token_url") {
+            self.token_url = Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("access_token_secs") {
+            self.access_token_secs = parse_value("auth.access_token_secs", v)?;
+        }
+        if let Some(v) = get("max_assertion_secs") {
+            self.max_assertion_secs = parse_value("auth.max_assertion_secs", v)?;
+        }
+        if let Some(v) = get("staff_issuer") {
+            self.staff_issuer = Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("staff_jwks_file") {
+            self.staff_jwks_file = Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty());
+        }
+        if let Some(v) = get("staff_audience") {
+            self.staff_audience = Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = get("staff_roles_claim") {
+            self.staff_roles_claim = v.clone();
+        }
+        if self.access_token_secs == 0 || self.max_assertion_secs == 0 {
+            return Err(value_error(
+                "auth.access_token_secs",
+                "0",
+                "token lifetimes must be at least 1 second",
+            ));
+        }
+        if self.staff_issuer.is_some() != self.staff_jwks_file.is_some() {
+            return Err(ConfigError::Conflict(
+                "auth.staff_issuer and auth.staff_jwks_file go together".into(),
+            ));
+        }
+        self.signing_key = self.signing_key.take().map(|p| base.join(p));
+        self.staff_jwks_file = self.staff_jwks_file.take().map(|p| base.join(p));
+        Ok(())
+    }
 }
 
 /// The `[dicomweb]` section.
@@ -335,10 +437,24 @@ pub struct Config {
     pub dicomweb: DicomwebConfig,
     pub fhir: FhirConfig,
     pub workflow: WorkflowConfig,
+    pub auth: AuthConfig,
     pub partners: Vec<Partner>,
+    /// `konsil serve --dev`: no authentication, the development identity
+    /// of `design.md` instead. Never set from a file or the environment.
+    pub dev: bool,
 }
 
 impl Config {
+    /// The registered client with this id, and its partner.
+    pub fn client(&self, client_id: &str) -> Option<(&Partner, &ClientRegistration)> {
+        self.partners.iter().find_map(|p| {
+            p.clients
+                .iter()
+                .find(|c| c.client_id == client_id)
+                .map(|c| (p, c))
+        })
+    }
+
     /// The partner whose systems call from this AE title.
     pub fn partner_for_ae(&self, ae: &AeTitle) -> Option<&Partner> {
         self.partners.iter().find(|p| p.ae_titles.contains(ae))
@@ -371,6 +487,8 @@ struct FileConfig {
     #[serde(default)]
     workflow: WorkflowConfig,
     #[serde(default)]
+    auth: AuthConfig,
+    #[serde(default)]
     partners: Vec<FilePartner>,
 }
 
@@ -395,6 +513,73 @@ struct FilePartner {
     name: String,
     #[serde(default)]
     ae_titles: Vec<String>,
+    #[serde(default)]
+    clients: Vec<FileClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClient {
+    client_id: String,
+    /// A JWKS file, relative to the config file's folder.
+    jwks_file: Option<PathBuf>,
+    /// The JWKS inline: a table, or a JSON string.
+    jwks: Option<serde_json::Value>,
+    scopes: Vec<String>,
+}
+
+impl FileClient {
+    fn load(self, partner: &str, base: &Path) -> Result<ClientRegistration, ConfigError> {
+        let conflict = |why: String| {
+            ConfigError::Conflict(format!(
+                "partner {partner}, client {}: {why}",
+                self.client_id
+            ))
+        };
+        if self.client_id.trim().is_empty() || self.client_id.len() > 255 {
+            return Err(conflict("client_id must be 1 to 255 characters".into()));
+        }
+        let jwks: serde_json::Value = match (&self.jwks_file, self.jwks.clone()) {
+            (Some(file), None) => {
+                let path = base.join(file);
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                serde_json::from_str(&text)
+                    .map_err(|e| conflict(format!("{} is not JSON: {e}", path.display())))?
+            }
+            (None, Some(serde_json::Value::String(text))) => serde_json::from_str(&text)
+                .map_err(|e| conflict(format!("jwks is not JSON: {e}")))?,
+            (None, Some(value)) => value,
+            _ => return Err(conflict("give exactly one of jwks_file and jwks".into())),
+        };
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks)
+            .map_err(|e| conflict(format!("not a JSON Web Key Set: {e}")))?;
+        if jwks.keys.is_empty() {
+            return Err(conflict("the key set holds no key".into()));
+        }
+        for key in &jwks.keys {
+            if key.common.key_id.is_none() {
+                return Err(conflict(
+                    "every key needs a kid (client assertions name it)".into(),
+                ));
+            }
+            if jsonwebtoken::DecodingKey::from_jwk(key).is_err() {
+                return Err(conflict(
+                    "a key is not a usable RSA or EC public key".into(),
+                ));
+            }
+        }
+        let scopes = Scopes::parse(self.scopes.iter().map(String::as_str))
+            .map_err(|e| conflict(e.to_string()))?;
+        Ok(ClientRegistration {
+            client_id: self.client_id,
+            jwks,
+            scopes,
+        })
+    }
 }
 
 /// Load the configuration: defaults, then `file` (if any), then the
@@ -417,6 +602,11 @@ pub fn load(
         }
         None => FileConfig::default(),
     };
+    // Key and certificate files named in the config are found next to it.
+    let base = file
+        .and_then(Path::parent)
+        .map(Path::to_owned)
+        .unwrap_or_default();
 
     let mut server = ServerConfig::default();
     let f = parsed.server;
@@ -481,10 +671,27 @@ pub fn load(
             }
             ae_titles.push(ae);
         }
+        let mut clients = Vec::new();
+        for client in p.clients {
+            let client = client.load(&p.id, &base)?;
+            let taken = partners
+                .iter()
+                .flat_map(|q: &Partner| &q.clients)
+                .chain(&clients)
+                .any(|c: &ClientRegistration| c.client_id == client.client_id);
+            if taken {
+                return Err(ConfigError::Conflict(format!(
+                    "client_id {} is registered twice",
+                    client.client_id
+                )));
+            }
+            clients.push(client);
+        }
         partners.push(Partner {
             id,
             name: p.name,
             ae_titles,
+            clients,
         });
     }
     let mut dicomweb = parsed.dicomweb;
@@ -493,12 +700,16 @@ pub fn load(
     fhir.apply_env(env)?;
     let mut workflow = parsed.workflow;
     workflow.apply_env(env)?;
+    let mut auth = parsed.auth;
+    auth.apply_env(env, &base)?;
     Ok(Config {
         server,
         dicomweb,
         fhir,
         workflow,
+        auth,
         partners,
+        dev: false,
     })
 }
 

@@ -43,7 +43,25 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Start the gateway (DIMSE SCP and HTTP). Ctrl-C / SIGTERM drain in-flight transfers, then exit 0.
-    Serve,
+    Serve {
+        /// Development only: no authentication. An HTTP request with
+        /// `X-Konsil-Partner: ID` acts as that partner's system (every scope), one without it
+        /// as staff with every role. Never on a server that holds real patients' data.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Print a staff access token signed by this server's key (for the CLI, scripts and tests).
+    Token {
+        /// Role(s): coordinator, specialist, approver, auditor, admin (repeat or comma-separate)
+        #[arg(long, required = true, value_delimiter = ',')]
+        role: Vec<String>,
+        /// Who the token stands for (the audit trail's agent)
+        #[arg(long, default_value = "konsil-cli")]
+        subject: String,
+        /// Lifetime in minutes
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+    },
     /// Import a folder, a DICOMDIR or a single file for a partner, through the ingest pipeline.
     Import {
         /// Folder, DICOMDIR, or file
@@ -94,9 +112,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         dicom: cli.dicom,
         ae_title: cli.ae_title,
     };
-    let config = config::load(cli.config.as_deref(), &config::process_env(), &overrides)?;
+    let mut config = config::load(cli.config.as_deref(), &config::process_env(), &overrides)?;
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Serve { dev } => {
+            config.dev = dev;
+            serve(config).await
+        }
+        Command::Token {
+            role,
+            subject,
+            minutes,
+        } => token(&config, &role, &subject, minutes),
         Command::Import { path, partner } => import(config, &path, &partner).await,
         Command::Retention { dry_run, as_of } => retention(config, dry_run, as_of.as_deref()).await,
     }
@@ -113,6 +139,16 @@ async fn serve(config: config::Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen for DICOM on {}", config.server.dicom))?;
     let app = App::open(config).await?;
+    if app.config.dev {
+        tracing::warn!(
+            "DEVELOPMENT MODE (--dev): AUTHENTICATION IS OFF. Anyone who reaches the HTTP port acts as \
+             staff with every role, or as any partner via X-Konsil-Partner. Never use --dev with real \
+             patients' data."
+        );
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!("\n*** konsil serve --dev: authentication is OFF; never use it with real patients' data ***\n");
+        }
+    }
     tracing::info!(
         http = %http.local_addr()?,
         dicom = %dicom.local_addr()?,
@@ -187,6 +223,36 @@ async fn retention(
             ""
         }
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(
+    config: &config::Config,
+    roles: &[String],
+    subject: &str,
+    minutes: u64,
+) -> anyhow::Result<ExitCode> {
+    let roles = roles
+        .iter()
+        .map(|r| {
+            konsil::auth::Role::parse(r.trim()).with_context(|| {
+                format!("--role {r:?}: use coordinator, specialist, approver, auditor or admin")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if minutes == 0 || minutes > 24 * 60 {
+        anyhow::bail!("--minutes must be 1 to 1440");
+    }
+    if subject.trim().is_empty() {
+        anyhow::bail!("--subject must not be empty");
+    }
+    let authority = konsil::auth::Authority::open(config)?;
+    let token = authority.staff_token(
+        subject,
+        &roles,
+        std::time::Duration::from_secs(minutes * 60),
+    )?;
+    println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,71 +1,260 @@
-//! Who is calling. Until token authentication lands (issue 6), HTTP callers
-//! use the development identity of `design.md`: a request with
-//! `X-Konsil-Partner: ID` acts as that partner's system client, one without
-//! it as staff with every role.
+//! Who is calling, and what they may do.
+//!
+//! HTTP callers present a bearer token: one Konsil issued at `/auth/token`
+//! to a partner's system (SMART Backend Services), one `konsil token`
+//! printed for staff, or one from the configured staff OpenID Connect
+//! issuer. Each edge authenticates a request once ([`authenticate`]), maps
+//! a failure to its own error form, and asks [`policy::authorize`] before
+//! acting. Under `konsil serve --dev` there is no authentication: the
+//! development identity of `design.md` applies (`X-Konsil-Partner: ID` acts
+//! as that partner's system with every scope, no header as staff with every
+//! role).
+
+pub mod policy;
+pub mod scope;
+pub mod token;
 
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue};
 
 use crate::app::App;
 use crate::config::Config;
 use crate::ids::PartnerId;
 
-/// The development identity header.
+pub use policy::{authorize, Action, Denied};
+pub use scope::{Permission, Scopes};
+pub use token::Authority;
+
+/// The development identity header (only under `--dev`).
 pub const PARTNER_HEADER: &str = "x-konsil-partner";
+
+/// A staff role of the second-opinion service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Checks referrals, assigns specialists, links studies.
+    Coordinator,
+    /// Reads cases and writes the opinion.
+    Specialist,
+    /// Approves (or returns) opinions.
+    Approver,
+    /// Reads the audit trail, nothing else.
+    Auditor,
+    /// Everything but the audit trail.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Coordinator,
+        Role::Specialist,
+        Role::Approver,
+        Role::Auditor,
+        Role::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Specialist => "specialist",
+            Role::Approver => "approver",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+/// A member of the service's staff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaffUser {
+    /// Who (the token's `sub`); goes into the audit trail, never PHI.
+    pub subject: String,
+    pub roles: Vec<Role>,
+}
+
+/// A referring partner's system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerClient {
+    pub partner: PartnerId,
+    /// The registered client (`None` for the development identity).
+    pub client_id: Option<String>,
+    /// What the access token grants.
+    pub scopes: Scopes,
+}
 
 /// The caller of an HTTP request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// Service staff: every role, every partner's data.
-    Staff,
-    /// A referring partner's system: its own data only.
-    Partner(PartnerId),
+    /// Service staff: every partner's data, within their roles.
+    Staff(StaffUser),
+    /// A referring partner's system: its own data only, within its scopes.
+    Partner(PartnerClient),
 }
 
 impl Caller {
+    /// The development identity's staff: every role.
+    pub fn dev_staff() -> Caller {
+        Caller::Staff(StaffUser {
+            subject: "dev".to_owned(),
+            roles: Role::ALL.to_vec(),
+        })
+    }
+
+    /// The development identity of a partner: every scope.
+    pub fn dev_partner(partner: PartnerId) -> Caller {
+        Caller::Partner(PartnerClient {
+            partner,
+            client_id: None,
+            scopes: Scopes::everything(),
+        })
+    }
+
+    /// The partner this caller acts for (`None` for staff).
+    pub fn partner(&self) -> Option<&PartnerId> {
+        match self {
+            Caller::Staff(_) => None,
+            Caller::Partner(client) => Some(&client.partner),
+        }
+    }
+
+    pub fn is_staff(&self) -> bool {
+        matches!(self, Caller::Staff(_))
+    }
+
     /// The partners whose data this caller may see.
     pub fn visible_partners(&self, config: &Config) -> Vec<PartnerId> {
         match self {
-            Caller::Staff => config.partners.iter().map(|p| p.id.clone()).collect(),
-            Caller::Partner(id) => vec![id.clone()],
+            Caller::Staff(_) => config.partners.iter().map(|p| p.id.clone()).collect(),
+            Caller::Partner(client) => vec![client.partner.clone()],
         }
+    }
+
+    /// Whether this caller may read resources of `resource_type` at all
+    /// (used to drop `_include`d and history entries it may not see).
+    pub fn may_read_type(&self, resource_type: &str) -> bool {
+        authorize(self, Action::Fhir(Permission::Read, Some(resource_type))).is_ok()
     }
 }
 
-/// Why the caller could not be identified.
-#[derive(Debug, thiserror::Error)]
+/// Why a request carries no usable identity (401), or names an unknown
+/// development partner (403).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallerError {
+    #[error("this endpoint needs a bearer access token (Authorization: Bearer …); partner systems get one at /auth/token (SMART Backend Services), staff from `konsil token` or the staff sign-in")]
+    Missing,
+    #[error("the access token is not valid: {0}")]
+    InvalidToken(String),
     #[error("{PARTNER_HEADER} is not a valid partner id: {0}")]
-    Invalid(String),
+    InvalidPartner(String),
     #[error("{PARTNER_HEADER} names no configured partner ({0})")]
-    Unknown(PartnerId),
+    UnknownPartner(PartnerId),
+}
+
+impl CallerError {
+    /// 401 for a missing or bad token, 403 for the development header.
+    pub fn status(&self) -> axum::http::StatusCode {
+        match self {
+            CallerError::Missing | CallerError::InvalidToken(_) => {
+                axum::http::StatusCode::UNAUTHORIZED
+            }
+            CallerError::InvalidPartner(_) | CallerError::UnknownPartner(_) => {
+                axum::http::StatusCode::FORBIDDEN
+            }
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 section 3).
+    pub fn challenge(&self) -> Option<HeaderValue> {
+        let text = match self {
+            CallerError::Missing => "Bearer realm=\"konsil\"".to_owned(),
+            CallerError::InvalidToken(why) => format!(
+                "Bearer realm=\"konsil\", error=\"invalid_token\", error_description=\"{}\"",
+                why.replace(['"', '\\'], "'")
+            ),
+            _ => return None,
+        };
+        HeaderValue::from_str(&text).ok()
+    }
+
+    /// `(status, WWW-Authenticate)` headers for an edge's error response.
+    pub fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        self.challenge()
+            .map(|v| vec![(header::WWW_AUTHENTICATE, v)])
+            .unwrap_or_default()
+    }
 }
 
 impl axum::response::IntoResponse for CallerError {
     fn into_response(self) -> axum::response::Response {
-        (axum::http::StatusCode::FORBIDDEN, format!("{self}\n")).into_response()
+        let mut response = (self.status(), format!("{self}\n")).into_response();
+        for (name, value) in self.headers() {
+            response.headers_mut().insert(name, value);
+        }
+        response
     }
 }
 
+/// Identify the caller of a request: by its bearer token, or under `--dev`
+/// by the development identity.
+pub async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Caller, CallerError> {
+    if app.config.dev {
+        return dev_identity(&app.config, headers);
+    }
+    let token = bearer_token(headers)?;
+    app.authority.verify(&app.config, token)
+}
+
+fn bearer_token(headers: &HeaderMap) -> Result<&str, CallerError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(CallerError::Missing);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| CallerError::InvalidToken("the Authorization header is not ASCII".into()))?;
+    match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(CallerError::Missing),
+    }
+}
+
+fn dev_identity(config: &Config, headers: &HeaderMap) -> Result<Caller, CallerError> {
+    let Some(raw) = headers.get(PARTNER_HEADER) else {
+        return Ok(Caller::dev_staff());
+    };
+    let text = raw
+        .to_str()
+        .map_err(|_| CallerError::InvalidPartner("not visible ASCII".into()))?;
+    let id =
+        PartnerId::parse(text.trim()).map_err(|e| CallerError::InvalidPartner(e.to_string()))?;
+    if config.partner(&id).is_none() {
+        return Err(CallerError::UnknownPartner(id));
+    }
+    Ok(Caller::dev_partner(id))
+}
+
+/// The caller an edge's middleware authenticated (it puts the [`Caller`]
+/// into the request's extensions; a route outside such an edge has none).
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = CallerError;
 
     async fn from_request_parts(
         parts: &mut Parts,
-        app: &Arc<App>,
+        _app: &Arc<App>,
     ) -> Result<Self, Self::Rejection> {
-        let Some(raw) = parts.headers.get(PARTNER_HEADER) else {
-            return Ok(Caller::Staff);
-        };
-        let text = raw
-            .to_str()
-            .map_err(|_| CallerError::Invalid("not visible ASCII".into()))?;
-        let id = PartnerId::parse(text.trim()).map_err(|e| CallerError::Invalid(e.to_string()))?;
-        if app.config.partner(&id).is_none() {
-            return Err(CallerError::Unknown(id));
-        }
-        Ok(Caller::Partner(id))
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(CallerError::Missing)
     }
 }

@@ -22,7 +22,7 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::app::App;
-use crate::auth::CallerError;
+use crate::auth::{authorize, Action, CallerError};
 use crate::ids::Uid;
 use crate::metrics::label;
 use crate::store::{BlobError, MetaError};
@@ -50,14 +50,49 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route(&format!("{instance}/metadata"), get(wado::metadata))
         .route(&format!("{instance}/frames/{{frames}}"), get(wado::frames))
         .route(&format!("{instance}/bulkdata/{{tag}}"), get(wado::bulkdata));
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        Arc::clone(app),
-        count_request,
-    ));
+    let router = router
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(app), gate))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(app),
+            count_request,
+        ));
     match cors(&app.config.dicomweb.cors_origins) {
         Some(layer) => router.layer(layer),
         None => router,
     }
+}
+
+/// Authenticate every DICOMweb request and authorise it as a store (POST),
+/// a search (QIDO-RS: the route ends in `studies`, `series` or
+/// `instances`) or a retrieve (WADO-RS).
+async fn gate(
+    State(app): State<Arc<App>>,
+    matched: Option<MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = match crate::auth::authenticate(&app, request.headers()).await {
+        Ok(caller) => caller,
+        Err(e) => return WebError::from(e).into_response(),
+    };
+    let searches = matched.as_ref().is_some_and(|m| {
+        m.as_str()
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| matches!(last, "studies" | "series" | "instances"))
+    });
+    let action = if request.method() == Method::POST {
+        Action::StoreImages
+    } else if searches {
+        Action::SearchImages
+    } else {
+        Action::RetrieveImages
+    };
+    if let Err(denied) = authorize(&caller, action) {
+        return WebError::Forbidden(denied.0).into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
 }
 
 /// Count each request by the resource its route names (the last literal
@@ -127,6 +162,8 @@ pub enum WebError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthenticated(CallerError),
+    #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
@@ -147,6 +184,18 @@ pub enum WebError {
 impl IntoResponse for WebError {
     fn into_response(self) -> Response {
         let (status, text) = match &self {
+            WebError::Unauthenticated(e) => {
+                let mut response = (
+                    e.status(),
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    format!("{e}\n"),
+                )
+                    .into_response();
+                for (name, value) in e.headers() {
+                    response.headers_mut().insert(name, value);
+                }
+                return response;
+            }
             WebError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             WebError::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),
             WebError::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()),
@@ -172,7 +221,7 @@ impl IntoResponse for WebError {
 
 impl From<CallerError> for WebError {
     fn from(e: CallerError) -> Self {
-        WebError::Forbidden(e.to_string())
+        WebError::Unauthenticated(e)
     }
 }
 

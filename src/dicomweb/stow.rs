@@ -78,11 +78,11 @@ async fn run(
     body: Body,
 ) -> Result<Response, WebError> {
     let partner = match caller? {
-        Caller::Partner(p) => p,
-        Caller::Staff => {
+        Caller::Partner(client) => client.partner,
+        Caller::Staff(_) => {
             return Err(WebError::Forbidden(
-                "STOW-RS stores instances under the sending partner: send X-Konsil-Partner \
-                 (staff requests have no partner)"
+                "STOW-RS stores instances under the sending partner: use a partner's access \
+                 token (staff have no partner; under --dev send X-Konsil-Partner)"
                     .into(),
             ))
         }

@@ -361,7 +361,7 @@ fn frame_pieces(opened: &OpenedInstance, frames: &[u32]) -> Result<Vec<Vec<Piece
         let columns = int(opened, tags::COLUMNS).unwrap_or(0);
         let samples = int(opened, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
         let bits = int(opened, tags::BITS_ALLOCATED).unwrap_or(0);
-        if bits == 0 || bits % 8 != 0 {
+        if bits == 0 || !bits.is_multiple_of(8) {
             return Err(WebError::NotAcceptable(format!(
                 "frames of {bits}-bit pixel data cannot be cut at byte boundaries; retrieve the instance"
             )));

@@ -25,7 +25,7 @@ use super::rest::{
 };
 use super::{negotiate, parse_json, require_json_body, FhirError};
 use crate::app::App;
-use crate::auth::{Caller, CallerError};
+use crate::auth::{authorize, Action, Caller, CallerError, Permission};
 use crate::store::fhir::ResourceTx;
 
 /// One parsed entry.
@@ -273,8 +273,19 @@ fn split_url(url: &str) -> (&str, Option<&str>, Option<&str>) {
     (resource_type, parts.next().filter(|s| !s.is_empty()), query)
 }
 
-fn entry_type(entry: &Entry) -> Result<&str, FhirError> {
-    let (resource_type, _, _) = split_url(&entry.url);
+/// The entry's resource type, once the caller may act on it as the entry
+/// asks.
+fn entry_type<'e>(ctx: &Ctx, entry: &'e Entry) -> Result<&'e str, FhirError> {
+    let (resource_type, id, _) = split_url(&entry.url);
+    let permission = match entry.method {
+        Method::Get if id.is_some() => Permission::Read,
+        Method::Get => Permission::Search,
+        Method::Post => Permission::Create,
+        Method::Put | Method::Patch => Permission::Update,
+        Method::Delete => Permission::Delete,
+    };
+    authorize(&ctx.caller, Action::Fhir(permission, Some(resource_type)))
+        .map_err(|denied| at_entry(super::forbidden(denied), entry))?;
     check_type(resource_type).map_err(|e| at_entry(e, entry))?;
     Ok(resource_type)
 }
@@ -286,7 +297,7 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
     let mut matched: HashMap<usize, bool> = HashMap::new();
     let mut mapping: HashMap<String, String> = HashMap::new();
     for entry in &entries {
-        let resource_type = entry_type(entry)?;
+        let resource_type = entry_type(ctx, entry)?;
         if entry.method == Method::Get {
             continue;
         }
@@ -346,7 +357,7 @@ async fn run_transaction(ctx: &Ctx, mut entries: Vec<Entry>) -> Result<Response,
         if entry.method == Method::Get {
             continue;
         }
-        let resource_type = entry_type(entry)?;
+        let resource_type = entry_type(ctx, entry)?;
         let id = ids.get(&entry.index).cloned().unwrap_or_default();
         let result = write_entry(
             &mut tx,
@@ -510,7 +521,7 @@ fn json_patch_of(resource: &Value) -> Result<json_patch::Patch, FhirError> {
 
 async fn read_entry(ctx: &Ctx, entry: &Entry) -> EntryResult {
     let (resource_type, id, query) = split_url(&entry.url);
-    if let Err(e) = check_type(resource_type) {
+    if let Err(e) = entry_type(ctx, entry) {
         return EntryResult::Failed(e);
     }
     match id {
@@ -558,7 +569,7 @@ async fn run_batch(ctx: &Ctx, entries: Vec<Entry>) -> Response {
 }
 
 async fn batch_write(ctx: &Ctx, entry: &Entry) -> Result<EntryResult, FhirError> {
-    let resource_type = entry_type(entry)?;
+    let resource_type = entry_type(ctx, entry)?;
     let mut tx = ctx.begin().await?;
     let (id, matched) = plan_write(&mut tx, ctx, entry, resource_type).await?;
     let mut result = write_entry(&mut tx, ctx, entry, resource_type, id, matched).await?;

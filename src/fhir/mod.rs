@@ -31,6 +31,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
+use crate::auth::{authorize, Action, CallerError, Denied, Permission};
 use crate::metrics::label;
 use crate::store::MetaError;
 use outcome::Issue;
@@ -80,10 +81,164 @@ pub fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         )
         .route("/fhir/{type}/{id}/_history/{version}", get(rest::vread))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(app), gate))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(app),
             count_request,
         ))
+}
+
+/// A FHIR interaction, from the request's method and route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interaction {
+    Capabilities,
+    TransactionOrBatch,
+    HistorySystem,
+    SearchType,
+    Create,
+    ConditionalUpdate,
+    ConditionalDelete,
+    HistoryType,
+    Read,
+    Update,
+    Patch,
+    Delete,
+    HistoryInstance,
+    Vread,
+    /// `$validate` and instance operations: authorised where they run.
+    Other,
+}
+
+impl Interaction {
+    fn of(method: &str, route: &str) -> Interaction {
+        match (method, route) {
+            (_, "/fhir/metadata") => Interaction::Capabilities,
+            ("POST", "/fhir" | "/fhir/") => Interaction::TransactionOrBatch,
+            (_, "/fhir/_history") => Interaction::HistorySystem,
+            ("GET", "/fhir/{type}") | ("POST", "/fhir/{type}/_search") => Interaction::SearchType,
+            ("POST", "/fhir/{type}") => Interaction::Create,
+            ("PUT", "/fhir/{type}") => Interaction::ConditionalUpdate,
+            ("DELETE", "/fhir/{type}") => Interaction::ConditionalDelete,
+            (_, "/fhir/{type}/_history") => Interaction::HistoryType,
+            ("GET", "/fhir/{type}/{id}") => Interaction::Read,
+            ("PUT", "/fhir/{type}/{id}") => Interaction::Update,
+            ("PATCH", "/fhir/{type}/{id}") => Interaction::Patch,
+            ("DELETE", "/fhir/{type}/{id}") => Interaction::Delete,
+            (_, "/fhir/{type}/{id}/_history") => Interaction::HistoryInstance,
+            (_, "/fhir/{type}/{id}/_history/{version}") => Interaction::Vread,
+            _ => Interaction::Other,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Interaction::Capabilities => "capabilities",
+            Interaction::TransactionOrBatch => "transaction-or-batch",
+            Interaction::HistorySystem => "history-system",
+            Interaction::SearchType => "search-type",
+            Interaction::Create => "create",
+            Interaction::ConditionalUpdate => "conditional-update",
+            Interaction::ConditionalDelete => "conditional-delete",
+            Interaction::HistoryType => "history-type",
+            Interaction::Read => "read",
+            Interaction::Update => "update",
+            Interaction::Patch => "patch",
+            Interaction::Delete => "delete",
+            Interaction::HistoryInstance => "history-instance",
+            Interaction::Vread => "vread",
+            Interaction::Other => "other",
+        }
+    }
+
+    /// The SMART permission the interaction needs on its type; `None` where
+    /// the check happens per entry (transactions) or per operation.
+    fn permission(self) -> Option<Permission> {
+        match self {
+            Interaction::SearchType | Interaction::HistoryType | Interaction::HistorySystem => {
+                Some(Permission::Search)
+            }
+            Interaction::Create => Some(Permission::Create),
+            Interaction::ConditionalUpdate | Interaction::Update | Interaction::Patch => {
+                Some(Permission::Update)
+            }
+            Interaction::ConditionalDelete | Interaction::Delete => Some(Permission::Delete),
+            Interaction::Read | Interaction::HistoryInstance | Interaction::Vread => {
+                Some(Permission::Read)
+            }
+            Interaction::Capabilities | Interaction::TransactionOrBatch | Interaction::Other => {
+                None
+            }
+        }
+    }
+}
+
+/// The resource type a request's path names (`/fhir/{type}/…`).
+fn path_type(request: &Request) -> Option<String> {
+    request
+        .uri()
+        .path()
+        .strip_prefix("/fhir/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|t| !t.is_empty() && !t.starts_with('_') && !t.starts_with('$'))
+        .map(str::to_owned)
+}
+
+/// Authenticate every FHIR request but `metadata`, and authorise the
+/// interaction on its type (transactions and operations are authorised
+/// where they run, per entry and per operation).
+async fn gate(
+    State(app): State<Arc<App>>,
+    matched: Option<MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let route = matched.as_ref().map_or("", |m| m.as_str());
+    let interaction = Interaction::of(request.method().as_str(), route);
+    if interaction == Interaction::Capabilities {
+        return next.run(request).await;
+    }
+    let caller = match crate::auth::authenticate(&app, request.headers()).await {
+        Ok(caller) => caller,
+        Err(e) => return unauthenticated(&e),
+    };
+    let resource_type = match interaction {
+        Interaction::HistorySystem => None,
+        _ => path_type(&request),
+    };
+    // Writes to what only the server writes (the audit trail) are 405 for
+    // everyone, from the handler: the method is wrong, whoever asks.
+    let server_written = resource_type.as_deref().is_some_and(rest::read_only);
+    if let Some(permission) = interaction
+        .permission()
+        .filter(|p| !(server_written && !matches!(p, Permission::Read | Permission::Search)))
+    {
+        if let Err(denied) = authorize(&caller, Action::Fhir(permission, resource_type.as_deref()))
+        {
+            return forbidden(denied).into_response();
+        }
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// 401 with the bearer challenge and an OperationOutcome.
+fn unauthenticated(e: &CallerError) -> Response {
+    let code = if e.status() == StatusCode::UNAUTHORIZED {
+        "login"
+    } else {
+        "forbidden"
+    };
+    let mut response =
+        FhirError::new(e.status(), Issue::error(code, e.to_string())).into_response();
+    for (name, value) in e.headers() {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
+
+/// The policy's refusal as a 403 OperationOutcome.
+pub fn forbidden(denied: Denied) -> FhirError {
+    FhirError::new(StatusCode::FORBIDDEN, Issue::error("forbidden", denied.0))
 }
 
 /// Count each request by FHIR interaction, resource type (a served type, or
@@ -95,32 +250,10 @@ async fn count_request(
     next: Next,
 ) -> Response {
     let route = matched.as_ref().map_or("", |m| m.as_str()).to_owned();
-    let resource_type = request
-        .uri()
-        .path()
-        .strip_prefix("/fhir/")
-        .and_then(|rest| rest.split('/').next())
-        .filter(|t| SUPPORTED.contains(t))
-        .unwrap_or("other")
-        .to_owned();
-    let method = request.method().clone();
-    let interaction = match (method.as_str(), route.as_str()) {
-        (_, "/fhir/metadata") => "capabilities",
-        ("POST", "/fhir" | "/fhir/") => "transaction-or-batch",
-        (_, "/fhir/_history") => "history-system",
-        ("GET", "/fhir/{type}") | ("POST", "/fhir/{type}/_search") => "search-type",
-        ("POST", "/fhir/{type}") => "create",
-        ("PUT", "/fhir/{type}") => "conditional-update",
-        ("DELETE", "/fhir/{type}") => "conditional-delete",
-        (_, "/fhir/{type}/_history") => "history-type",
-        ("GET", "/fhir/{type}/{id}") => "read",
-        ("PUT", "/fhir/{type}/{id}") => "update",
-        ("PATCH", "/fhir/{type}/{id}") => "patch",
-        ("DELETE", "/fhir/{type}/{id}") => "delete",
-        (_, "/fhir/{type}/{id}/_history") => "history-instance",
-        (_, "/fhir/{type}/{id}/_history/{version}") => "vread",
-        _ => "other",
-    };
+    let resource_type = path_type(&request)
+        .filter(|t| SUPPORTED.contains(&t.as_str()))
+        .unwrap_or_else(|| "other".to_owned());
+    let interaction = Interaction::of(request.method().as_str(), &route).label();
     let response = next.run(request).await;
     app.metrics
         .fhir_requests

@@ -111,12 +111,9 @@ pub async fn instance_operation(
                 ),
             ));
         }
-        if rest::caller(who)? != Caller::Staff {
-            return Err(FhirError::new(
-                StatusCode::FORBIDDEN,
-                Issue::error("forbidden", format!("${name} is for the service's staff")),
-            ));
-        }
+        let caller = rest::caller(who)?;
+        crate::auth::authorize(&caller, crate::auth::Action::Operation(&format!("${name}")))
+            .map_err(super::forbidden)?;
         let bytes = collect(&app, body).await?;
         let parameters = if bytes.iter().all(u8::is_ascii_whitespace) {
             Value::Null

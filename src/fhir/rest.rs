@@ -113,19 +113,17 @@ impl Ctx {
 
     /// The partners whose resources this caller may see (`None`: all).
     pub fn scope(&self) -> Option<Vec<PartnerId>> {
-        match &self.caller {
-            Caller::Staff => None,
-            Caller::Partner(id) => Some(vec![id.clone()]),
-        }
+        self.caller.partner().map(|id| vec![id.clone()])
     }
 
     /// Whether this caller may see `stored` (one authorisation point until
     /// issue 6 widens it to compartments and roles).
     pub fn may_see(&self, stored: &StoredResource) -> bool {
-        match &self.caller {
-            Caller::Staff => true,
-            Caller::Partner(id) => stored.partner.as_ref() == Some(id),
-        }
+        let own = match self.caller.partner() {
+            None => true,
+            Some(id) => stored.partner.as_ref() == Some(id),
+        };
+        own && self.caller.may_read_type(&stored.resource_type)
     }
 
     /// Open the transaction of this interaction (the workflow reacts in it
@@ -135,10 +133,7 @@ impl Ctx {
     }
 
     fn partner(&self) -> Option<PartnerId> {
-        match &self.caller {
-            Caller::Staff => None,
-            Caller::Partner(id) => Some(id.clone()),
-        }
+        self.caller.partner().cloned()
     }
 }
 
@@ -1448,7 +1443,13 @@ async fn history(
         links.push(("next", format!("{path}?{}", encode_query(&next_query))));
     }
     let mut bundle = BundleText::new("history", None, &links);
-    for v in &page.versions {
+    // A system-wide history spans types some callers may not read (the
+    // audit trail): those versions are left out.
+    for v in page
+        .versions
+        .iter()
+        .filter(|v| ctx.caller.may_read_type(&v.resource_type))
+    {
         let (status, url) = match v.method.as_str() {
             "POST" => ("201 Created", v.resource_type.clone()),
             "DELETE" => ("204 No Content", format!("{}/{}", v.resource_type, v.id)),
@@ -1810,7 +1811,7 @@ async fn included(
                 want_total: false,
             })
             .await?;
-        out.extend(found.resources);
+        out.extend(found.resources.into_iter().filter(|s| ctx.may_see(s)));
     }
     Ok(out)
 }

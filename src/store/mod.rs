@@ -192,6 +192,21 @@ pub enum MetaError {
     Corrupt(String),
 }
 
+/// Client assertions already used (SMART Backend Services: a `jti` is
+/// accepted once per client).
+#[async_trait::async_trait]
+pub trait AssertionLog: Send + Sync + 'static {
+    /// Record `jti` of `client_id` until `expires_ms`; false if it was
+    /// already recorded (a replay). Forgets assertions expired by `now_ms`.
+    async fn first_use(
+        &self,
+        client_id: &str,
+        jti: &str,
+        expires_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, MetaError>;
+}
+
 /// The metadata index.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync + 'static {

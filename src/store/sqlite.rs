@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::query::{self, Level, Locate, Matcher, Search, SearchRow, StoredInstance};
-use super::{BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore};
+use super::{AssertionLog, BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore};
 use crate::ids::{PartnerId, Uid};
 
 /// A blob location from a row whose first three columns are object, offset
@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "study arrivals",
         include_str!("migrations/0006_study_arrivals.sql"),
+    ),
+    (
+        7,
+        "client assertions",
+        include_str!("migrations/0007_client_assertions.sql"),
     ),
 ];
 
@@ -120,6 +125,35 @@ impl SqliteStore {
             reader,
             known_series: moka::sync::Cache::new(100_000),
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl AssertionLog for SqliteStore {
+    async fn first_use(
+        &self,
+        client_id: &str,
+        jti: &str,
+        expires_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, MetaError> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM client_assertions WHERE expires_ms < ?")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO client_assertions (client_id, jti, expires_ms) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(client_id)
+        .bind(jti)
+        .bind(expires_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(inserted == 1)
     }
 }
 

@@ -673,7 +673,7 @@ impl Workflow {
             .unwrap_or("");
         let event = match (status, caller) {
             ("cancelled", _) => Event::Withdrawn,
-            ("rejected", Caller::Staff) => Event::Declined {
+            ("rejected", Caller::Staff(_)) => Event::Declined {
                 reason: task
                     .body
                     .get("statusReason")
@@ -1286,7 +1286,7 @@ impl Workflow {
         };
         match caller {
             Caller::Partner(_) => self.follow_up_question(r, message, now_ms).await,
-            Caller::Staff => self.follow_up_answer(r, message, now_ms).await,
+            Caller::Staff(_) => self.follow_up_answer(r, message, now_ms).await,
         }
     }
 

@@ -43,12 +43,30 @@ impl Gateway {
         Self::start_full(work, data_dir, extra_server, &[])
     }
 
-    /// Start on `data_dir` with extra environment variables.
+    /// Start on `data_dir` with extra environment variables (development
+    /// identity: `serve --dev`).
     pub fn start_full(
         work: &Path,
         data_dir: &Path,
         extra_server: &str,
         env: &[(&str, &str)],
+    ) -> Gateway {
+        Self::launch(work, data_dir, extra_server, ["", ""], env, true)
+    }
+
+    /// Start with authentication on, the partners' `[[partners.clients]]`
+    /// tables (st-mary's, city-clinic's) and extra `[server]` keys.
+    pub fn start_secure(work: &Path, extra_server: &str, clients: [&str; 2]) -> Gateway {
+        Self::launch(work, &work.join("data"), extra_server, clients, &[], false)
+    }
+
+    fn launch(
+        work: &Path,
+        data_dir: &Path,
+        extra_server: &str,
+        clients: [&str; 2],
+        env: &[(&str, &str)],
+        dev: bool,
     ) -> Gateway {
         let http = free_port();
         let dicom = free_port();
@@ -57,16 +75,22 @@ impl Gateway {
             &config_path,
             format!(
                 "[server]\ndata_dir = {data:?}\nhttp = \"127.0.0.1:{http}\"\ndicom = \"127.0.0.1:{dicom}\"\nshutdown_grace_secs = 60\n{extra_server}\n\
-                 [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's Hospital\"\nae_titles = [\"{ST_MARY_AE}\", \"{PY_AE}\"]\n\
-                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\", \"ORTHANC\"]\n",
-                data = data_dir.display().to_string()
+                 [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's Hospital\"\nae_titles = [\"{ST_MARY_AE}\", \"{PY_AE}\"]\n{st_mary}\n\
+                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\", \"ORTHANC\"]\n{city}\n",
+                data = data_dir.display().to_string(),
+                st_mary = clients[0],
+                city = clients[1],
             ),
         )
         .unwrap();
         let log_path = work.join(format!("konsil-{dicom}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
+        let mut args = vec!["--config", config_path.to_str().unwrap(), "serve"];
+        if dev {
+            args.push("--dev");
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_konsil"))
-            .args(["--config", config_path.to_str().unwrap(), "serve"])
+            .args(&args)
             .env("KONSIL_LOG", "info")
             .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
@@ -83,6 +107,28 @@ impl Gateway {
         };
         gw.wait_ready();
         gw
+    }
+
+    /// A staff token from `konsil token` for this gateway's configuration.
+    pub fn staff_token(&self, roles: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_konsil"))
+            .args([
+                "--config",
+                self.config_path.to_str().unwrap(),
+                "token",
+                "--role",
+                roles,
+                "--subject",
+                &format!("test-{roles}"),
+            ])
+            .output()
+            .expect("konsil token");
+        assert!(
+            out.status.success(),
+            "konsil token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     fn wait_ready(&self) {

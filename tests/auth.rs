@@ -1,0 +1,263 @@
+//! Authentication and authorisation with authentication on (no `--dev`):
+//! SMART Backend Services token requests signed by a Python client (PyJWT),
+//! fhirpy and dicomweb-client with the tokens, `konsil token` for staff, and
+//! the access matrix: every role × every kind of endpoint × own / other
+//! partner.
+
+mod common;
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use common::{dicom_files, python, python_json, stderr, Gateway};
+
+/// Make the test clients' keys; the `[[partners.clients]]` tables of
+/// st-mary and city-clinic that register them.
+fn clients(keys: &Path) -> [String; 2] {
+    let out = python("auth.py", &["keys", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "auth.py keys: {}", stderr(&out));
+    let jwks = |client: &str| {
+        keys.join(format!("{client}.jwks.json"))
+            .display()
+            .to_string()
+    };
+    [
+        format!(
+            "[[partners.clients]]\nclient_id = \"st-mary-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.cruds\"]\n\
+             [[partners.clients]]\nclient_id = \"st-mary-viewer\"\njwks_file = {:?}\nscopes = [\"system/DiagnosticReport.rs\", \"system/ImagingStudy.rs\"]\n",
+            jwks("st-mary-ehr"),
+            jwks("st-mary-viewer")
+        ),
+        format!(
+            "[[partners.clients]]\nclient_id = \"city-clinic-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.rs\", \"system/Patient.c\"]\n",
+            jwks("city-clinic-ehr")
+        ),
+    ]
+}
+
+fn start(work: &Path) -> Gateway {
+    let keys = work.join("keys");
+    let [st_mary, city] = clients(&keys);
+    Gateway::start_secure(work, "", [&st_mary, &city])
+}
+
+fn root(gw: &Gateway) -> String {
+    format!("http://127.0.0.1:{}", gw.http)
+}
+
+fn partner_token(gw: &Gateway, work: &Path, client: &str, scope: &str) -> String {
+    let keys = work.join("keys");
+    let v = python_json(
+        gw,
+        "auth.py",
+        &["token", &root(gw), keys.to_str().unwrap(), client, scope],
+    );
+    v["access_token"].as_str().expect("access_token").to_owned()
+}
+
+#[test]
+fn partners_get_tokens_by_client_assertion_and_see_only_their_own() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = start(work.path());
+    let ct = dicom_files(&[
+        "ct",
+        work.path().join("ct").to_str().unwrap(),
+        "1",
+        "AUTH-1",
+        "ACC-AUTH-1",
+    ]);
+    let keys = work.path().join("keys");
+    let facts = python_json(
+        &gw,
+        "auth.py",
+        &[
+            "scenario",
+            &root(&gw),
+            keys.to_str().unwrap(),
+            ct[0].path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        facts["token_endpoint"],
+        format!("http://127.0.0.1:{}/auth/token", gw.http)
+    );
+    assert_eq!(facts["st_mary_scope"], "system/*.cruds");
+    // Granted is what was asked, cut to the registration.
+    assert_eq!(facts["city_scope"], "system/*.rs system/Patient.c");
+    assert_eq!(
+        facts["viewer_scope"],
+        "system/DiagnosticReport.rs system/ImagingStudy.rs"
+    );
+    let refusals = facts["refusals"].as_object().unwrap();
+    assert!(refusals["wrong aud"].as_str().unwrap().contains("aud"));
+    assert!(refusals["expired"].as_str().unwrap().contains("expired"));
+    assert!(refusals["exp too far"].as_str().unwrap().contains("exp"));
+    assert!(refusals["no jti"].as_str().unwrap().contains("jti"));
+    assert!(refusals["unknown client"]
+        .as_str()
+        .unwrap()
+        .contains("client_id"));
+    assert!(refusals["signed by another key"]
+        .as_str()
+        .unwrap()
+        .contains("signature"));
+    assert!(refusals["RS256"]
+        .as_str()
+        .unwrap()
+        .contains("RS384 or ES384"));
+    assert!(facts["viewer_denied"]
+        .as_str()
+        .unwrap()
+        .contains("system/Patient.c"));
+    // Token issue is logged without the assertion or the token.
+    let log = gw.log();
+    assert!(log.contains("access token issued"), "{log}");
+    assert!(!log.contains("eyJ"), "a JWT reached the log");
+}
+
+/// Expected status of one request for each caller, in [`CALLERS`] order.
+const CALLERS: [&str; 8] = [
+    "coordinator",
+    "specialist",
+    "approver",
+    "auditor",
+    "admin",
+    "own-partner",
+    "other-partner",
+    "anonymous",
+];
+
+#[test]
+fn access_matrix_of_roles_and_partners() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = start(work.path());
+    let mut tokens: Vec<Option<String>> = CALLERS[..5]
+        .iter()
+        .map(|role| Some(gw.staff_token(role)))
+        .collect();
+    tokens.push(Some(partner_token(
+        &gw,
+        work.path(),
+        "st-mary-ehr",
+        "system/*.cruds",
+    )));
+    tokens.push(Some(partner_token(
+        &gw,
+        work.path(),
+        "city-clinic-ehr",
+        "system/*.rs system/Patient.c",
+    )));
+    tokens.push(None);
+    let own = &tokens[5];
+
+    let http = reqwest::blocking::Client::new();
+    let send = |method: &str, path: &str, token: &Option<String>, body: Option<(&str, Vec<u8>)>| {
+        let url = format!("{}{path}", root(&gw));
+        let mut request = http.request(method.parse().unwrap(), url);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        if let Some((content_type, bytes)) = body {
+            request = request.header("Content-Type", content_type).body(bytes);
+        }
+        let response = request.send().expect("request");
+        let status = response.status().as_u16();
+        (status, response.text().unwrap_or_default())
+    };
+    let fhir_json = |v: Value| Some(("application/fhir+json", v.to_string().into_bytes()));
+
+    // The partner's own records: a Patient and a study.
+    let (status, body) = send(
+        "POST",
+        "/fhir/Patient",
+        own,
+        fhir_json(
+            json!({"resourceType": "Patient", "identifier": [{"system": "urn:oid:1.2.3", "value": "M-1"}]}),
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let patient: Value = serde_json::from_str(&body).unwrap();
+    let patient_id = patient["id"].as_str().unwrap().to_owned();
+    let tiny = dicom_files(&["tiny", work.path().join("tiny").to_str().unwrap(), "1"]);
+    let instance = std::fs::read(&tiny[0].path).unwrap();
+    let boundary = "konsil-matrix";
+    let mut stow = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    stow.extend_from_slice(&instance);
+    stow.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let stow_type = format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    let (status, body) = send(
+        "POST",
+        "/dicomweb/studies",
+        own,
+        Some((&stow_type, stow.clone())),
+    );
+    assert_eq!(status, 200, "{body}");
+    let study: Value = serde_json::from_str(&body).unwrap();
+    let retrieve = study["00081199"]["Value"][0]["00081190"]["Value"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let study_uid = retrieve
+        .split("/studies/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .unwrap()
+        .to_owned();
+
+    let assign = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "owner", "valueReference": {"reference": "PractitionerRole/nobody"}}]});
+    let approve = json!({"resourceType": "Parameters"});
+    type Row<'a> = (&'a str, String, Option<(&'a str, Vec<u8>)>, [u16; 8]);
+    #[rustfmt::skip]
+    let rows: Vec<Row> = vec![
+        //                                                            coord spec appr audit admin own other anon
+        ("GET", format!("/fhir/Patient/{patient_id}"), None,          [200, 200, 200, 403, 200, 200, 404, 401]),
+        ("GET", "/fhir/Patient?identifier=M-1".into(), None,          [200, 200, 200, 403, 200, 200, 200, 401]),
+        ("GET", format!("/fhir/Patient/{patient_id}/_history"), None, [200, 200, 200, 403, 200, 200, 404, 401]),
+        ("POST", "/fhir/Patient".into(), fhir_json(json!({"resourceType": "Patient", "active": true})),
+                                                                      [201, 403, 403, 403, 201, 201, 201, 401]),
+        ("DELETE", "/fhir/Patient/no-such-patient".into(), None,      [403, 403, 403, 403, 204, 204, 403, 401]),
+        ("GET", "/fhir/AuditEvent".into(), None,                      [403, 403, 403, 200, 403, 403, 403, 401]),
+        ("GET", "/fhir/_history".into(), None,                        [200, 200, 200, 403, 200, 403, 403, 401]),
+        ("POST", "/fhir/Task/no-such-task/$assign".into(), fhir_json(assign.clone()),
+                                                                      [404, 403, 403, 403, 404, 403, 403, 401]),
+        ("POST", "/fhir/DiagnosticReport/no-such-report/$approve".into(), fhir_json(approve.clone()),
+                                                                      [403, 403, 404, 403, 404, 403, 403, 401]),
+        ("GET", "/dicomweb/studies".into(), None,                     [200, 200, 200, 403, 200, 200, 200, 401]),
+        ("GET", format!("/dicomweb/studies/{study_uid}/metadata"), None,
+                                                                      [200, 200, 200, 403, 200, 200, 404, 401]),
+        ("POST", "/dicomweb/studies".into(), Some((&stow_type, stow.clone())),
+                                                                      [403, 403, 403, 403, 403, 200, 403, 401]),
+        ("GET", "/fhir/metadata".into(), None,                        [200, 200, 200, 200, 200, 200, 200, 200]),
+    ];
+    let mut wrong = Vec::new();
+    for (method, path, body, expected) in &rows {
+        for (i, caller) in CALLERS.iter().enumerate() {
+            let (status, text) = send(method, path, &tokens[i], body.clone());
+            if status != expected[i] {
+                wrong.push(format!(
+                    "{method} {path} as {caller}: {status} (expected {}) {}",
+                    expected[i],
+                    text.chars().take(200).collect::<String>()
+                ));
+            }
+            if status == 403 && path.starts_with("/fhir") {
+                let outcome: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                assert_eq!(
+                    outcome["resourceType"], "OperationOutcome",
+                    "{method} {path} as {caller}"
+                );
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "access matrix:\n{}", wrong.join("\n"));
+
+    // A staff token with an unknown signature, and a tampered one: 401.
+    let mut tampered = tokens[0].clone().unwrap().into_bytes();
+    let at = tampered.len() - 20;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let (status, _) = send("GET", "/fhir/Patient", &Some(tampered), None);
+    assert_eq!(status, 401);
+}
