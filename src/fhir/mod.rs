@@ -210,7 +210,7 @@ async fn gate(
     let server_written = resource_type.as_deref().is_some_and(rest::read_only);
     if let Some(permission) = interaction
         .permission()
-        .filter(|p| !(server_written && !matches!(p, Permission::Read | Permission::Search)))
+        .filter(|p| !server_written || matches!(p, Permission::Read | Permission::Search))
     {
         if let Err(denied) = authorize(&caller, Action::Fhir(permission, resource_type.as_deref()))
         {
