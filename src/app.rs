@@ -53,6 +53,10 @@ pub struct App {
     pub authority: crate::auth::Authority,
     /// Client assertions already used (replay protection).
     pub assertions: Arc<dyn crate::store::AssertionLog>,
+    /// The audit trail of what changes nothing (reads, searches, transfers).
+    pub auditor: crate::audit::Auditor,
+    /// Its writer, until [`crate::run`] starts it.
+    pub audit_writer: std::sync::Mutex<Option<crate::audit::AuditWriter>>,
     pub ingest: Ingest,
     /// The second-opinion workflow (rules and configuration).
     pub workflow: Arc<Workflow>,
@@ -144,6 +148,7 @@ impl App {
                 );
             }
         }
+        let (auditor, audit_writer) = crate::audit::Auditor::new(Arc::clone(&cases));
         Ok(Arc::new(App {
             config,
             index,
@@ -153,6 +158,8 @@ impl App {
             metrics,
             authority,
             assertions,
+            auditor,
+            audit_writer: std::sync::Mutex::new(Some(audit_writer)),
             ingest,
             workflow,
             cases,

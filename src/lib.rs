@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod dicomweb;
@@ -58,8 +59,15 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
         app.config.clone(),
         app.ingest.clone(),
         Arc::clone(&app.metrics),
+        app.auditor.clone(),
         stop_rx.clone(),
     ));
+    let audit = app
+        .audit_writer
+        .lock()
+        .ok()
+        .and_then(|mut w| w.take())
+        .map(|writer| tokio::spawn(writer.run(stop_rx.clone())));
     let workflow = app
         .runner()
         .map(|(runner, arrivals)| tokio::spawn(runner.run(arrivals, stop_rx.clone())));
@@ -93,6 +101,10 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
     let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_secs);
     let _ = tokio::time::timeout(grace, http).await;
     for task in [workflow, deliverer].into_iter().flatten() {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
+    // Last: the audit records of everything above.
+    if let Some(task) = audit {
         let _ = tokio::time::timeout(grace, task).await;
     }
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use common::{dicom_files, python, python_json, stderr, Gateway};
+use common::{dicom_files, python, python_json, stderr, storescu, Gateway, ST_MARY_AE};
 
 /// Make the test clients' keys; the `[[partners.clients]]` tables of
 /// st-mary and city-clinic that register them.
@@ -110,10 +110,129 @@ fn partners_get_tokens_by_client_assertion_and_see_only_their_own() {
         .as_str()
         .unwrap()
         .contains("system/Patient.c"));
-    // Token issue is logged without the assertion or the token.
+    // The partner's PACS over DIMSE: one audit record per association.
+    let sent = storescu(&gw, ST_MARY_AE, &[ct[0].path.as_path()]);
+    assert!(sent.status.success(), "storescu: {}", stderr(&sent));
+
+    // The audit trail: the auditor alone reads it; every kind of access of
+    // the scenario left its event.
+    let auditor = gw.staff_token("auditor");
+    let events = wait_for_audit(&gw, &auditor, |events| {
+        events.iter().any(|e| e["altId"] == ST_MARY_AE)
+    });
+    let has = |what: &str, pred: &dyn Fn(&Value) -> bool| {
+        assert!(
+            events.iter().any(pred),
+            "no audit event for {what} among {} events:\n{}",
+            events.len(),
+            serde_json::to_string_pretty(&events).unwrap()
+        );
+    };
+    let subtype = |e: &Value| e["subtype"][0]["code"].as_str().unwrap_or("").to_owned();
+    let agent = |e: &Value| e["agent"][0]["altId"].as_str().unwrap_or("").to_owned();
+    let patient = facts["patient_id"].as_str().unwrap();
+    has("the token issue", &|e| {
+        subtype(e) == "110122" && agent(e) == "st-mary-ehr" && e["outcome"] == "0"
+    });
+    has("a refused token request", &|e| {
+        subtype(e) == "110122" && e["outcome"] == "4"
+    });
+    has("the patient's creation (in its transaction)", &|e| {
+        subtype(e) == "create"
+            && e["action"] == "C"
+            && e["entity"][0]["what"]["reference"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("Patient/{patient}/_history/"))
+    });
+    has("the patient's read", &|e| {
+        subtype(e) == "read" && e["entity"][0]["what"]["reference"] == format!("Patient/{patient}")
+    });
+    has("a search", &|e| {
+        subtype(e) == "search-type" && e["entity"][0]["query"].is_string()
+    });
+    has("another partner's failed read", &|e| {
+        subtype(e) == "read"
+            && agent(e) == "city-clinic-ehr"
+            && e["outcome"] == "4"
+            && e["agent"][0]["who"]["identifier"]["value"] == "city-clinic"
+    });
+    has("a refused write", &|e| {
+        subtype(e) == "update" && e["outcome"] == "4"
+    });
+    has("the STOW-RS", &|e| {
+        subtype(e) == "110104" && e["action"] == "C" && agent(e) == "st-mary-ehr"
+    });
+    has("the WADO-RS", &|e| {
+        subtype(e) == "110104" && e["action"] == "R"
+    });
+    has("the QIDO-RS", &|e| subtype(e) == "110112");
+    has("the C-STORE association", &|e| {
+        subtype(e) == "110104"
+            && agent(e) == ST_MARY_AE
+            && e["entity"][0]["what"]["identifier"]["value"]
+                == format!("urn:oid:{}", facts["study"].as_str().unwrap())
+    });
+    // Nobody else reads the trail, nobody deletes it.
+    let coordinator = gw.staff_token("coordinator");
+    let (status, _) = get_bearer(&gw, "/fhir/AuditEvent", &coordinator);
+    assert_eq!(status, 403);
+    let id = events[0]["id"].as_str().unwrap();
+    let admin = gw.staff_token("admin");
+    let gone = reqwest::blocking::Client::new()
+        .delete(format!("{}/fhir/AuditEvent/{id}", root(&gw)))
+        .bearer_auth(&admin)
+        .send()
+        .unwrap();
+    assert_eq!(gone.status().as_u16(), 405);
+
+    // Token issue is logged without the assertion or the token, and no
+    // patient data reaches the log.
     let log = gw.log();
     assert!(log.contains("access token issued"), "{log}");
     assert!(!log.contains("eyJ"), "a JWT reached the log");
+    for phi in ["Authtest", "AUTH-1"] {
+        assert!(!log.contains(phi), "{phi} reached the log:\n{log}");
+    }
+}
+
+fn get_bearer(gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
+    let response = reqwest::blocking::Client::new()
+        .get(format!("{}{path}", root(gw)))
+        .bearer_auth(token)
+        .send()
+        .expect("GET");
+    let status = response.status().as_u16();
+    let text = response.text().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The AuditEvents (with `altId` lifted to the top for matching), once
+/// `ready` holds for them (the trail of reads is written in the
+/// background).
+fn wait_for_audit(gw: &Gateway, token: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, bundle) = get_bearer(gw, "/fhir/AuditEvent?_count=1000", token);
+        assert_eq!(status, 200, "{bundle}");
+        let events: Vec<Value> = bundle["entry"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| {
+                        let mut r = e["resource"].clone();
+                        r["altId"] = r["agent"][0]["altId"].clone();
+                        r
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ready(&events) || std::time::Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Expected status of one request for each caller, in [`CALLERS`] order.

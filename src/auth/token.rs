@@ -23,6 +23,7 @@ use serde_json::json;
 use super::scope::Scopes;
 use super::{Caller, CallerError, PartnerClient, Role, StaffUser};
 use crate::app::App;
+use crate::audit::{Actor, AuditRecord, Kind, Outcome};
 use crate::config::{AuthConfig, Config};
 use crate::ids::PartnerId;
 
@@ -656,7 +657,11 @@ async fn token(
         }
         *slot = Some(value.into_owned());
     }
-    match app.authority.grant(&app, &headers, &form).await {
+    let result = app.authority.grant(&app, &headers, &form).await;
+    if let Some(record) = login_audit(&app.config, &form, &result) {
+        app.auditor.record(record).await;
+    }
+    match result {
         Ok(granted) => (
             StatusCode::OK,
             [
@@ -672,6 +677,41 @@ async fn token(
             e.into_response()
         }
     }
+}
+
+/// The audit record of a token request by a known client (a request naming
+/// no registered client has no one to record).
+fn login_audit(
+    config: &Config,
+    form: &TokenRequest,
+    result: &Result<TokenResponse, OAuthError>,
+) -> Option<AuditRecord> {
+    let client_id = form
+        .client_assertion
+        .as_deref()
+        .and_then(|a| jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(a).ok())
+        .and_then(|t| {
+            t.claims
+                .get("iss")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })?;
+    let (partner, _) = config.client(&client_id)?;
+    let record = AuditRecord::new(
+        Kind::Login,
+        "E",
+        Actor::Client {
+            partner: partner.id.to_string(),
+            client_id,
+        },
+    );
+    Some(match result {
+        Ok(granted) => record.outcome(Outcome::Success, Some(format!("granted {}", granted.scope))),
+        Err(e) => record.outcome(
+            Outcome::MinorFailure,
+            Some(format!("{}: {}", e.code, e.description)),
+        ),
+    })
 }
 
 async fn jwks(State(app): State<Arc<App>>) -> Response {

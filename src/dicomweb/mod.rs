@@ -22,6 +22,7 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::app::App;
+use crate::audit::{Actor, AuditRecord, Entity, Kind, Outcome};
 use crate::auth::{authorize, Action, CallerError};
 use crate::ids::Uid;
 use crate::metrics::label;
@@ -89,10 +90,65 @@ async fn gate(
         Action::RetrieveImages
     };
     if let Err(denied) = authorize(&caller, action) {
-        return WebError::Forbidden(denied.0).into_response();
+        let response = WebError::Forbidden(denied.0).into_response();
+        app.auditor
+            .record(transfer_audit(
+                action,
+                request.uri(),
+                caller,
+                response.status(),
+            ))
+            .await;
+        return response;
     }
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    let uri = request.uri().clone();
+    request.extensions_mut().insert(caller.clone());
+    let response = next.run(request).await;
+    app.auditor
+        .record(transfer_audit(action, &uri, caller, response.status()))
+        .await;
+    response
+}
+
+/// The audit record of a DICOMweb request: a store, a query or a retrieve,
+/// with the study its path names (a query: its level and parameters).
+fn transfer_audit(
+    action: Action<'_>,
+    uri: &axum::http::Uri,
+    caller: crate::auth::Caller,
+    status: StatusCode,
+) -> AuditRecord {
+    let path = uri.path().strip_prefix("/dicomweb/").unwrap_or("");
+    let study = path
+        .strip_prefix("studies/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|uid| Uid::parse(uid).is_ok())
+        .map(|uid| Entity::Study {
+            uid: uid.to_owned(),
+            instances: None,
+        });
+    let (kind, code) = match action {
+        Action::StoreImages => (Kind::DicomStore, "C"),
+        Action::SearchImages => (Kind::DicomQuery, "E"),
+        _ => (Kind::DicomRetrieve, "R"),
+    };
+    // 202: some instances of a STOW-RS request failed.
+    let outcome = match status.as_u16() {
+        202 => Outcome::MinorFailure,
+        s => Outcome::of_status(s),
+    };
+    let description = (outcome != Outcome::Success).then(|| format!("HTTP {}", status.as_u16()));
+    let mut record =
+        AuditRecord::new(kind, code, Actor::Caller(caller)).outcome(outcome, description);
+    if action == Action::SearchImages {
+        record = record.entity(Entity::Query {
+            target: path.to_owned(),
+            query: uri.query().unwrap_or("").to_owned(),
+        });
+    } else if let Some(study) = study {
+        record = record.entity(study);
+    }
+    record
 }
 
 /// Count each request by the resource its route names (the last literal

@@ -4,7 +4,7 @@
 
 pub mod command;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,8 @@ use dicom_ul::pdu::{
 use dicom_ul::{Pdu, ServerAssociationOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::audit::{Actor, AuditRecord, Auditor, Entity, Kind, Outcome};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -83,6 +85,7 @@ struct Scp {
     ae_partner: Arc<HashMap<String, PartnerId>>,
     ingest: Ingest,
     metrics: Arc<Metrics>,
+    auditor: Auditor,
 }
 
 /// Accept associations on `listener` until `shutdown` turns true, then let
@@ -92,6 +95,7 @@ pub async fn serve(
     config: Config,
     ingest: Ingest,
     metrics: Arc<Metrics>,
+    auditor: Auditor,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let server = &config.server;
@@ -120,6 +124,7 @@ pub async fn serve(
         ae_partner,
         ingest,
         metrics,
+        auditor,
     });
     // The cap on concurrent associations: over it, a caller gets a transient
     // rejection at once instead of waiting in a queue it cannot see.
@@ -261,6 +266,14 @@ impl Scp {
         let mut command_buf: Vec<u8> = Vec::new();
         let mut pending: Option<PendingStore> = None;
         let mut stored = 0u64;
+        // Recorded however the association ends.
+        let mut audit = AssociationAudit {
+            auditor: self.auditor.clone(),
+            partner: partner.to_string(),
+            calling_ae: calling.clone(),
+            studies: BTreeMap::new(),
+            failures: 0,
+        };
         let end = loop {
             let pdu = match assoc.receive().await {
                 Ok(pdu) => pdu,
@@ -332,9 +345,18 @@ impl Scp {
                                 }
                                 if is_last {
                                     if let Some(store) = pending.take() {
-                                        let (pc, response, ok) =
+                                        let (pc, response, study) =
                                             self.finish_store(store, &calling).await;
-                                        stored += u64::from(ok);
+                                        match study {
+                                            Some(uid) => {
+                                                stored += 1;
+                                                *audit
+                                                    .studies
+                                                    .entry(uid.to_string())
+                                                    .or_insert(0) += 1;
+                                            }
+                                            None => audit.failures += 1,
+                                        }
                                         if let Err(e) = send_command(&mut assoc, pc, response).await
                                         {
                                             abort_reason = Some("cannot send response");
@@ -467,8 +489,9 @@ impl Scp {
         }
     }
 
-    /// Finish a C-STORE: returns the context id, the response, and whether it succeeded.
-    async fn finish_store(&self, store: PendingStore, calling: &str) -> (u8, Vec<u8>, bool) {
+    /// Finish a C-STORE: returns the context id, the response, and the
+    /// study of the stored instance (`None`: it was refused).
+    async fn finish_store(&self, store: PendingStore, calling: &str) -> (u8, Vec<u8>, Option<Uid>) {
         let PendingStore {
             request,
             presentation_context_id,
@@ -495,15 +518,59 @@ impl Scp {
                 (
                     presentation_context_id,
                     command::response(&request, status::SUCCESS, None),
-                    true,
+                    Some(receipt.study_uid),
                 )
             }
             Err((status, comment)) => (
                 presentation_context_id,
                 command::response(&request, status, Some(&comment)),
-                false,
+                None,
             ),
         }
+    }
+}
+
+/// The audit record of an association's C-STOREs (DICOM "Instances
+/// Transferred", one per association), queued when it ends however it ends.
+struct AssociationAudit {
+    auditor: Auditor,
+    partner: String,
+    calling_ae: String,
+    /// Instances stored, by study.
+    studies: BTreeMap<String, u64>,
+    /// C-STOREs refused.
+    failures: u64,
+}
+
+impl Drop for AssociationAudit {
+    fn drop(&mut self) {
+        if self.studies.is_empty() && self.failures == 0 {
+            return;
+        }
+        let outcome = if self.failures == 0 {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let description =
+            (self.failures > 0).then(|| format!("{} instance(s) refused", self.failures));
+        let mut record = AuditRecord::new(
+            Kind::DicomStore,
+            "C",
+            Actor::Association {
+                partner: std::mem::take(&mut self.partner),
+                calling_ae: std::mem::take(&mut self.calling_ae),
+            },
+        )
+        .outcome(outcome, description);
+        for (uid, instances) in std::mem::take(&mut self.studies) {
+            record = record.entity(Entity::Study {
+                uid,
+                instances: Some(instances),
+            });
+        }
+        let auditor = self.auditor.clone();
+        tokio::spawn(async move { auditor.record(record).await });
     }
 }
 

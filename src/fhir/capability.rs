@@ -137,6 +137,14 @@ pub fn capability_statement(base: &str) -> Value {
         "rest": [{
             "mode": "server",
             "documentation": "JSON only. Every resource is validated against the FHIR R4 core StructureDefinitions before it is stored, and stored as sent (with the server's id and meta). Unknown search parameters are ignored (reported in an OperationOutcome entry) unless Prefer: handling=strict. Paging links use keyset cursors, stable under inserts.",
+            "security": {
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}],
+                "description": "Bearer tokens: partner systems by SMART Backend Services (client_credentials with a private_key_jwt assertion, RS384 or ES384) at the token endpoint below, SMART v2 system scopes; staff by Konsil-signed or the configured OpenID Connect issuer's tokens with roles. A partner sees only its own records (another partner's: 404). See /fhir/.well-known/smart-configuration.",
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": format!("{}/auth/token", base.trim_end_matches("/fhir"))}],
+                }],
+            },
             "resource": SUPPORTED.iter().map(|t| resource_entry(t)).collect::<Vec<_>>(),
             "interaction": [
                 {"code": "transaction", "documentation": "Atomic; urn:uuid: and conditional references (Type?search) resolved; IHE MHD ITI-65 Provide Document Bundle."},

@@ -31,6 +31,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
+use crate::audit::{Actor, AuditRecord, Entity, Kind, Outcome};
 use crate::auth::{authorize, Action, CallerError, Denied, Permission};
 use crate::metrics::label;
 use crate::store::MetaError;
@@ -214,11 +215,63 @@ async fn gate(
     {
         if let Err(denied) = authorize(&caller, Action::Fhir(permission, resource_type.as_deref()))
         {
-            return forbidden(denied).into_response();
+            let response = forbidden(denied).into_response();
+            if let Some(record) = read_audit(interaction, request.uri(), caller, response.status())
+            {
+                app.auditor.record(record).await;
+            }
+            return response;
         }
     }
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    let uri = request.uri().clone();
+    request.extensions_mut().insert(caller.clone());
+    let response = next.run(request).await;
+    if let Some(record) = read_audit(interaction, &uri, caller, response.status()) {
+        app.auditor.record(record).await;
+    }
+    response
+}
+
+/// The audit record of a request whose event no transaction stored:
+/// reads, searches, histories, operations, Bundles and refused writes.
+fn read_audit(
+    interaction: Interaction,
+    uri: &axum::http::Uri,
+    caller: crate::auth::Caller,
+    status: StatusCode,
+) -> Option<AuditRecord> {
+    let path = uri.path().strip_prefix("/fhir/").unwrap_or("");
+    let query = || Entity::Query {
+        target: path.split('/').next().unwrap_or("").to_owned(),
+        query: uri.query().unwrap_or("").to_owned(),
+    };
+    let resource = || Entity::Resource(path.split('/').take(2).collect::<Vec<_>>().join("/"));
+    let (kind, action, entity) = match interaction {
+        Interaction::Capabilities => return None,
+        Interaction::Read => (Kind::Rest("read"), "R", resource()),
+        Interaction::Vread => (Kind::Rest("vread"), "R", Entity::Resource(path.to_owned())),
+        Interaction::HistoryInstance => (Kind::Rest("history-instance"), "R", resource()),
+        Interaction::SearchType => (Kind::Rest("search-type"), "E", query()),
+        Interaction::HistoryType => (Kind::Rest("history-type"), "E", query()),
+        Interaction::HistorySystem => (Kind::Rest("history-system"), "E", query()),
+        Interaction::TransactionOrBatch => (Kind::Rest("batch"), "E", query()),
+        Interaction::Other => (Kind::Operation, "E", Entity::Resource(path.to_owned())),
+        // A committed write's event is in its transaction.
+        _ if status.is_success() => return None,
+        Interaction::ConditionalUpdate => (Kind::Rest("update"), "U", query()),
+        Interaction::ConditionalDelete => (Kind::Rest("delete"), "D", query()),
+        Interaction::Create => (Kind::Rest("create"), "C", query()),
+        Interaction::Delete => (Kind::Rest("delete"), "D", resource()),
+        Interaction::Patch => (Kind::Rest("patch"), "U", resource()),
+        Interaction::Update => (Kind::Rest("update"), "U", resource()),
+    };
+    let outcome = Outcome::of_status(status.as_u16());
+    let description = (outcome != Outcome::Success).then(|| format!("HTTP {}", status.as_u16()));
+    Some(
+        AuditRecord::new(kind, action, Actor::Caller(caller))
+            .outcome(outcome, description)
+            .entity(entity),
+    )
 }
 
 /// 401 with the bearer challenge and an OperationOutcome.

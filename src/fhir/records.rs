@@ -328,6 +328,9 @@ impl RecordStore for ResourceRecordStore {
 pub struct CaseTx {
     records: StoreRecords,
     written: Vec<Written>,
+    /// What the client wrote, for the audit trail: `Type/id/_history/n`
+    /// and the method.
+    audited: Vec<(String, String)>,
     /// What the client's interaction wrote, for the Subscriptions.
     changed: Vec<Changed>,
 }
@@ -340,6 +343,7 @@ impl CaseTx {
                 rewritten: HashMap::new(),
             },
             written: Vec::new(),
+            audited: Vec::new(),
             changed: Vec::new(),
         })
     }
@@ -372,10 +376,34 @@ impl CaseTx {
                 .react(&mut self.records, &ctx.caller, &written, now_ms)
                 .await?
         };
+        if let Some(event) = write_audit(&ctx.caller, &self.audited) {
+            self.records.create("AuditEvent", None, event).await?;
+        }
         let rewritten = self.records.rewritten.clone();
         self.records.announce_and_commit(self.changed).await?;
         Ok(Finished { notices, rewritten })
     }
+}
+
+/// The AuditEvent of a client's writes (one per interaction: a single
+/// create, update, patch or delete, or a transaction), stored with them.
+fn write_audit(caller: &crate::auth::Caller, writes: &[(String, String)]) -> Option<Value> {
+    use crate::audit::{Actor, AuditRecord, Entity, Kind};
+    let (kind, action) = match writes {
+        [] => return None,
+        [(_, method)] => match method.as_str() {
+            "POST" => (Kind::Rest("create"), "C"),
+            "DELETE" => (Kind::Rest("delete"), "D"),
+            "PATCH" => (Kind::Rest("patch"), "U"),
+            _ => (Kind::Rest("update"), "U"),
+        },
+        _ => (Kind::Rest("transaction"), "E"),
+    };
+    let mut record = AuditRecord::new(kind, action, Actor::Caller(caller.clone()));
+    for (reference, _) in writes {
+        record = record.entity(Entity::Resource(reference.clone()));
+    }
+    Some(record.to_resource())
 }
 
 /// What the workflow made of an interaction.
@@ -422,6 +450,13 @@ impl ResourceTx for CaseTx {
             None
         };
         self.records.tx.write(write).await?;
+        self.audited.push((
+            format!(
+                "{}/{}/_history/{}",
+                resource.resource_type, resource.id, resource.version
+            ),
+            resource.method.clone(),
+        ));
         self.changed.push(Changed {
             resource_type: resource.resource_type.clone(),
             id: resource.id.clone(),
