@@ -182,21 +182,21 @@ impl CallerError {
         HeaderValue::from_str(&text).ok()
     }
 
-    /// `(status, WWW-Authenticate)` headers for an edge's error response.
-    pub fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
-        self.challenge()
-            .map(|v| vec![(header::WWW_AUTHENTICATE, v)])
-            .unwrap_or_default()
+    /// An edge's error response with the challenge added (a 401 must
+    /// carry `WWW-Authenticate`).
+    pub fn challenged(&self, mut response: axum::response::Response) -> axum::response::Response {
+        if let Some(value) = self.challenge() {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        response
     }
 }
 
 impl axum::response::IntoResponse for CallerError {
     fn into_response(self) -> axum::response::Response {
-        let mut response = (self.status(), format!("{self}\n")).into_response();
-        for (name, value) in self.headers() {
-            response.headers_mut().insert(name, value);
-        }
-        response
+        self.challenged((self.status(), format!("{self}\n")).into_response())
     }
 }
 

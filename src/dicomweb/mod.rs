@@ -241,16 +241,14 @@ impl IntoResponse for WebError {
     fn into_response(self) -> Response {
         let (status, text) = match &self {
             WebError::Unauthenticated(e) => {
-                let mut response = (
-                    e.status(),
-                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                    format!("{e}\n"),
-                )
-                    .into_response();
-                for (name, value) in e.headers() {
-                    response.headers_mut().insert(name, value);
-                }
-                return response;
+                return e.challenged(
+                    (
+                        e.status(),
+                        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("{e}\n"),
+                    )
+                        .into_response(),
+                );
             }
             WebError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             WebError::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),

@@ -281,12 +281,7 @@ fn unauthenticated(e: &CallerError) -> Response {
     } else {
         "forbidden"
     };
-    let mut response =
-        FhirError::new(e.status(), Issue::error(code, e.to_string())).into_response();
-    for (name, value) in e.headers() {
-        response.headers_mut().insert(name, value);
-    }
-    response
+    e.challenged(FhirError::new(e.status(), Issue::error(code, e.to_string())).into_response())
 }
 
 /// The policy's refusal as a 403 OperationOutcome.
