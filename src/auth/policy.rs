@@ -74,6 +74,11 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<(), Denied> {
                 )))
             }
         }
+        Caller::Staff(_) if action == Action::StoreImages => Err(Denied(
+            "STOW-RS stores instances under the sending partner: use a partner system's token \
+             (staff have no partner; under --dev send X-Konsil-Partner)"
+                .into(),
+        )),
         Caller::Staff(staff) => {
             if staff.roles.iter().any(|role| role_allows(*role, action)) {
                 Ok(())
@@ -101,6 +106,9 @@ fn role_allows(role: Role, action: Action<'_>) -> bool {
         (Role::Auditor, _) => false,
         // Nobody else reads the audit trail; nobody writes it.
         (_, Action::Fhir(_, Some(AUDIT))) => false,
+        // Stored images belong to the partner that sent them; staff have
+        // none to store under (their studies come from partners).
+        (_, Action::StoreImages) => false,
         (Role::Admin, _) => true,
         (Role::Coordinator, Action::Fhir(p, _)) => p != Delete,
         (Role::Coordinator, Action::Operation(op)) => matches!(op, "$assign" | "$link"),
@@ -115,8 +123,7 @@ fn role_allows(role: Role, action: Action<'_>) -> bool {
         }
         (Role::Approver, Action::Operation(op)) => matches!(op, "$approve" | "$return"),
         (Role::Specialist, Action::Operation(_)) => false,
-        (Role::Specialist | Role::Approver, Action::StoreImages) => false,
-        (Role::Specialist | Role::Approver, Action::SearchImages | Action::RetrieveImages) => true,
+        (Role::Specialist | Role::Approver, _) => true,
     }
 }
 
@@ -222,6 +229,8 @@ mod tests {
             ),
             (staff(Role::Specialist), Action::RetrieveImages, true),
             (staff(Role::Specialist), Action::StoreImages, false),
+            (staff(Role::Coordinator), Action::StoreImages, false),
+            (staff(Role::Admin), Action::StoreImages, false),
             (staff(Role::Approver), Action::Operation("$approve"), true),
             (staff(Role::Approver), Action::Operation("$return"), true),
             (staff(Role::Approver), Action::Operation("$assign"), false),

@@ -276,12 +276,18 @@ fn read_audit(
 
 /// 401 with the bearer challenge and an OperationOutcome.
 fn unauthenticated(e: &CallerError) -> Response {
+    e.challenged(unauthenticated_error(e).into_response())
+}
+
+/// The OperationOutcome of an unidentified caller (401, or 403 for an
+/// unknown development partner).
+fn unauthenticated_error(e: &CallerError) -> FhirError {
     let code = if e.status() == StatusCode::UNAUTHORIZED {
         "login"
     } else {
         "forbidden"
     };
-    e.challenged(FhirError::new(e.status(), Issue::error(code, e.to_string())).into_response())
+    FhirError::new(e.status(), Issue::error(code, e.to_string()))
 }
 
 /// The policy's refusal as a 403 OperationOutcome.

@@ -137,15 +137,10 @@ impl Ctx {
     }
 }
 
-/// The caller, with the development identity's rejection as an
-/// OperationOutcome.
+/// The caller the FHIR gate identified; without one (a route outside the
+/// gate, a defect) the answer is a 401 OperationOutcome.
 pub fn caller(caller: Result<Caller, CallerError>) -> Result<Caller, FhirError> {
-    caller.map_err(|e| {
-        FhirError::new(
-            StatusCode::FORBIDDEN,
-            Issue::error("forbidden", e.to_string()),
-        )
-    })
+    caller.map_err(|e| super::unauthenticated_error(&e))
 }
 
 /// A type in the URL: one this server serves.
