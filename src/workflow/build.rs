@@ -13,6 +13,7 @@ use fhir_sdk::r4b::types::{Attachment, CodeableConcept, Coding, Reference};
 use fhir_sdk::{Base64Binary, BuilderError, DateTime, Instant};
 use serde_json::Value;
 
+use super::engine::instant_text;
 use super::records::WorkflowError;
 
 fn defect(resource_type: &str) -> impl Fn(BuilderError) -> WorkflowError + '_ {
@@ -27,6 +28,20 @@ fn to_json<T: serde::Serialize>(resource_type: &str, resource: &T) -> Result<Val
         resource_type: resource_type.to_owned(),
         findings: e.to_string(),
     })
+}
+
+/// Write the times at `pointers` as the workflow writes every timestamp
+/// ([`instant_text`]: always milliseconds). fhir-sdk leaves the fraction
+/// out at a whole second, and a Task whose `authoredOn` and `lastModified`
+/// differ in precision fails inv-1 (FHIRPath compares them as unequal
+/// precisions).
+fn with_times(mut value: Value, pointers: &[&str], ms: i64) -> Value {
+    for pointer in pointers {
+        if let Some(slot) = value.pointer_mut(pointer) {
+            *slot = Value::String(instant_text(ms));
+        }
+    }
+    value
 }
 
 fn reference(target: &str) -> Result<Reference, BuilderError> {
@@ -90,7 +105,11 @@ pub fn case_task(
     if let Some(requester) = requester {
         task.requester = Some(reference(requester).map_err(&fail)?);
     }
-    to_json("Task", &task)
+    Ok(with_times(
+        to_json("Task", &task)?,
+        &["/authoredOn"],
+        now_ms,
+    ))
 }
 
 /// The child Task of a follow-up question.
@@ -121,7 +140,11 @@ pub fn follow_up_task(
     if let Some(requester) = requester {
         task.requester = Some(reference(requester).map_err(&fail)?);
     }
-    to_json("Task", &task)
+    Ok(with_times(
+        to_json("Task", &task)?,
+        &["/authoredOn", "/lastModified"],
+        now_ms,
+    ))
 }
 
 /// A completed Communication from the service.
@@ -180,7 +203,11 @@ pub fn communication(message: Message<'_>, now_ms: i64) -> Result<Value, Workflo
     if let Some(subject) = message.subject {
         built.subject = Some(reference(subject).map_err(&fail)?);
     }
-    to_json("Communication", &built)
+    Ok(with_times(
+        to_json("Communication", &built)?,
+        &["/sent"],
+        now_ms,
+    ))
 }
 
 /// The DocumentReference that files the approved opinion's PDF.
@@ -233,7 +260,11 @@ pub fn opinion_document(
     if let Some(patient) = patient {
         document.subject = Some(reference(patient).map_err(&fail)?);
     }
-    to_json("DocumentReference", &document)
+    Ok(with_times(
+        to_json("DocumentReference", &document)?,
+        &["/date", "/content/0/attachment/creation"],
+        now_ms,
+    ))
 }
 
 #[cfg(test)]
@@ -259,6 +290,12 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("2026-11-18T"));
+        // Times read exactly as the workflow's own timestamps (Task inv-1
+        // compares authoredOn with lastModified written as instant_text).
+        for ms in [1_795_000_000_000, 1_795_000_000_410, 1_795_000_000_413] {
+            let task = case_task("ServiceRequest/1", None, None, ms).unwrap();
+            assert_eq!(task["authoredOn"], instant_text(ms), "{ms}");
+        }
 
         let doc = opinion_document(
             b"%PDF-1.7",
