@@ -68,6 +68,27 @@ impl Gateway {
         env: &[(&str, &str)],
         dev: bool,
     ) -> Gateway {
+        // A free port can be taken by another test between our probe and
+        // the gateway's bind: then start again on other ports.
+        for _ in 0..3 {
+            let mut gw = Self::spawn(work, data_dir, extra_server, clients, env, dev);
+            match gw.wait_ready() {
+                Ok(()) => return gw,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("gateway did not come up; log:\n{log}"),
+            }
+        }
+        panic!("gateway did not come up: its ports were taken three times");
+    }
+
+    fn spawn(
+        work: &Path,
+        data_dir: &Path,
+        extra_server: &str,
+        clients: [&str; 2],
+        env: &[(&str, &str)],
+        dev: bool,
+    ) -> Gateway {
         let http = free_port();
         let dicom = free_port();
         let config_path = work.join(format!("konsil-{dicom}.toml"));
@@ -97,16 +118,14 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("start konsil");
-        let gw = Gateway {
+        Gateway {
             child: Some(child),
             data_dir: data_dir.to_owned(),
             http,
             dicom,
             log_path,
             config_path,
-        };
-        gw.wait_ready();
-        gw
+        }
     }
 
     /// A staff token from `konsil token` for this gateway's configuration.
@@ -131,20 +150,30 @@ impl Gateway {
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
-    fn wait_ready(&self) {
+    /// Wait until both listeners answer; `Err(log)` if the process ended
+    /// or 30 s passed.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                return Err(self.log());
+            }
             if TcpStream::connect(("127.0.0.1", self.dicom)).is_ok()
                 && self
                     .try_get("/healthz")
                     .map(|(s, _)| s == 200)
                     .unwrap_or(false)
             {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("gateway did not come up; log:\n{}", self.log());
+        Err(self.log())
     }
 
     pub fn config_path(&self) -> &Path {
@@ -235,6 +264,16 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // A failed test shows what the gateway said (the tail of its log).
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "--- gateway log (last {} lines) ---\n{}",
+                tail.len(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
