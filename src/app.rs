@@ -39,6 +39,31 @@ pub enum StartError {
     Auth(#[from] crate::auth::token::AuthStartError),
 }
 
+/// Set by the listener a request came in on (never taken from the client:
+/// [`plain_listener`] and [`tls_listener`] drop a client's own), so that
+/// the URLs Konsil writes into answers carry the scheme the client used.
+const SCHEME_HEADER: &str = "x-konsil-scheme";
+
+/// Outermost layer of the plain HTTP listener.
+pub async fn plain_listener(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    request.headers_mut().remove(SCHEME_HEADER);
+    next.run(request).await
+}
+
+/// Outermost layer of the HTTPS listener.
+pub async fn tls_listener(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    request
+        .headers_mut()
+        .insert(SCHEME_HEADER, axum::http::HeaderValue::from_static("https"));
+    next.run(request).await
+}
+
 /// Shared state of one gateway node.
 pub struct App {
     pub config: Config,
@@ -107,7 +132,7 @@ impl App {
             .workflow
             .dicomweb_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}/dicomweb", config.server.http));
+            .unwrap_or_else(|| format!("{}/dicomweb", config.server.own_url()));
         let workflow = Arc::new(
             Workflow::new(config.workflow.clone(), dicomweb_url).map_err(StartError::Workflow)?,
         );
@@ -200,7 +225,7 @@ impl App {
             .fhir
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}/fhir", self.config.server.http));
+            .unwrap_or_else(|| format!("{}/fhir", self.config.server.own_url()));
         crate::notify::Deliverer::new(
             Arc::clone(&self.resources),
             Arc::clone(&self.cases),
@@ -229,9 +254,15 @@ impl App {
                     && h.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
             })
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.config.server.http.to_string());
-        format!("http://{host}{path}")
+            .map(str::to_owned);
+        let scheme = match headers.get(SCHEME_HEADER) {
+            Some(v) if v == "https" => "https",
+            _ => "http",
+        };
+        match host {
+            Some(host) => format!("{scheme}://{host}{path}"),
+            None => format!("{}{path}", self.config.server.own_url()),
+        }
     }
 
     /// The HTTP router: operational endpoints, DICOMweb at `/dicomweb`, FHIR

@@ -42,10 +42,15 @@ pub enum ConfigError {
 pub struct ServerConfig {
     /// Where the index database and the blobs live.
     pub data_dir: PathBuf,
-    /// HTTP listen address (FHIR, DICOMweb, health, metrics).
-    pub http: SocketAddr,
-    /// DICOM DIMSE listen address.
-    pub dicom: SocketAddr,
+    /// Plain HTTP listen address (FHIR, DICOMweb, health, metrics); `None`
+    /// (`http = ""`) switches plain HTTP off.
+    pub http: Option<SocketAddr>,
+    /// HTTPS listen address (the same services over TLS); needs `[tls]`.
+    pub https: Option<SocketAddr>,
+    /// Plain DICOM DIMSE listen address; `None` (`dicom = ""`) switches it off.
+    pub dicom: Option<SocketAddr>,
+    /// DICOM TLS listen address (PS3.15 Annex B); needs `[tls]`.
+    pub dicom_tls: Option<SocketAddr>,
     /// Our AE title; associations calling another title are rejected.
     pub ae_title: AeTitle,
     /// Concurrent associations; over the cap a caller gets a transient rejection.
@@ -64,14 +69,28 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             data_dir: PathBuf::from("./konsil-data"),
-            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            dicom: SocketAddr::from(([127, 0, 0, 1], 11112)),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            https: None,
+            dicom: Some(SocketAddr::from(([127, 0, 0, 1], 11112))),
+            dicom_tls: None,
             ae_title: AeTitle::parse("KONSIL").expect("constant AE title is valid"),
             max_associations: 32,
             idle_timeout_secs: 120,
             max_pdu: 262_144,
             accept_unknown_sop_classes: false,
             shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Our own base URL when nothing better is known: HTTPS if it is on.
+    pub fn own_url(&self) -> String {
+        match (self.https, self.http) {
+            (Some(addr), _) => format!("https://{addr}"),
+            (None, Some(addr)) => format!("http://{addr}"),
+            // Configuration loading refuses to have neither.
+            (None, None) => "http://127.0.0.1".to_owned(),
         }
     }
 }
@@ -85,6 +104,65 @@ pub struct Partner {
     pub ae_titles: Vec<AeTitle>,
     /// The partner's registered SMART backend-services clients.
     pub clients: Vec<ClientRegistration>,
+    /// Subjects (RFC 4514, normalised) of the TLS client certificates that
+    /// speak for this partner.
+    pub certificate_subjects: Vec<String>,
+}
+
+/// The `[tls]` section: the server's certificate and key, and the CA of the
+/// partners' client certificates (mutual TLS). Paths are taken from the
+/// config file's folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's own first.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+    /// PEM CA certificate(s) the partners' client certificates are issued
+    /// by; turns mutual TLS on.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+impl FileTls {
+    /// `KONSIL_TLS_<KEY>` variables replace file values.
+    fn resolve(
+        mut self,
+        env: &HashMap<String, String>,
+        base: &Path,
+    ) -> Result<Option<TlsConfig>, ConfigError> {
+        let get = |key: &str| {
+            env.get(&format!("KONSIL_TLS_{}", key.to_uppercase()))
+                .map(|v| Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty()))
+        };
+        if let Some(v) = get("certificate") {
+            self.certificate = v;
+        }
+        if let Some(v) = get("private_key") {
+            self.private_key = v;
+        }
+        if let Some(v) = get("client_ca") {
+            self.client_ca = v;
+        }
+        match (self.certificate, self.private_key) {
+            (None, None) if self.client_ca.is_none() => Ok(None),
+            (Some(certificate), Some(private_key)) => Ok(Some(TlsConfig {
+                certificate: base.join(certificate),
+                private_key: base.join(private_key),
+                client_ca: self.client_ca.map(|p| base.join(p)),
+            })),
+            _ => Err(ConfigError::Conflict(
+                "[tls] needs both certificate and private_key".into(),
+            )),
+        }
+    }
 }
 
 /// A partner's system registered for SMART Backend Services
@@ -438,6 +516,8 @@ pub struct Config {
     pub fhir: FhirConfig,
     pub workflow: WorkflowConfig,
     pub auth: AuthConfig,
+    /// `None`: no HTTPS and no DICOM TLS.
+    pub tls: Option<TlsConfig>,
     pub partners: Vec<Partner>,
     /// `konsil serve --dev`: no authentication, the development identity
     /// of `design.md` instead. Never set from a file or the environment.
@@ -471,7 +551,9 @@ impl Config {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub http: Option<String>,
+    pub https: Option<String>,
     pub dicom: Option<String>,
+    pub dicom_tls: Option<String>,
     pub ae_title: Option<String>,
 }
 
@@ -489,6 +571,8 @@ struct FileConfig {
     #[serde(default)]
     auth: AuthConfig,
     #[serde(default)]
+    tls: FileTls,
+    #[serde(default)]
     partners: Vec<FilePartner>,
 }
 
@@ -497,7 +581,9 @@ struct FileConfig {
 struct FileServer {
     data_dir: Option<PathBuf>,
     http: Option<String>,
+    https: Option<String>,
     dicom: Option<String>,
+    dicom_tls: Option<String>,
     ae_title: Option<String>,
     max_associations: Option<usize>,
     idle_timeout_secs: Option<u64>,
@@ -515,6 +601,8 @@ struct FilePartner {
     ae_titles: Vec<String>,
     #[serde(default)]
     clients: Vec<FileClient>,
+    #[serde(default)]
+    certificate_subjects: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -615,7 +703,9 @@ pub fn load(
         Layer {
             data_dir: f.data_dir.map(|p| p.display().to_string()),
             http: f.http,
+            https: f.https,
             dicom: f.dicom,
+            dicom_tls: f.dicom_tls,
             ae_title: f.ae_title,
             max_associations: f.max_associations.map(|v| v.to_string()),
             idle_timeout_secs: f.idle_timeout_secs.map(|v| v.to_string()),
@@ -627,13 +717,36 @@ pub fn load(
         Layer {
             data_dir: overrides.data_dir.as_ref().map(|p| p.display().to_string()),
             http: overrides.http.clone(),
+            https: overrides.https.clone(),
             dicom: overrides.dicom.clone(),
+            dicom_tls: overrides.dicom_tls.clone(),
             ae_title: overrides.ae_title.clone(),
             ..Layer::default()
         },
     ];
+    let https_named = layers.iter().any(|l| l.https.is_some());
+    let dicom_tls_named = layers.iter().any(|l| l.dicom_tls.is_some());
     for layer in layers {
         layer.apply(&mut server)?;
+    }
+    let tls = parsed.tls.resolve(env, &base)?;
+    if tls.is_some() {
+        // With [tls], the TLS ports are on unless switched off.
+        if !https_named {
+            server.https = Some(SocketAddr::from(([127, 0, 0, 1], 8443)));
+        }
+        if !dicom_tls_named {
+            server.dicom_tls = Some(SocketAddr::from(([127, 0, 0, 1], 2762)));
+        }
+    } else if server.https.is_some() || server.dicom_tls.is_some() {
+        return Err(ConfigError::Conflict(
+            "https and dicom_tls need a [tls] section with certificate and private_key".into(),
+        ));
+    }
+    if server.http.is_none() && server.https.is_none() {
+        return Err(ConfigError::Conflict(
+            "http and https are both off: one is needed (FHIR, DICOMweb, /healthz)".into(),
+        ));
     }
     if !(4096..=16_777_216).contains(&server.max_pdu) {
         return Err(value_error(
@@ -671,6 +784,31 @@ pub fn load(
             }
             ae_titles.push(ae);
         }
+        let mut certificate_subjects = Vec::new();
+        for raw in &p.certificate_subjects {
+            let subject = crate::tls::normalise_subject(raw).map_err(|reason| {
+                value_error(
+                    &format!("partners.{}.certificate_subjects", p.id),
+                    raw,
+                    &reason,
+                )
+            })?;
+            let taken = partners
+                .iter()
+                .find(|q: &&Partner| q.certificate_subjects.contains(&subject));
+            if let Some(other) = taken {
+                return Err(ConfigError::Conflict(format!(
+                    "certificate subject {subject} is listed for both partner {} and partner {id}",
+                    other.id
+                )));
+            }
+            certificate_subjects.push(subject);
+        }
+        if !certificate_subjects.is_empty() && tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            return Err(ConfigError::Conflict(format!(
+                "partner {id} has certificate_subjects, but [tls] has no client_ca to verify them"
+            )));
+        }
         let mut clients = Vec::new();
         for client in p.clients {
             let client = client.load(&p.id, &base)?;
@@ -692,6 +830,7 @@ pub fn load(
             name: p.name,
             ae_titles,
             clients,
+            certificate_subjects,
         });
     }
     let mut dicomweb = parsed.dicomweb;
@@ -708,6 +847,7 @@ pub fn load(
         fhir,
         workflow,
         auth,
+        tls,
         partners,
         dev: false,
     })
@@ -724,7 +864,9 @@ pub fn process_env() -> HashMap<String, String> {
 struct Layer {
     data_dir: Option<String>,
     http: Option<String>,
+    https: Option<String>,
     dicom: Option<String>,
+    dicom_tls: Option<String>,
     ae_title: Option<String>,
     max_associations: Option<String>,
     idle_timeout_secs: Option<String>,
@@ -739,7 +881,9 @@ impl Layer {
         Layer {
             data_dir: get("data_dir"),
             http: get("http"),
+            https: get("https"),
             dicom: get("dicom"),
+            dicom_tls: get("dicom_tls"),
             ae_title: get("ae_title"),
             max_associations: get("max_associations"),
             idle_timeout_secs: get("idle_timeout_secs"),
@@ -754,10 +898,16 @@ impl Layer {
             s.data_dir = PathBuf::from(v);
         }
         if let Some(v) = self.http {
-            s.http = parse_value("http", &v)?;
+            s.http = parse_address("http", &v)?;
+        }
+        if let Some(v) = self.https {
+            s.https = parse_address("https", &v)?;
         }
         if let Some(v) = self.dicom {
-            s.dicom = parse_value("dicom", &v)?;
+            s.dicom = parse_address("dicom", &v)?;
+        }
+        if let Some(v) = self.dicom_tls {
+            s.dicom_tls = parse_address("dicom_tls", &v)?;
         }
         if let Some(v) = self.ae_title {
             s.ae_title =
@@ -792,6 +942,14 @@ where
         .map_err(|e: T::Err| value_error(key, value, &e.to_string()))
 }
 
+/// A listen address; `""` switches the listener off.
+fn parse_address(key: &str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    parse_value(key, value).map(Some)
+}
+
 fn value_error(key: &str, value: &str, reason: &str) -> ConfigError {
     ConfigError::Value {
         key: key.to_owned(),
@@ -814,8 +972,10 @@ mod tests {
     fn defaults_match_the_design_contract() {
         let c = load(None, &HashMap::new(), &Overrides::default()).unwrap();
         assert_eq!(c.server.data_dir, PathBuf::from("./konsil-data"));
-        assert_eq!(c.server.http.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.server.dicom.to_string(), "127.0.0.1:11112");
+        assert_eq!(c.server.http, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.server.dicom, Some("127.0.0.1:11112".parse().unwrap()));
+        assert_eq!(c.server.https, None, "no TLS without [tls]");
+        assert_eq!(c.server.dicom_tls, None);
         assert_eq!(c.server.ae_title.as_str(), "KONSIL");
         assert!(c.partners.is_empty());
     }
@@ -835,12 +995,67 @@ mod tests {
             ..Overrides::default()
         };
         let c = load(Some(file.path()), &env, &flags).unwrap();
-        assert_eq!(c.server.http.port(), 1000, "file value kept");
-        assert_eq!(c.server.dicom.port(), 2001, "env beats file");
+        assert_eq!(c.server.http.unwrap().port(), 1000, "file value kept");
+        assert_eq!(c.server.dicom.unwrap().port(), 2001, "env beats file");
         assert_eq!(c.server.ae_title.as_str(), "FROMFLAG", "flag beats env");
         assert_eq!(c.server.max_pdu, 65536);
         let ae = AeTitle::parse("STMARY_PACS").unwrap();
         assert_eq!(c.partner_for_ae(&ae).unwrap().id.as_str(), "st-mary");
+    }
+
+    #[test]
+    fn tls_ports_follow_the_tls_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("konsil.toml");
+        let partner =
+            "[[partners]]\nid = \"st-mary\"\nname = \"St. Mary's\"\nae_titles = [\"SM\"]\n";
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\ndicom = \"\"\n[tls]\ncertificate = \"certs/server.pem\"\nprivate_key = \"certs/server.key\"\n\
+                 client_ca = \"certs/ca.pem\"\n{partner}certificate_subjects = [\"cn=st-mary-pacs, O=St Mary\"]\n"
+            ),
+        )
+        .unwrap();
+        let c = load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.server.https, Some("127.0.0.1:8443".parse().unwrap()));
+        assert_eq!(c.server.dicom_tls, Some("127.0.0.1:2762".parse().unwrap()));
+        assert_eq!(c.server.dicom, None, "\"\" switches plain DICOM off");
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.certificate, dir.path().join("certs/server.pem"));
+        assert_eq!(tls.client_ca, Some(dir.path().join("certs/ca.pem")));
+        assert_eq!(
+            c.partners[0].certificate_subjects,
+            ["CN=st-mary-pacs,O=St Mary"]
+        );
+        assert_eq!(c.server.own_url(), "https://127.0.0.1:8443");
+
+        let env = HashMap::from([("KONSIL_HTTPS".to_owned(), String::new())]);
+        let c = load(Some(&path), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.server.https, None, "https = \"\" switches HTTPS off");
+
+        for (text, expect) in [
+            ("[server]\nhttps = \"127.0.0.1:8443\"\n".to_owned(), "need a [tls] section"),
+            ("[server]\nhttp = \"\"\n".to_owned(), "both off"),
+            ("[tls]\ncertificate = \"a.pem\"\n".to_owned(), "both certificate and private_key"),
+            (
+                format!("[tls]\ncertificate = \"a.pem\"\nprivate_key = \"a.key\"\n{partner}certificate_subjects = [\"CN=x\"]\n"),
+                "no client_ca",
+            ),
+            (
+                format!("[tls]\ncertificate = \"a\"\nprivate_key = \"b\"\nclient_ca = \"c\"\n{partner}certificate_subjects = [\"CN=x\"]\n\
+                         [[partners]]\nid = \"city\"\nname = \"City\"\ncertificate_subjects = [\"cn=x\"]\n"),
+                "listed for both partner st-mary and partner city",
+            ),
+            (
+                format!("[tls]\ncertificate = \"a\"\nprivate_key = \"b\"\nclient_ca = \"c\"\n{partner}certificate_subjects = [\"no equals sign\"]\n"),
+                "certificate_subjects",
+            ),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let err = load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(expect), "{text}: {err}");
+        }
     }
 
     #[test]

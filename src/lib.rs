@@ -12,6 +12,7 @@
 //! - [`fhir`]: the FHIR R4 edge (validation, storage, search, transactions).
 //! - [`workflow`]: the second-opinion case core (no protocol).
 //! - [`auth`]: who is calling (the development identity until tokens land).
+//! - [`tls`]: HTTPS and DICOM TLS (rustls), mutual TLS, reload on SIGHUP.
 //! - [`ops`]: health, readiness and metrics over HTTP.
 //! - [`import`]: `konsil import` of a folder or DICOMDIR.
 //! - [`app`]: shared state; [`run`] is the library entry point.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod notify;
 pub mod ops;
 pub mod store;
+pub mod tls;
 pub mod workflow;
 
 use std::future::Future;
@@ -44,18 +46,30 @@ use tokio::sync::watch;
 pub use app::App;
 
 /// The sockets the gateway serves on, bound by the caller (so tests can bind
-/// port 0 and read the address back).
+/// port 0 and read the address back). `None`: that listener is off.
 pub struct Listeners {
-    pub http: TcpListener,
-    pub dicom: TcpListener,
+    pub http: Option<TcpListener>,
+    pub https: Option<TcpListener>,
+    pub dicom: Option<TcpListener>,
+    pub dicom_tls: Option<TcpListener>,
+    /// The certificates for `https` and `dicom_tls` (required with either).
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 /// Serve until `shutdown` completes, then stop accepting, let in-flight
 /// work finish (bounded by `shutdown_grace_secs`) and return.
 pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let with_tls = |listener: Option<TcpListener>| {
+        listener.and_then(|l| listeners.tls.as_ref().map(|tls| (l, Arc::clone(tls))))
+    };
+    let dicom_tls = with_tls(listeners.dicom_tls);
+    let https = with_tls(listeners.https);
     let dimse = tokio::spawn(dimse::serve(
-        listeners.dicom,
+        dimse::DimseListeners {
+            plain: listeners.dicom,
+            tls: dicom_tls,
+        },
         app.config.clone(),
         app.ingest.clone(),
         Arc::clone(&app.metrics),
@@ -78,33 +92,92 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
             None
         }
     };
-    let mut http_stop = stop_rx;
-    let router = app.router();
-    let http = tokio::spawn(async move {
-        // No Nagle delay on small answers (STOW responses, QIDO pages).
-        let listener = listeners.http.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, router)
+    let mut http_servers = Vec::new();
+    if let Some(listener) = listeners.http {
+        let mut stop = stop_rx.clone();
+        let router = app
+            .router()
+            .layer(axum::middleware::from_fn(app::plain_listener));
+        http_servers.push(tokio::spawn(async move {
+            // No Nagle delay on small answers (STOW responses, QIDO pages).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+    }
+    if let Some((listener, tls)) = https {
+        let mut stop = stop_rx.clone();
+        let router = app
+            .router()
+            .layer(axum::middleware::from_fn(app::tls_listener));
+        http_servers.push(tokio::spawn(async move {
+            let listener = tls::TlsListener::new(listener, tls);
+            let served = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<tls::TlsPeer>(),
+            )
             .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|stop| *stop).await;
+                let _ = stop.wait_for(|stop| *stop).await;
             })
             .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTPS server failed");
+            }
+        }));
+    }
+    let reload = listeners
+        .tls
+        .map(|tls| tokio::spawn(reload_on_hangup(tls, stop_rx.clone())));
     shutdown.await;
     tracing::info!("shutting down: no new connections; finishing in-flight transfers");
     let _ = stop_tx.send(true);
     let _ = dimse.await;
     let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_secs);
-    let _ = tokio::time::timeout(grace, http).await;
-    for task in [workflow, deliverer].into_iter().flatten() {
+    for server in http_servers {
+        let _ = tokio::time::timeout(grace, server).await;
+    }
+    for task in [workflow, deliverer, reload].into_iter().flatten() {
         let _ = tokio::time::timeout(grace, task).await;
     }
     // Last: the audit records of everything above.
     if let Some(task) = audit {
         let _ = tokio::time::timeout(grace, task).await;
+    }
+}
+
+/// Read the TLS certificate and key files again on SIGHUP (certificate
+/// renewal without a restart); a failed reload keeps the ones in use.
+async fn reload_on_hangup(tls: Arc<tls::Tls>, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS files are read at start only");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; the certificates in use stay"),
+                },
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tls, stop.wait_for(|stop| *stop).await);
     }
 }

@@ -1,5 +1,6 @@
 //! The `konsil` binary: parse the command line, bind, run, wait.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,7 +16,7 @@ use konsil::{App, Listeners};
 ///
 /// Configuration is layered: built-in defaults, then the config file, then
 /// KONSIL_<KEY> environment variables (e.g. KONSIL_DATA_DIR, KONSIL_HTTP,
-/// KONSIL_DICOM, KONSIL_AE_TITLE, KONSIL_MAX_ASSOCIATIONS,
+/// KONSIL_HTTPS, KONSIL_DICOM, KONSIL_DICOM_TLS, KONSIL_AE_TITLE, KONSIL_MAX_ASSOCIATIONS,
 /// KONSIL_IDLE_TIMEOUT_SECS, KONSIL_MAX_PDU), then these flags. Logging:
 /// KONSIL_LOG (filter, default info), KONSIL_LOG_FORMAT=json.
 #[derive(Parser, Debug)]
@@ -27,12 +28,18 @@ struct Cli {
     /// Data directory (index database and blobs) [default: ./konsil-data]
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// HTTP listen address (FHIR, DICOMweb, /healthz, /readyz, /metrics) [default: 127.0.0.1:8080]
+    /// Plain HTTP listen address (FHIR, DICOMweb, /healthz, /readyz, /metrics); "" turns it off [default: 127.0.0.1:8080]
     #[arg(long, global = true)]
     http: Option<String>,
-    /// DICOM DIMSE listen address [default: 127.0.0.1:11112]
+    /// HTTPS listen address; needs [tls] in the config [default with [tls]: 127.0.0.1:8443]
+    #[arg(long, global = true)]
+    https: Option<String>,
+    /// Plain DICOM DIMSE listen address; "" turns it off [default: 127.0.0.1:11112]
     #[arg(long, global = true)]
     dicom: Option<String>,
+    /// DICOM TLS listen address; needs [tls] in the config [default with [tls]: 127.0.0.1:2762]
+    #[arg(long, global = true)]
+    dicom_tls: Option<String>,
     /// Our DICOM AE title [default: KONSIL]
     #[arg(long, global = true)]
     ae_title: Option<String>,
@@ -109,7 +116,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         data_dir: cli.data_dir,
         http: cli.http,
+        https: cli.https,
         dicom: cli.dicom,
+        dicom_tls: cli.dicom_tls,
         ae_title: cli.ae_title,
     };
     let mut config = config::load(cli.config.as_deref(), &config::process_env(), &overrides)?;
@@ -132,12 +141,15 @@ async fn serve(config: config::Config) -> anyhow::Result<ExitCode> {
     if config.partners.is_empty() {
         tracing::warn!("no partners configured: every DICOM association will be rejected; add [[partners]] to konsil.toml");
     }
-    let http = TcpListener::bind(config.server.http)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", config.server.http))?;
-    let dicom = TcpListener::bind(config.server.dicom)
-        .await
-        .with_context(|| format!("cannot listen for DICOM on {}", config.server.dicom))?;
+    let tls = konsil::tls::Tls::open(&config)?;
+    let server = &config.server;
+    let listeners = Listeners {
+        http: bind(server.http, "HTTP").await?,
+        https: bind(server.https, "HTTPS").await?,
+        dicom: bind(server.dicom, "DICOM").await?,
+        dicom_tls: bind(server.dicom_tls, "DICOM TLS").await?,
+        tls,
+    };
     let app = App::open(config).await?;
     if app.config.dev {
         tracing::warn!(
@@ -149,17 +161,36 @@ async fn serve(config: config::Config) -> anyhow::Result<ExitCode> {
             eprintln!("\n*** konsil serve --dev: authentication is OFF; never use it with real patients' data ***\n");
         }
     }
+    let address = |l: &Option<TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "off".to_owned(), |a| a.to_string())
+    };
     tracing::info!(
-        http = %http.local_addr()?,
-        dicom = %dicom.local_addr()?,
+        http = %address(&listeners.http),
+        https = %address(&listeners.https),
+        dicom = %address(&listeners.dicom),
+        dicom_tls = %address(&listeners.dicom_tls),
+        mutual_tls = listeners.tls.as_ref().is_some_and(|t| t.mutual()),
         ae_title = %app.config.server.ae_title,
         data_dir = %app.config.server.data_dir.display(),
         partners = app.config.partners.len(),
         "konsil is up"
     );
-    konsil::run(app, Listeners { http, dicom }, shutdown_signal()).await;
+    konsil::run(app, listeners, shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Bind `address` if that listener is on.
+async fn bind(address: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match address {
+        None => Ok(None),
+        Some(address) => TcpListener::bind(address)
+            .await
+            .map(Some)
+            .with_context(|| format!("cannot listen for {what} on {address}")),
+    }
 }
 
 async fn import(

@@ -201,13 +201,40 @@ impl axum::response::IntoResponse for CallerError {
 }
 
 /// Identify the caller of a request: by its bearer token, or under `--dev`
-/// by the development identity.
-pub async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Caller, CallerError> {
-    if app.config.dev {
-        return dev_identity(&app.config, headers);
+/// by the development identity. Over a partner's TLS client certificate
+/// the caller must be that partner (mutual TLS binds the connection).
+pub async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+) -> Result<Caller, CallerError> {
+    let caller = if app.config.dev {
+        dev_identity(&app.config, headers)?
+    } else {
+        app.authority.verify(&app.config, bearer_token(headers)?)?
+    };
+    certificate_partner_check(&caller, extensions)?;
+    Ok(caller)
+}
+
+/// The partner of the connection's verified TLS client certificate must be
+/// the caller's: a stolen token is no use from another partner's machine,
+/// and a partner's machine cannot act as staff or as another partner.
+pub fn certificate_partner_check(
+    caller: &Caller,
+    extensions: &axum::http::Extensions,
+) -> Result<(), CallerError> {
+    let certified = extensions
+        .get::<axum::extract::ConnectInfo<crate::tls::TlsPeer>>()
+        .and_then(|info| info.0.certificate.as_ref());
+    match (certified, caller.partner()) {
+        (None, _) => Ok(()),
+        (Some((_, certified)), Some(partner)) if certified == partner => Ok(()),
+        (Some((_, certified)), _) => Err(CallerError::InvalidToken(format!(
+            "the connection's TLS client certificate speaks for partner {certified}; a token of \
+             another partner or of staff is not accepted over it"
+        ))),
     }
-    let token = bearer_token(headers)?;
-    app.authority.verify(&app.config, token)
 }
 
 fn bearer_token(headers: &HeaderMap) -> Result<&str, CallerError> {

@@ -617,6 +617,7 @@ pub fn routes() -> Router<Arc<App>> {
 
 async fn token(
     State(app): State<Arc<App>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::tls::TlsPeer>>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
@@ -657,7 +658,20 @@ async fn token(
         }
         *slot = Some(value.into_owned());
     }
-    let result = app.authority.grant(&app, &headers, &form).await;
+    let mut result = app.authority.grant(&app, &headers, &form).await;
+    // Over a partner's TLS client certificate, only that partner's clients.
+    if let (Ok(_), Some((_, certified))) = (
+        &result,
+        peer.as_ref().and_then(|p| p.0 .0.certificate.as_ref()),
+    ) {
+        let client_partner = assertion_client_id(&form)
+            .and_then(|id| app.config.client(&id).map(|(p, _)| p.id.clone()));
+        if client_partner.as_ref() != Some(certified) {
+            result = Err(OAuthError::client(format!(
+                "the connection's TLS client certificate speaks for partner {certified}, not for this client's"
+            )));
+        }
+    }
     if let Some(record) = login_audit(&app.config, &form, &result) {
         app.auditor.record(record).await;
     }
@@ -686,16 +700,7 @@ fn login_audit(
     form: &TokenRequest,
     result: &Result<TokenResponse, OAuthError>,
 ) -> Option<AuditRecord> {
-    let client_id = form
-        .client_assertion
-        .as_deref()
-        .and_then(|a| jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(a).ok())
-        .and_then(|t| {
-            t.claims
-                .get("iss")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })?;
+    let client_id = assertion_client_id(form)?;
     let (partner, _) = config.client(&client_id)?;
     let record = AuditRecord::new(
         Kind::Login,
@@ -712,6 +717,20 @@ fn login_audit(
             Some(format!("{}: {}", e.code, e.description)),
         ),
     })
+}
+
+/// The client a token request's assertion names (`iss`), unverified: for
+/// the audit record and checks made after the assertion was verified.
+fn assertion_client_id(form: &TokenRequest) -> Option<String> {
+    form.client_assertion
+        .as_deref()
+        .and_then(|a| jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(a).ok())
+        .and_then(|t| {
+            t.claims
+                .get("iss")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
 }
 
 async fn jwks(State(app): State<Arc<App>>) -> Response {

@@ -72,10 +72,11 @@ async fn gate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let caller = match crate::auth::authenticate(&app, request.headers()).await {
-        Ok(caller) => caller,
-        Err(e) => return WebError::from(e).into_response(),
-    };
+    let caller =
+        match crate::auth::authenticate(&app, request.headers(), request.extensions()).await {
+            Ok(caller) => caller,
+            Err(e) => return WebError::from(e).into_response(),
+        };
     let searches = matched.as_ref().is_some_and(|m| {
         m.as_str()
             .rsplit('/')

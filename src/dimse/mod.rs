@@ -30,6 +30,7 @@ use crate::ingest::status;
 use crate::ingest::{Declared, Ingest, InstanceUpload, Origin};
 use crate::metrics::{label, Metrics};
 use crate::store::{IndexOutcome, Source};
+use crate::tls::{CertificateBinding, Tls};
 use command::Request;
 
 /// Verification SOP Class.
@@ -38,10 +39,13 @@ const VERIFICATION: &str = "1.2.840.10008.1.1";
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// Who may associate: the called AE title must be ours, the calling AE
-/// title must belong to a configured partner.
+/// title must belong to a configured partner and, over mutual TLS, to the
+/// partner the client certificate speaks for.
 #[derive(Debug, Clone)]
 struct PartnerAccess {
     ae_partner: Arc<HashMap<String, PartnerId>>,
+    /// Set on a mutual-TLS connection: the handshake's verified certificate.
+    certificate: Option<CertificateBinding>,
 }
 
 impl AccessControl for PartnerAccess {
@@ -63,16 +67,48 @@ impl AccessControl for PartnerAccess {
             );
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        if !self.ae_partner.contains_key(calling) {
+        let Some(partner) = self.ae_partner.get(calling) else {
             tracing::warn!(
                 calling_ae = calling,
                 "association rejected: calling AE title not recognized; to accept it, add it to a partner's \
                  ae_titles in konsil.toml ([[partners]] ... ae_titles = [\"{calling}\"]) and restart"
             );
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        };
+        if let Some(binding) = &self.certificate {
+            match binding.get() {
+                Some((_, certified)) if certified == partner => {}
+                Some((subject, certified)) => {
+                    tracing::warn!(
+                        calling_ae = calling,
+                        ae_partner = %partner,
+                        certificate_subject = %subject,
+                        certificate_partner = %certified,
+                        "association rejected: the calling AE title belongs to another partner than the TLS \
+                         client certificate"
+                    );
+                    return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+                }
+                None => {
+                    // The verifier makes a certificate mandatory; keep the guard.
+                    tracing::warn!(
+                        calling_ae = calling,
+                        "association rejected: no verified TLS client certificate"
+                    );
+                    return Err(AssociationRJServiceUserReason::NoReasonGiven);
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// The ports associations arrive on.
+pub struct DimseListeners {
+    /// Plain DICOM (`server.dicom`).
+    pub plain: Option<TcpListener>,
+    /// DICOM TLS (`server.dicom_tls`).
+    pub tls: Option<(TcpListener, Arc<Tls>)>,
 }
 
 /// Everything an association task needs.
@@ -86,12 +122,14 @@ struct Scp {
     ingest: Ingest,
     metrics: Arc<Metrics>,
     auditor: Auditor,
+    /// Bound on the TLS handshake plus association negotiation.
+    idle: Duration,
 }
 
-/// Accept associations on `listener` until `shutdown` turns true, then let
+/// Accept associations on `listeners` until `shutdown` turns true, then let
 /// open associations finish for up to `shutdown_grace_secs`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: DimseListeners,
     config: Config,
     ingest: Ingest,
     metrics: Arc<Metrics>,
@@ -109,6 +147,7 @@ pub async fn serve(
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(PartnerAccess {
             ae_partner: Arc::clone(&ae_partner),
+            certificate: None,
         })
         .ae_title(server.ae_title.to_string())
         .max_pdu_length(server.max_pdu)
@@ -125,14 +164,21 @@ pub async fn serve(
         ingest,
         metrics,
         auditor,
+        idle,
     });
     // The cap on concurrent associations: over it, a caller gets a transient
     // rejection at once instead of waiting in a queue it cannot see.
     let slots = Arc::new(Semaphore::new(server.max_associations));
     let mut tasks = JoinSet::new();
+    let DimseListeners { plain, tls } = listeners;
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            (accepted, tls) = async {
+                tokio::select! {
+                    a = accept_on(plain.as_ref()) => (a, None),
+                    a = accept_on(tls.as_ref().map(|(l, _)| l)) => (a, tls.as_ref().map(|(_, t)| Arc::clone(t))),
+                }
+            } => {
                 let (socket, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
@@ -147,7 +193,7 @@ pub async fn serve(
                     Ok(permit) => {
                         let scp = Arc::clone(&scp);
                         tasks.spawn(async move {
-                            scp.run_association(socket).await;
+                            scp.run_association(socket, tls).await;
                             drop(permit);
                         });
                     }
@@ -162,7 +208,8 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         }
     }
-    drop(listener);
+    drop(plain);
+    drop(tls);
     let grace = Duration::from_secs(server.shutdown_grace_secs);
     if !tasks.is_empty() {
         tracing::info!(
@@ -178,6 +225,16 @@ pub async fn serve(
             "DIMSE: grace period over; aborting remaining associations (unfinished instances are discarded)"
         );
         tasks.shutdown().await;
+    }
+}
+
+/// Accept on `listener`, or never when there is none.
+async fn accept_on(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -229,25 +286,73 @@ struct PendingStore {
 }
 
 impl Scp {
-    async fn run_association(&self, socket: TcpStream) {
-        let mut assoc = match self.options.establish_async(socket).await {
-            Ok(a) => a,
+    /// Negotiate (over TLS when `tls` is given), then serve the association.
+    async fn run_association(&self, socket: TcpStream, tls: Option<Arc<Tls>>) {
+        let Some(tls) = tls else {
+            match self.options.establish_async(socket).await {
+                Ok(assoc) => self.serve_association(assoc, None).await,
+                Err(e) => self.not_established(&e),
+            }
+            return;
+        };
+        let binding = CertificateBinding::default();
+        let config = match tls.dimse_config(&binding) {
+            Ok(config) => config,
             Err(e) => {
-                // "rejected": we sent an A-ASSOCIATE-RJ; "failed": the peer
-                // went away or spoke no DICOM (port probes, scanners).
-                let outcome = if matches!(e, dicom_ul::association::Error::Rejected { .. }) {
-                    "rejected"
-                } else {
-                    "failed"
-                };
-                self.metrics
-                    .associations
-                    .get_or_create(&vec![label("outcome", outcome)])
-                    .inc();
-                tracing::info!(error = %e, "association not established");
+                tracing::error!(error = %e, "DICOM TLS: cannot build the TLS configuration");
                 return;
             }
         };
+        let options = self
+            .options
+            .clone()
+            .ae_access_control(PartnerAccess {
+                ae_partner: Arc::clone(&self.ae_partner),
+                certificate: tls.mutual().then(|| binding.clone()),
+            })
+            .tls_config(config);
+        // dicom-ul bounds the association request but not the handshake.
+        match tokio::time::timeout(self.idle, options.establish_tls_async(socket)).await {
+            Ok(Ok(assoc)) => {
+                let subject = binding.get().map(|(subject, _)| subject.clone());
+                self.serve_association(assoc, Some(subject)).await
+            }
+            Ok(Err(e)) => self.not_established(&e),
+            Err(_) => {
+                self.metrics
+                    .associations
+                    .get_or_create(&vec![label("outcome", "failed")])
+                    .inc();
+                tracing::info!("DICOM TLS: handshake or association request timed out");
+            }
+        }
+    }
+
+    fn not_established(&self, e: &dicom_ul::association::Error) {
+        // "rejected": we sent an A-ASSOCIATE-RJ; "failed": the peer went
+        // away, failed the TLS handshake or spoke no DICOM (port probes).
+        let outcome = if matches!(e, dicom_ul::association::Error::Rejected { .. }) {
+            "rejected"
+        } else {
+            "failed"
+        };
+        self.metrics
+            .associations
+            .get_or_create(&vec![label("outcome", outcome)])
+            .inc();
+        tracing::info!(error = %e, "association not established");
+    }
+
+    /// Serve an established association until it is released or aborted.
+    /// `tls`: `None` on plain DICOM, else the client certificate's subject
+    /// (if mutual TLS).
+    async fn serve_association<S>(
+        &self,
+        mut assoc: dicom_ul::association::server::AsyncServerAssociation<S>,
+        tls: Option<Option<String>>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
         let calling = assoc.peer_ae_title().trim().to_owned();
         let Some(partner) = self.ae_partner.get(&calling).cloned() else {
             // Access control already refused unknown titles; keep the guard.
@@ -261,7 +366,17 @@ impl Scp {
             .inc();
         // Decrements on every way out of this function.
         let _active = ActiveAssociation::new(&self.metrics);
-        tracing::info!(calling_ae = %calling, partner = %partner, "association accepted");
+        match &tls {
+            None => {
+                tracing::info!(calling_ae = %calling, partner = %partner, "association accepted")
+            }
+            Some(subject) => tracing::info!(
+                calling_ae = %calling,
+                partner = %partner,
+                certificate_subject = subject.as_deref().unwrap_or("-"),
+                "association accepted over TLS"
+            ),
+        }
 
         let mut command_buf: Vec<u8> = Vec::new();
         let mut pending: Option<PendingStore> = None;
@@ -661,6 +776,7 @@ mod tests {
         )]);
         let access = PartnerAccess {
             ae_partner: Arc::new(map),
+            certificate: None,
         };
         assert!(access
             .check_access("KONSIL", "STMARY_PACS", "KONSIL", None)

@@ -198,10 +198,11 @@ async fn gate(
     if interaction == Interaction::Capabilities {
         return next.run(request).await;
     }
-    let caller = match crate::auth::authenticate(&app, request.headers()).await {
-        Ok(caller) => caller,
-        Err(e) => return unauthenticated(&e),
-    };
+    let caller =
+        match crate::auth::authenticate(&app, request.headers(), request.extensions()).await {
+            Ok(caller) => caller,
+            Err(e) => return unauthenticated(&e),
+        };
     let resource_type = match interaction {
         Interaction::HistorySystem => None,
         _ => path_type(&request),

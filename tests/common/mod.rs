@@ -26,7 +26,11 @@ pub struct Gateway {
     child: Option<Child>,
     pub data_dir: PathBuf,
     pub http: u16,
+    /// Plain DICOM; 0 when switched off (TLS gateways).
     pub dicom: u16,
+    /// HTTPS and DICOM TLS; 0 without TLS.
+    pub https: u16,
+    pub dicom_tls: u16,
     log_path: PathBuf,
     config_path: PathBuf,
 }
@@ -51,13 +55,36 @@ impl Gateway {
         extra_server: &str,
         env: &[(&str, &str)],
     ) -> Gateway {
-        Self::launch(work, data_dir, extra_server, ["", ""], env, true)
+        Self::launch(work, data_dir, extra_server, ["", ""], env, true, None)
     }
 
     /// Start with authentication on, the partners' `[[partners.clients]]`
     /// tables (st-mary's, city-clinic's) and extra `[server]` keys.
     pub fn start_secure(work: &Path, extra_server: &str, clients: [&str; 2]) -> Gateway {
-        Self::launch(work, &work.join("data"), extra_server, clients, &[], false)
+        Self::launch(
+            work,
+            &work.join("data"),
+            extra_server,
+            clients,
+            &[],
+            false,
+            None,
+        )
+    }
+
+    /// Start with authentication on, HTTPS and DICOM TLS with mutual TLS
+    /// (the files of `certs.py make certs`: st-mary's client certificate is
+    /// `CN=st-mary-pacs`, city-clinic's `CN=city-pacs`), and plain DICOM off.
+    pub fn start_tls(work: &Path, certs: &Path, clients: [&str; 2]) -> Gateway {
+        Self::launch(
+            work,
+            &work.join("data"),
+            "",
+            clients,
+            &[],
+            false,
+            Some(certs),
+        )
     }
 
     fn launch(
@@ -67,11 +94,12 @@ impl Gateway {
         clients: [&str; 2],
         env: &[(&str, &str)],
         dev: bool,
+        tls: Option<&Path>,
     ) -> Gateway {
         // A free port can be taken by another test between our probe and
         // the gateway's bind: then start again on other ports.
         for _ in 0..3 {
-            let mut gw = Self::spawn(work, data_dir, extra_server, clients, env, dev);
+            let mut gw = Self::spawn(work, data_dir, extra_server, clients, env, dev, tls);
             match gw.wait_ready() {
                 Ok(()) => return gw,
                 Err(log) if log.contains("Address already in use") => continue,
@@ -88,23 +116,53 @@ impl Gateway {
         clients: [&str; 2],
         env: &[(&str, &str)],
         dev: bool,
+        tls: Option<&Path>,
     ) -> Gateway {
         let http = free_port();
-        let dicom = free_port();
-        let config_path = work.join(format!("konsil-{dicom}.toml"));
+        let mut dicom = free_port();
+        let (mut https, mut dicom_tls) = (0, 0);
+        let mut tls_server = String::new();
+        let mut tls_section = String::new();
+        let mut subjects = ["", ""];
+        let config_id = dicom;
+        if let Some(certs) = tls {
+            (https, dicom_tls) = (free_port(), free_port());
+            dicom = 0;
+            tls_server =
+                format!("https = \"127.0.0.1:{https}\"\ndicom_tls = \"127.0.0.1:{dicom_tls}\"\n");
+            let file = |name: &str| format!("{:?}", certs.join(name).display().to_string());
+            tls_section = format!(
+                "[tls]\ncertificate = {}\nprivate_key = {}\nclient_ca = {}\n",
+                file("server.pem"),
+                file("server.key"),
+                file("ca.pem")
+            );
+            subjects = [
+                "certificate_subjects = [\"CN=st-mary-pacs\"]\n",
+                "certificate_subjects = [\"cn=city-pacs\"]\n",
+            ];
+        }
+        let dicom_address = if dicom == 0 {
+            String::new()
+        } else {
+            format!("127.0.0.1:{dicom}")
+        };
+        let config_path = work.join(format!("konsil-{config_id}.toml"));
         std::fs::write(
             &config_path,
             format!(
-                "[server]\ndata_dir = {data:?}\nhttp = \"127.0.0.1:{http}\"\ndicom = \"127.0.0.1:{dicom}\"\nshutdown_grace_secs = 60\n{extra_server}\n\
-                 [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's Hospital\"\nae_titles = [\"{ST_MARY_AE}\", \"{PY_AE}\"]\n{st_mary}\n\
-                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\", \"ORTHANC\"]\n{city}\n",
+                "[server]\ndata_dir = {data:?}\nhttp = \"127.0.0.1:{http}\"\ndicom = \"{dicom_address}\"\nshutdown_grace_secs = 60\n{tls_server}{extra_server}\n{tls_section}\
+                 [[partners]]\nid = \"st-mary\"\nname = \"St. Mary's Hospital\"\nae_titles = [\"{ST_MARY_AE}\", \"{PY_AE}\"]\n{st_mary_subjects}{st_mary}\n\
+                 [[partners]]\nid = \"city-clinic\"\nname = \"City Clinic\"\nae_titles = [\"CITYPACS\", \"ORTHANC\"]\n{city_subjects}{city}\n",
                 data = data_dir.display().to_string(),
                 st_mary = clients[0],
                 city = clients[1],
+                st_mary_subjects = subjects[0],
+                city_subjects = subjects[1],
             ),
         )
         .unwrap();
-        let log_path = work.join(format!("konsil-{dicom}.log"));
+        let log_path = work.join(format!("konsil-{config_id}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut args = vec!["--config", config_path.to_str().unwrap(), "serve"];
         if dev {
@@ -123,6 +181,8 @@ impl Gateway {
             data_dir: data_dir.to_owned(),
             http,
             dicom,
+            https,
+            dicom_tls,
             log_path,
             config_path,
         }
@@ -163,7 +223,12 @@ impl Gateway {
                 self.child = None;
                 return Err(self.log());
             }
-            if TcpStream::connect(("127.0.0.1", self.dicom)).is_ok()
+            let dimse_port = if self.dicom == 0 {
+                self.dicom_tls
+            } else {
+                self.dicom
+            };
+            if TcpStream::connect(("127.0.0.1", dimse_port)).is_ok()
                 && self
                     .try_get("/healthz")
                     .map(|(s, _)| s == 200)
