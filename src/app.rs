@@ -80,6 +80,8 @@ pub struct App {
     pub assertions: Arc<dyn crate::store::AssertionLog>,
     /// The audit trail of what changes nothing (reads, searches, transfers).
     pub auditor: crate::audit::Auditor,
+    /// Per-partner request rates and association counts.
+    pub limits: Arc<crate::limits::PartnerLimits>,
     /// Its writer, until [`crate::run`] starts it.
     pub audit_writer: std::sync::Mutex<Option<crate::audit::AuditWriter>>,
     pub ingest: Ingest,
@@ -175,6 +177,7 @@ impl App {
         }
         let (auditor, audit_writer) = crate::audit::Auditor::new(Arc::clone(&cases));
         Ok(Arc::new(App {
+            limits: Arc::new(crate::limits::PartnerLimits::new(&config)),
             config,
             index,
             resources,
@@ -273,6 +276,10 @@ impl App {
             .merge(crate::dicomweb::routes(self))
             .merge(crate::fhir::routes(self))
             .with_state(Arc::clone(self))
+            .layer(axum::middleware::from_fn_with_state(
+                std::time::Duration::from_secs(self.config.server.idle_timeout_secs.max(1)),
+                body_idle_timeout,
+            ))
             // A defect must not cost the connection or leak a trace: log it
             // and answer 500 (every input path is meant never to get here).
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
@@ -285,5 +292,61 @@ impl App {
                         .into_response()
                 },
             ))
+    }
+}
+
+/// A request body that sends nothing for `idle` ends in an error (the
+/// handler answers or gives up as for a broken body, and what was being
+/// stored is discarded): a stalled or trickling client cannot hold an
+/// upload open for ever, while a slow but moving one is never cut, however
+/// long the whole transfer takes (the timer restarts with every chunk).
+async fn body_idle_timeout(
+    axum::extract::State(idle): axum::extract::State<std::time::Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let request = request.map(|body| {
+        axum::body::Body::from_stream(IdleBody {
+            inner: body.into_data_stream(),
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        })
+    });
+    next.run(request).await
+}
+
+struct IdleBody {
+    inner: axum::body::BodyDataStream,
+    idle: std::time::Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl futures_util::Stream for IdleBody {
+    type Item = Result<bytes::Bytes, std::io::Error>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(item) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(item.map(|chunk| chunk.map_err(std::io::Error::other)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no request body data for {} s (server.idle_timeout_secs)",
+                        this.idle.as_secs()
+                    ),
+                )))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }

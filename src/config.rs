@@ -107,6 +107,12 @@ pub struct Partner {
     /// Subjects (RFC 4514, normalised) of the TLS client certificates that
     /// speak for this partner.
     pub certificate_subjects: Vec<String>,
+    /// HTTP requests a minute this partner's systems may make (over it:
+    /// 429 with Retry-After); `None`: no limit.
+    pub requests_per_minute: Option<u32>,
+    /// Associations this partner may have open at once (within
+    /// `server.max_associations`); `None`: no limit of its own.
+    pub max_associations: Option<usize>,
 }
 
 /// The `[tls]` section: the server's certificate and key, and the CA of the
@@ -603,6 +609,8 @@ struct FilePartner {
     clients: Vec<FileClient>,
     #[serde(default)]
     certificate_subjects: Vec<String>,
+    requests_per_minute: Option<u32>,
+    max_associations: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -784,6 +792,11 @@ pub fn load(
             }
             ae_titles.push(ae);
         }
+        if p.requests_per_minute == Some(0) || p.max_associations == Some(0) {
+            return Err(ConfigError::Conflict(format!(
+                "partner {id}: requests_per_minute and max_associations must be at least 1 (leave them out for no limit)"
+            )));
+        }
         let mut certificate_subjects = Vec::new();
         for raw in &p.certificate_subjects {
             let subject = crate::tls::normalise_subject(raw).map_err(|reason| {
@@ -831,6 +844,8 @@ pub fn load(
             ae_titles,
             clients,
             certificate_subjects,
+            requests_per_minute: p.requests_per_minute,
+            max_associations: p.max_associations,
         });
     }
     let mut dicomweb = parsed.dicomweb;

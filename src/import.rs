@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use dicom_dictionary_std::tags;
-use dicom_object::meta::FileMetaTable;
 use dicom_object::OpenFileOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -114,11 +113,26 @@ async fn import_file(
             "no DICOM Part 10 header (preamble + DICM)".into(),
         ));
     }
-    // Back to `DICM`: the meta reader checks the magic code itself.
-    file.seek(SeekFrom::Start(128))
-        .map_err(|e| format!("cannot seek to the file meta: {e}"))?;
-    let meta = FileMetaTable::from_reader(BufReader::new(&mut file))
-        .map_err(|e| format!("unreadable file meta information: {e}"))?;
+    // The group length element, then the group it announces (bounded),
+    // parsed like a STOW-RS part's.
+    let mut group_length = [0u8; 12];
+    file.read_exact(&mut group_length)
+        .map_err(|_| "the file ends inside its file meta information".to_owned())?;
+    let length = u32::from_le_bytes([
+        group_length[8],
+        group_length[9],
+        group_length[10],
+        group_length[11],
+    ]) as usize;
+    if group_length[..4] != [0x02, 0x00, 0x00, 0x00] || length > crate::ingest::meta::META_LIMIT {
+        return Err("file meta information does not start with a usable group length".into());
+    }
+    let mut group = b"DICM".to_vec();
+    group.extend_from_slice(&group_length);
+    group.resize(16 + length, 0);
+    file.read_exact(&mut group[16..])
+        .map_err(|_| "the file ends inside its file meta information".to_owned())?;
+    let meta = crate::ingest::meta::parse(&group).map_err(|e| e.to_string())?;
     if meta.media_storage_sop_class_uid() == DICOMDIR_CLASS {
         return Ok(FileOutcome::Skipped(
             "DICOMDIR (directory, not an instance)".into(),

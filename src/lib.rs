@@ -26,9 +26,12 @@ pub mod config;
 pub mod dicomweb;
 pub mod dimse;
 pub mod fhir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod import;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod ops;
@@ -74,6 +77,7 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
         app.ingest.clone(),
         Arc::clone(&app.metrics),
         app.auditor.clone(),
+        Arc::clone(&app.limits),
         stop_rx.clone(),
     ));
     let audit = app

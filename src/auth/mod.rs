@@ -154,6 +154,11 @@ pub enum CallerError {
     InvalidPartner(String),
     #[error("{PARTNER_HEADER} names no configured partner ({0})")]
     UnknownPartner(PartnerId),
+    #[error("partner {partner} is over its request rate (requests_per_minute); retry in {retry_after} s")]
+    Throttled {
+        partner: PartnerId,
+        retry_after: u64,
+    },
 }
 
 impl CallerError {
@@ -166,6 +171,7 @@ impl CallerError {
             CallerError::InvalidPartner(_) | CallerError::UnknownPartner(_) => {
                 axum::http::StatusCode::FORBIDDEN
             }
+            CallerError::Throttled { .. } => axum::http::StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -183,12 +189,17 @@ impl CallerError {
     }
 
     /// An edge's error response with the challenge added (a 401 must
-    /// carry `WWW-Authenticate`).
+    /// carry `WWW-Authenticate`, a 429 says when to come back).
     pub fn challenged(&self, mut response: axum::response::Response) -> axum::response::Response {
         if let Some(value) = self.challenge() {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, value);
+        }
+        if let CallerError::Throttled { retry_after, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         response
     }
@@ -214,6 +225,14 @@ pub async fn authenticate(
         app.authority.verify(&app.config, bearer_token(headers)?)?
     };
     certificate_partner_check(&caller, extensions)?;
+    if let Some(partner) = caller.partner() {
+        app.limits
+            .request(partner)
+            .map_err(|retry_after| CallerError::Throttled {
+                partner: partner.clone(),
+                retry_after,
+            })?;
+    }
     Ok(caller)
 }
 

@@ -4,11 +4,11 @@
 //! ([`WebError`]).
 
 mod dataset;
-mod media;
+pub(crate) mod media;
 mod metadata;
 mod multipart;
 mod qido;
-mod stow;
+pub(crate) mod stow;
 mod wado;
 
 use std::sync::Arc;

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::meta::FileMetaTable;
 use dicom_object::InMemDicomObject;
 
 use super::dataset::{self, sequence, uid_element};
@@ -24,9 +23,9 @@ use crate::ids::Uid;
 use crate::ingest::{self, status, Declared, IngestError, Origin};
 use crate::store::{IndexOutcome, Source};
 
-/// A part's preamble and file meta group must fit in this; the data set
-/// after it is streamed.
-const META_LIMIT: usize = 1024 * 1024;
+// A part's preamble and file meta group must fit in META_LIMIT; the data
+// set after it is streamed.
+use crate::ingest::meta::META_LIMIT;
 
 /// `POST /dicomweb/studies`
 pub async fn store(
@@ -54,7 +53,7 @@ pub async fn store_in_study(
 }
 
 /// The result of one part.
-enum PartResult {
+pub(crate) enum PartResult {
     Stored {
         sop_class: Uid,
         sop_instance: Uid,
@@ -150,6 +149,7 @@ async fn run(
                 )));
             }
         }
+        let e = with_causes(&e);
         if results.is_empty() {
             return Err(WebError::BadRequest(format!(
                 "malformed multipart body: {e}"
@@ -178,7 +178,7 @@ async fn run(
 }
 
 /// The boundary of a `multipart/related; type="application/dicom"` body.
-fn request_boundary(headers: &HeaderMap) -> Result<String, WebError> {
+pub(crate) fn request_boundary(headers: &HeaderMap) -> Result<String, WebError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -212,25 +212,32 @@ fn request_boundary(headers: &HeaderMap) -> Result<String, WebError> {
         .ok_or_else(|| WebError::BadRequest("Content-Type has no boundary parameter".into()))
 }
 
-/// Stream one part into the ingest pipeline. `Err` means the body itself
-/// broke (client gone, malformed multipart): the part's upload is dropped,
-/// which discards what was written.
-async fn store_part(
-    app: &Arc<App>,
-    origin: &Origin,
-    study: Option<&Uid>,
-    mut field: multer::Field<'_>,
-) -> Result<PartResult, multer::Error> {
-    let failed = |reason: u16, why: String| PartResult::Failed {
-        sop_class: None,
-        sop_instance: None,
-        reason,
-        why,
+/// A part's Part 10 header, read before anything is stored.
+pub(crate) enum PartHead {
+    /// What the part's file meta declares, and the bytes read past it.
+    Declared { declared: Declared, rest: Vec<u8> },
+    /// The part is refused (and was drained).
+    Refused(PartResult),
+}
+
+/// Read a part up to the end of its file meta group and check what it
+/// declares. `Err` means the body itself broke.
+pub(crate) async fn read_part_head(
+    field: &mut multer::Field<'_>,
+    accept_unknown_sop_classes: bool,
+) -> Result<PartHead, multer::Error> {
+    let failed = |reason: u16, why: String| {
+        PartHead::Refused(PartResult::Failed {
+            sop_class: None,
+            sop_instance: None,
+            reason,
+            why,
+        })
     };
     if let Some(ct) = field.content_type() {
         if ct.essence_str() != DICOM {
             let why = format!("part of type {} is not application/dicom", ct.essence_str());
-            drain(&mut field).await?;
+            drain(field).await?;
             return Ok(failed(status::CANNOT_UNDERSTAND, why));
         }
     }
@@ -239,7 +246,7 @@ async fn store_part(
     let meta_end = loop {
         if head.len() >= 144 {
             if &head[128..132] != b"DICM" {
-                drain(&mut field).await?;
+                drain(field).await?;
                 return Ok(failed(
                     status::CANNOT_UNDERSTAND,
                     "not a DICOM Part 10 object (no 128-byte preamble and DICM prefix)".into(),
@@ -249,7 +256,7 @@ async fn store_part(
             let group_length = u32::from_le_bytes([head[140], head[141], head[142], head[143]]);
             let end = 144usize.saturating_add(group_length as usize);
             if head[132..136] != [0x02, 0x00, 0x00, 0x00] || end > META_LIMIT {
-                drain(&mut field).await?;
+                drain(field).await?;
                 return Ok(failed(
                     status::CANNOT_UNDERSTAND,
                     "file meta information does not start with a usable group length".into(),
@@ -269,36 +276,31 @@ async fn store_part(
             }
         }
     };
-    let meta = match FileMetaTable::from_reader(&head[128..meta_end]) {
+    let meta = match ingest::meta::parse(&head[128..meta_end]) {
         Ok(meta) => meta,
         Err(e) => {
-            drain(&mut field).await?;
-            return Ok(failed(
-                status::CANNOT_UNDERSTAND,
-                format!("unreadable file meta information: {e}"),
-            ));
+            drain(field).await?;
+            return Ok(failed(status::CANNOT_UNDERSTAND, e.to_string()));
         }
     };
-    let sop_class = Some(meta.media_storage_sop_class_uid().to_owned());
-    let sop_instance = Some(meta.media_storage_sop_instance_uid().to_owned());
-    let failed_for = |reason: u16, why: String| PartResult::Failed {
-        sop_class: sop_class.clone(),
-        sop_instance: sop_instance.clone(),
-        reason,
-        why,
+    let failed_for = |reason: u16, why: String| {
+        PartHead::Refused(PartResult::Failed {
+            sop_class: Some(meta.media_storage_sop_class_uid().to_owned()),
+            sop_instance: Some(meta.media_storage_sop_instance_uid().to_owned()),
+            reason,
+            why,
+        })
     };
-    let mut declared = match Declared::from_file_meta(&meta) {
+    let declared = match Declared::from_file_meta(&meta) {
         Ok(d) => d,
         Err(e) => {
-            drain(&mut field).await?;
+            drain(field).await?;
             let (reason, why) = status::for_ingest_error(&e);
             return Ok(failed_for(reason, why));
         }
     };
-    if !app.config.server.accept_unknown_sop_classes
-        && !ingest::is_storage_sop_class(declared.sop_class.as_str())
-    {
-        drain(&mut field).await?;
+    if !accept_unknown_sop_classes && !ingest::is_storage_sop_class(declared.sop_class.as_str()) {
+        drain(field).await?;
         return Ok(failed_for(
             status::SOP_CLASS_NOT_SUPPORTED,
             format!(
@@ -307,11 +309,37 @@ async fn store_part(
             ),
         ));
     }
+    Ok(PartHead::Declared {
+        declared,
+        rest: head.split_off(meta_end),
+    })
+}
+
+/// Stream one part into the ingest pipeline. `Err` means the body itself
+/// broke (client gone, malformed multipart): the part's upload is dropped,
+/// which discards what was written.
+async fn store_part(
+    app: &Arc<App>,
+    origin: &Origin,
+    study: Option<&Uid>,
+    mut field: multer::Field<'_>,
+) -> Result<PartResult, multer::Error> {
+    let (mut declared, rest) =
+        match read_part_head(&mut field, app.config.server.accept_unknown_sop_classes).await? {
+            PartHead::Declared { declared, rest } => (declared, rest),
+            PartHead::Refused(result) => return Ok(result),
+        };
     declared.study = study.cloned();
+    let failed_for = |reason: u16, why: String| PartResult::Failed {
+        sop_class: Some(declared.sop_class.to_string()),
+        sop_instance: Some(declared.sop_instance.to_string()),
+        reason,
+        why,
+    };
 
     let receiving = std::time::Instant::now();
     let mut upload = app.ingest.begin(origin.clone(), declared.clone());
-    upload.write(head.split_off(meta_end)).await;
+    upload.write(rest).await;
     let mut chunks = 0u32;
     while let Some(chunk) = field.chunk().await? {
         chunks += 1;
@@ -341,6 +369,19 @@ async fn store_part(
             failed_for(reason, why)
         }
     })
+}
+
+/// An error with what caused it (multer says "failed to read stream" and
+/// keeps the why, such as a stalled body, as its source).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Read the rest of a part we will not store.

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::ids::{AeTitle, PartnerId, Uid};
 use crate::ingest::status;
 use crate::ingest::{Declared, Ingest, InstanceUpload, Origin};
+use crate::limits::{AssociationSlot, PartnerLimits};
 use crate::metrics::{label, Metrics};
 use crate::store::{IndexOutcome, Source};
 use crate::tls::{CertificateBinding, Tls};
@@ -41,11 +42,23 @@ const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// Who may associate: the called AE title must be ours, the calling AE
 /// title must belong to a configured partner and, over mutual TLS, to the
 /// partner the client certificate speaks for.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct PartnerAccess {
     ae_partner: Arc<HashMap<String, PartnerId>>,
     /// Set on a mutual-TLS connection: the handshake's verified certificate.
     certificate: Option<CertificateBinding>,
+    /// Partners' own association caps, and where this connection keeps the
+    /// slot it took.
+    limits: Arc<PartnerLimits>,
+    slot: AssociationSlot,
+}
+
+impl std::fmt::Debug for PartnerAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartnerAccess")
+            .field("certificate", &self.certificate)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AccessControl for PartnerAccess {
@@ -99,6 +112,19 @@ impl AccessControl for PartnerAccess {
                 }
             }
         }
+        match self.limits.association(partner) {
+            Ok(Some(permit)) => self.slot.hold(permit),
+            Ok(None) => {}
+            Err(max) => {
+                tracing::warn!(
+                    calling_ae = calling,
+                    partner = %partner,
+                    max_associations = max,
+                    "association rejected: the partner has its max_associations open; it may retry when one closes"
+                );
+                return Err(AssociationRJServiceUserReason::NoReasonGiven);
+            }
+        }
         Ok(())
     }
 }
@@ -122,6 +148,7 @@ struct Scp {
     ingest: Ingest,
     metrics: Arc<Metrics>,
     auditor: Auditor,
+    limits: Arc<PartnerLimits>,
     /// Bound on the TLS handshake plus association negotiation.
     idle: Duration,
 }
@@ -134,6 +161,7 @@ pub async fn serve(
     ingest: Ingest,
     metrics: Arc<Metrics>,
     auditor: Auditor,
+    limits: Arc<PartnerLimits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let server = &config.server;
@@ -148,6 +176,8 @@ pub async fn serve(
         .ae_access_control(PartnerAccess {
             ae_partner: Arc::clone(&ae_partner),
             certificate: None,
+            limits: Arc::clone(&limits),
+            slot: AssociationSlot::default(),
         })
         .ae_title(server.ae_title.to_string())
         .max_pdu_length(server.max_pdu)
@@ -164,6 +194,7 @@ pub async fn serve(
         ingest,
         metrics,
         auditor,
+        limits,
         idle,
     });
     // The cap on concurrent associations: over it, a caller gets a transient
@@ -288,8 +319,11 @@ struct PendingStore {
 impl Scp {
     /// Negotiate (over TLS when `tls` is given), then serve the association.
     async fn run_association(&self, socket: TcpStream, tls: Option<Arc<Tls>>) {
+        // Per connection: the association slot its partner's cap gives it
+        // lives as long as these options, i.e. this function.
         let Some(tls) = tls else {
-            match self.options.establish_async(socket).await {
+            let options = self.options.clone().ae_access_control(self.access(None));
+            match options.establish_async(socket).await {
                 Ok(assoc) => self.serve_association(assoc, None).await,
                 Err(e) => self.not_established(&e),
             }
@@ -306,10 +340,7 @@ impl Scp {
         let options = self
             .options
             .clone()
-            .ae_access_control(PartnerAccess {
-                ae_partner: Arc::clone(&self.ae_partner),
-                certificate: tls.mutual().then(|| binding.clone()),
-            })
+            .ae_access_control(self.access(tls.mutual().then(|| binding.clone())))
             .tls_config(config);
         // dicom-ul bounds the association request but not the handshake.
         match tokio::time::timeout(self.idle, options.establish_tls_async(socket)).await {
@@ -325,6 +356,16 @@ impl Scp {
                     .inc();
                 tracing::info!("DICOM TLS: handshake or association request timed out");
             }
+        }
+    }
+
+    /// The access control of one connection.
+    fn access(&self, certificate: Option<CertificateBinding>) -> PartnerAccess {
+        PartnerAccess {
+            ae_partner: Arc::clone(&self.ae_partner),
+            certificate,
+            limits: Arc::clone(&self.limits),
+            slot: AssociationSlot::default(),
         }
     }
 
@@ -777,6 +818,8 @@ mod tests {
         let access = PartnerAccess {
             ae_partner: Arc::new(map),
             certificate: None,
+            limits: Arc::new(PartnerLimits::new(&Config::default())),
+            slot: AssociationSlot::default(),
         };
         assert!(access
             .check_access("KONSIL", "STMARY_PACS", "KONSIL", None)

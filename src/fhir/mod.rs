@@ -10,13 +10,13 @@ mod bundle;
 mod capability;
 pub mod definitions;
 mod invariants;
-mod json;
+pub(crate) mod json;
 mod operations;
 pub use operations::OPERATIONS;
 pub mod outcome;
 pub mod profiles;
 pub mod records;
-mod rest;
+pub(crate) mod rest;
 pub mod search;
 mod subset;
 pub mod validate;
@@ -283,10 +283,10 @@ fn unauthenticated(e: &CallerError) -> Response {
 /// The OperationOutcome of an unidentified caller (401, or 403 for an
 /// unknown development partner).
 fn unauthenticated_error(e: &CallerError) -> FhirError {
-    let code = if e.status() == StatusCode::UNAUTHORIZED {
-        "login"
-    } else {
-        "forbidden"
+    let code = match e.status() {
+        StatusCode::UNAUTHORIZED => "login",
+        StatusCode::TOO_MANY_REQUESTS => "throttled",
+        _ => "forbidden",
     };
     FhirError::new(e.status(), Issue::error(code, e.to_string()))
 }

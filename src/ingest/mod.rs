@@ -12,6 +12,7 @@
 //! buffer), never the instance size.
 
 pub mod header;
+pub mod meta;
 pub mod status;
 pub mod structure;
 
@@ -467,15 +468,11 @@ fn write_instance(
     if size == 0 {
         return Err(IngestError::Malformed("empty data set".into()));
     }
-    let header = {
-        // One view of the object for both checks: the header parse reads
-        // the start, the walk seeks back and goes through it all.
-        let mut reader = blob.read_back().map_err(BlobError::Write)?;
-        let header = header::read_and_check(&mut reader, declared)?;
-        structure::check(&mut reader, data_start, declared.transfer_syntax.as_str())
-            .map_err(IngestError::Malformed)?;
-        header
-    };
+    let header = check_instance(
+        blob.read_back().map_err(BlobError::Write)?,
+        data_start,
+        declared,
+    )?;
     let provenance = Provenance {
         partner: origin.partner.to_string(),
         source: origin.source.as_str().to_owned(),
@@ -491,6 +488,25 @@ fn write_instance(
         provenance,
         blob,
     })
+}
+
+/// The checks of a received instance (`object`: the Part 10 object as
+/// stored, its data set from `data_start`): the structure of the whole data
+/// set, then the header against what was declared. The walk comes first:
+/// it proves every element's length real before the header parse, which
+/// allocates what an element claims (a few bytes claiming a gigabyte cost
+/// a gigabyte; found by the `stow_multipart` fuzz target).
+pub fn check_instance(
+    mut object: impl std::io::Read + std::io::Seek,
+    data_start: u64,
+    declared: &Declared,
+) -> Result<header::Header, IngestError> {
+    structure::check(&mut object, data_start, declared.transfer_syntax.as_str())
+        .map_err(IngestError::Malformed)?;
+    object
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| IngestError::Malformed(format!("cannot read the stored object: {e}")))?;
+    header::read_and_check(&mut object, declared)
 }
 
 /// Recovery: rebuild what `write_instance` knew from a stored object.
@@ -548,6 +564,14 @@ impl CommittedBlob for RecoveredHandle {
 /// identity only, so identical data sets give identical files.
 /// Returns the offset where the data set starts.
 fn write_file_meta(out: &mut dyn BlobWrite, declared: &Declared) -> Result<u64, IngestError> {
+    let head = file_meta_bytes(declared)?;
+    out.write_all(&head).map_err(BlobError::Write)?;
+    Ok(head.len() as u64)
+}
+
+/// The preamble, `DICM` and file meta group the pipeline stores for
+/// `declared`.
+pub fn file_meta_bytes(declared: &Declared) -> Result<Vec<u8>, IngestError> {
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(declared.sop_class.as_str())
         .media_storage_sop_instance_uid(declared.sop_instance.as_str())
@@ -561,8 +585,7 @@ fn write_file_meta(out: &mut dyn BlobWrite, declared: &Declared) -> Result<u64, 
     head.extend_from_slice(b"DICM");
     meta.write(&mut head)
         .map_err(|e| IngestError::Malformed(format!("cannot encode file meta: {e}")))?;
-    out.write_all(&head).map_err(BlobError::Write)?;
-    Ok(head.len() as u64)
+    Ok(head)
 }
 
 fn now_ms() -> i64 {

@@ -51,11 +51,24 @@ pub fn check<'a>(
             total,
         ),
     };
+    let start = input.pos;
     let mut walker = Walker {
         decoder,
         layout: None,
+        header_end: None,
     };
-    walker.data_set(&mut input, None, false, 0)
+    walker.data_set(&mut input, None, false, 0)?;
+    // The header parse reads everything before (0029,0000) into memory:
+    // what it will find there must be bounded, whatever lengths an element
+    // claims (they are proven real by now).
+    let header_bytes = walker.header_end.unwrap_or(input.pos) - start;
+    if header_bytes > super::header::HEADER_LIMIT {
+        return Err(format!(
+            "the attributes before (0029,0000) take {header_bytes} bytes; at most {} are accepted",
+            super::header::HEADER_LIMIT
+        ));
+    }
+    Ok(())
 }
 
 /// Where one top-level element's value lies in a stored object.
@@ -103,6 +116,7 @@ pub fn layout<'a>(
     let mut walker = Walker {
         decoder,
         layout: Some(Vec::new()),
+        header_end: None,
     };
     walker.data_set(&mut input, None, false, 0)?;
     Ok(walker.layout.unwrap_or_default())
@@ -224,6 +238,8 @@ struct Walker<'a> {
     decoder: Decoder<'a>,
     /// Top-level element positions, when asked for.
     layout: Option<Vec<ElementSpan>>,
+    /// Where the first top-level element at or after (0029,0000) starts.
+    header_end: Option<u64>,
 }
 
 impl<'a> Walker<'a> {
@@ -260,6 +276,9 @@ impl<'a> Walker<'a> {
                 return Err(format!("unexpected item delimiter at offset {at}"));
             }
             let len = header.length();
+            if depth == 0 && self.header_end.is_none() && header.tag() >= Tag(0x0029, 0x0000) {
+                self.header_end = Some(at);
+            }
             if depth == 0 {
                 if let Some(layout) = &mut self.layout {
                     layout.push(ElementSpan {

@@ -58,6 +58,20 @@ impl Gateway {
         Self::launch(work, data_dir, extra_server, ["", ""], env, true, None)
     }
 
+    /// Start in development mode with extra keys in the partners' tables
+    /// (st-mary's, city-clinic's), e.g. their limits.
+    pub fn start_dev(work: &Path, extra_server: &str, partner_keys: [&str; 2]) -> Gateway {
+        Self::launch(
+            work,
+            &work.join("data"),
+            extra_server,
+            partner_keys,
+            &[],
+            true,
+            None,
+        )
+    }
+
     /// Start with authentication on, the partners' `[[partners.clients]]`
     /// tables (st-mary's, city-clinic's) and extra `[server]` keys.
     pub fn start_secure(work: &Path, extra_server: &str, clients: [&str; 2]) -> Gateway {
