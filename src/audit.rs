@@ -89,6 +89,20 @@ pub enum Actor {
         partner: String,
         client_id: String,
     },
+    /// A request whose credentials were missing or refused.
+    Unidentified,
+}
+
+impl AuditRecord {
+    /// A request refused for missing or bad credentials (401, or an
+    /// unknown development partner): a failed login, with the reason and
+    /// the path asked for (never the token).
+    pub fn refused_credentials(reason: &str, path: &str) -> AuditRecord {
+        AuditRecord::new(Kind::Login, "E", Actor::Unidentified).outcome(
+            Outcome::MinorFailure,
+            Some(format!("{reason} (request to {path})")),
+        )
+    }
 }
 
 /// What was involved.
@@ -210,6 +224,11 @@ impl AuditRecord {
             Actor::Client { partner, client_id } => (
                 json!({"identifier": {"system": PARTNER_SID, "value": partner}}),
                 Some(client_id.clone()),
+                Vec::new(),
+            ),
+            Actor::Unidentified => (
+                json!({"display": "unidentified caller (no valid credentials)"}),
+                None,
                 Vec::new(),
             ),
         };

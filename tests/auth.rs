@@ -160,8 +160,22 @@ fn partners_get_tokens_by_client_assertion_and_see_only_their_own() {
     has("a refused write", &|e| {
         subtype(e) == "update" && e["outcome"] == "4"
     });
-    has("the STOW-RS", &|e| {
-        subtype(e) == "110104" && e["action"] == "C" && agent(e) == "st-mary-ehr"
+    has("the STOW-RS, naming the study it stored", &|e| {
+        subtype(e) == "110104"
+            && e["action"] == "C"
+            && agent(e) == "st-mary-ehr"
+            && e["entity"][0]["what"]["identifier"]["value"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("urn:oid:"))
+            && e["entity"][0]["description"] == "1 instance(s)"
+    });
+    has("a request without a token (a failed login)", &|e| {
+        subtype(e) == "110122"
+            && e["outcome"] == "4"
+            && e["agent"][0]["who"]["display"]
+                .as_str()
+                .is_some_and(|d| d.contains("unidentified"))
+            && e.to_string().contains("request to /dicomweb/studies")
     });
     has("the WADO-RS", &|e| {
         subtype(e) == "110104" && e["action"] == "R"

@@ -236,6 +236,18 @@ pub async fn authenticate(
     Ok(caller)
 }
 
+/// The audit record of a request refused before its caller was known
+/// (throttled partners are known and only counted).
+pub fn refusal_audit(e: &CallerError, uri: &axum::http::Uri) -> Option<crate::audit::AuditRecord> {
+    match e {
+        CallerError::Throttled { .. } => None,
+        _ => Some(crate::audit::AuditRecord::refused_credentials(
+            &e.to_string(),
+            uri.path(),
+        )),
+    }
+}
+
 /// The partner of the connection's verified TLS client certificate must be
 /// the caller's: a stolen token is no use from another partner's machine,
 /// and a partner's machine cannot act as staff or as another partner.

@@ -75,7 +75,12 @@ async fn gate(
     let caller =
         match crate::auth::authenticate(&app, request.headers(), request.extensions()).await {
             Ok(caller) => caller,
-            Err(e) => return WebError::from(e).into_response(),
+            Err(e) => {
+                if let Some(record) = crate::auth::refusal_audit(&e, request.uri()) {
+                    app.auditor.record(record).await;
+                }
+                return WebError::from(e).into_response();
+            }
         };
     let searches = matched.as_ref().is_some_and(|m| {
         m.as_str()
@@ -105,9 +110,18 @@ async fn gate(
     let uri = request.uri().clone();
     request.extensions_mut().insert(caller.clone());
     let response = next.run(request).await;
-    app.auditor
-        .record(transfer_audit(action, &uri, caller, response.status()))
-        .await;
+    let mut record = transfer_audit(action, &uri, caller, response.status());
+    // STOW-RS names what it stored (the URL names at most one study).
+    if let Some(stored) = response.extensions().get::<stow::StoredStudies>() {
+        record.entities.clear();
+        for (uid, instances) in &stored.0 {
+            record = record.entity(Entity::Study {
+                uid: uid.clone(),
+                instances: Some(*instances),
+            });
+        }
+    }
+    app.auditor.record(record).await;
     response
 }
 

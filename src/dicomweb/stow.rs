@@ -167,14 +167,27 @@ async fn run(
             "the multipart body holds no parts".into(),
         ));
     }
-    Ok(respond(
-        app,
-        headers,
-        format,
-        study.as_ref(),
-        results,
-        warnings,
-    ))
+    let stored = StoredStudies::of(&results);
+    let mut response = respond(app, headers, format, study.as_ref(), results, warnings);
+    response.extensions_mut().insert(stored);
+    Ok(response)
+}
+
+/// The studies a STOW-RS request stored instances of, with how many: for
+/// the audit record the DICOMweb gate writes.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredStudies(pub Vec<(String, u64)>);
+
+impl StoredStudies {
+    fn of(results: &[PartResult]) -> StoredStudies {
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        for result in results {
+            if let PartResult::Stored { study, .. } = result {
+                *counts.entry(study.to_string()).or_insert(0) += 1;
+            }
+        }
+        StoredStudies(counts.into_iter().collect())
+    }
 }
 
 /// The boundary of a `multipart/related; type="application/dicom"` body.

@@ -201,7 +201,12 @@ async fn gate(
     let caller =
         match crate::auth::authenticate(&app, request.headers(), request.extensions()).await {
             Ok(caller) => caller,
-            Err(e) => return unauthenticated(&e),
+            Err(e) => {
+                if let Some(record) = crate::auth::refusal_audit(&e, request.uri()) {
+                    app.auditor.record(record).await;
+                }
+                return unauthenticated(&e);
+            }
         };
     let resource_type = match interaction {
         Interaction::HistorySystem => None,

@@ -122,6 +122,17 @@ pub fn layout<'a>(
     Ok(walker.layout.unwrap_or_default())
 }
 
+/// The size of one value of a binary VR whose length must be a multiple of
+/// it (PS3.5 6.2).
+fn binary_value_size(vr: VR) -> Option<u32> {
+    match vr {
+        VR::US | VR::SS | VR::OW => Some(2),
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OL | VR::OF => Some(4),
+        VR::FD | VR::SV | VR::UV | VR::OD | VR::OV => Some(8),
+        _ => None,
+    }
+}
+
 fn io_reason(e: io::Error) -> String {
     format!("cannot read the stored data set: {e}")
 }
@@ -290,12 +301,39 @@ impl<'a> Walker<'a> {
                     });
                 }
             }
-            if header.vr() == VR::SQ || (len.is_undefined() && header.tag() != PIXEL_DATA) {
+            if header.vr() == VR::SQ
+                || (len.is_undefined() && header.vr() == VR::UN && header.tag() != PIXEL_DATA)
+            {
                 self.sequence(input, len, header.tag(), depth + 1)?;
             } else if len.is_undefined() {
+                // Only sequences (SQ, or UN read as one) and encapsulated
+                // Pixel Data may have an undefined length. A parser would
+                // take it for a value of 4 GiB, and allocate that (found by
+                // the `dicom_data_set` fuzz target).
+                if header.tag() != PIXEL_DATA {
+                    return Err(format!(
+                        "element {} ({}) at offset {at} has an undefined length, which only \
+                         sequences and encapsulated Pixel Data may have",
+                        header.tag(),
+                        header.vr()
+                    ));
+                }
                 self.fragments(input, depth == 0)?;
             } else {
-                input.skip(defined(len, header.tag())?, header.tag())?;
+                let length = defined(len, header.tag())?;
+                if let Some(size) = binary_value_size(header.vr()) {
+                    // A parser reads whole values and would lose its place
+                    // in the data set (the next "header" is then any bytes,
+                    // any length; found by the `dicom_data_set` fuzz target).
+                    if length % size != 0 {
+                        return Err(format!(
+                            "element {} ({}) at offset {at} has length {length}, not a multiple of {size}",
+                            header.tag(),
+                            header.vr()
+                        ));
+                    }
+                }
+                input.skip(length, header.tag())?;
             }
         }
     }
