@@ -408,6 +408,7 @@ mod tests {
         let staff = Caller::Staff(StaffUser {
             subject: "alice".into(),
             roles: vec![Role::Approver],
+            cases: None,
         });
         let e = AuditRecord::new(Kind::DicomRetrieve, "R", Actor::Caller(staff))
             .outcome(Outcome::of_status(404), Some("not found".into()))

@@ -10,6 +10,7 @@
 //! as that partner's system with every scope, no header as staff with every
 //! role).
 
+pub mod cases;
 pub mod policy;
 pub mod scope;
 pub mod token;
@@ -76,6 +77,9 @@ pub struct StaffUser {
     /// Who (the token's `sub`); goes into the audit trail, never PHI.
     pub subject: String,
     pub roles: Vec<Role>,
+    /// For a case-restricted specialist, the cases assigned (set by the
+    /// edge's gate, [`cases::scoped`]); `None`: every partner's data.
+    pub cases: Option<Arc<cases::CaseScope>>,
 }
 
 /// A referring partner's system.
@@ -103,6 +107,7 @@ impl Caller {
         Caller::Staff(StaffUser {
             subject: "dev".to_owned(),
             roles: Role::ALL.to_vec(),
+            cases: None,
         })
     }
 
@@ -120,6 +125,15 @@ impl Caller {
         match self {
             Caller::Staff(_) => None,
             Caller::Partner(client) => Some(&client.partner),
+        }
+    }
+
+    /// The cases a case-restricted specialist may see (`None`: not
+    /// restricted by case).
+    pub fn case_scope(&self) -> Option<&cases::CaseScope> {
+        match self {
+            Caller::Staff(staff) => staff.cases.as_deref(),
+            Caller::Partner(_) => None,
         }
     }
 

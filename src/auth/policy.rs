@@ -168,6 +168,7 @@ mod tests {
         Caller::Staff(StaffUser {
             subject: "t".into(),
             roles: vec![role],
+            cases: None,
         })
     }
 

@@ -224,6 +224,7 @@ impl Authority {
             (None, Some(roles)) => Caller::Staff(StaffUser {
                 subject: claims.sub,
                 roles: roles.iter().filter_map(|r| Role::parse(r)).collect(),
+                cases: None,
             }),
             _ => {
                 return Err(CallerError::InvalidToken(
@@ -428,7 +429,14 @@ impl StaffIssuer {
             .unwrap_or_default()
             .to_owned();
         let exp = claims.get("exp").and_then(|v| v.as_i64()).unwrap_or(0);
-        Ok((Caller::Staff(StaffUser { subject, roles }), exp))
+        Ok((
+            Caller::Staff(StaffUser {
+                subject,
+                roles,
+                cases: None,
+            }),
+            exp,
+        ))
     }
 }
 

@@ -82,6 +82,10 @@ async fn gate(
                 return WebError::from(e).into_response();
             }
         };
+    let caller = match crate::auth::cases::scoped(&*app.resources, caller).await {
+        Ok(caller) => caller,
+        Err(e) => return WebError::from(e).into_response(),
+    };
     let searches = matched.as_ref().is_some_and(|m| {
         m.as_str()
             .rsplit('/')
@@ -106,6 +110,29 @@ async fn gate(
             ))
             .await;
         return response;
+    }
+    // A case-restricted specialist retrieves the studies of the assigned
+    // cases only; another study is unknown to them (404, as for another
+    // partner's).
+    if let (Action::RetrieveImages, Some(cases)) = (action, caller.case_scope()) {
+        let study = request
+            .uri()
+            .path()
+            .strip_prefix("/dicomweb/studies/")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or("");
+        if !cases.studies.contains(study) {
+            let response = WebError::NotFound(format!("study {study} not found")).into_response();
+            app.auditor
+                .record(transfer_audit(
+                    action,
+                    request.uri(),
+                    caller,
+                    response.status(),
+                ))
+                .await;
+            return response;
+        }
     }
     let uri = request.uri().clone();
     request.extensions_mut().insert(caller.clone());

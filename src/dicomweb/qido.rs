@@ -99,10 +99,22 @@ async fn search(
     }
     let max = app.config.dicomweb.max_results;
     let limit = parsed.limit.unwrap_or(max).min(max);
+    let mut conditions = parsed.conditions.clone();
+    let mut partners = caller.visible_partners(&app.config);
+    // A case-restricted specialist finds the studies of the assigned cases.
+    if let Some(cases) = caller.case_scope() {
+        match crate::store::query::attribute_by_keyword("StudyInstanceUID") {
+            Some(attribute) if !cases.studies.is_empty() => conditions.push(Condition {
+                attribute,
+                matcher: Matcher::AnyOf(cases.studies.iter().cloned().collect()),
+            }),
+            _ => partners.clear(),
+        }
+    }
     let search = Search {
         level,
-        partners: caller.visible_partners(&app.config),
-        conditions: parsed.conditions.clone(),
+        partners,
+        conditions,
         // One more than asked, to know whether the answer is truncated.
         limit: limit.saturating_add(1),
         offset: parsed.offset,

@@ -208,6 +208,10 @@ async fn gate(
                 return unauthenticated(&e);
             }
         };
+    let caller = match crate::auth::cases::scoped(&*app.resources, caller).await {
+        Ok(caller) => caller,
+        Err(e) => return FhirError::from(e).into_response(),
+    };
     let resource_type = match interaction {
         Interaction::HistorySystem => None,
         _ => path_type(&request),

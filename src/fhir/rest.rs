@@ -124,6 +124,50 @@ impl Ctx {
             Some(id) => stored.partner.as_ref() == Some(id),
         };
         own && self.caller.may_read_type(&stored.resource_type)
+            && self
+                .caller
+                .case_scope()
+                .is_none_or(|cases| cases.covers(stored))
+    }
+
+    /// A case-restricted specialist writes records of the assigned cases'
+    /// patients only (and Binaries, which name no patient: they become
+    /// visible to them through a DocumentReference of a case).
+    pub fn check_case_write(&self, resource_type: &str, value: &Value) -> Result<(), FhirError> {
+        let Some(cases) = self.caller.case_scope() else {
+            return Ok(());
+        };
+        let allowed = match resource_type {
+            "Binary" => true,
+            "Patient" | "Task" => false,
+            t if crate::auth::cases::DIRECTORY.contains(&t) => false,
+            _ => cases.about_a_case_patient(value),
+        };
+        if allowed {
+            return Ok(());
+        }
+        Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            Issue::error(
+                "forbidden",
+                format!(
+                    "a specialist writes records of the patients of the cases assigned to them; this \
+                     {resource_type} is not about one of them"
+                ),
+            ),
+        ))
+    }
+
+    /// Search conditions of `resource_type` that keep a case-restricted
+    /// specialist within the assigned cases (none for everyone else).
+    pub fn case_clauses(&self, resource_type: &str) -> Result<Vec<Clause>, FhirError> {
+        let Some(cases) = self.caller.case_scope() else {
+            return Ok(Vec::new());
+        };
+        cases
+            .clause(resource_type)
+            .map(|clause| clause.into_iter().collect())
+            .map_err(|why| FhirError::new(StatusCode::FORBIDDEN, Issue::error("forbidden", why)))
     }
 
     /// Open the transaction of this interaction (the workflow reacts in it
@@ -321,6 +365,7 @@ pub async fn matching(
             "condition '{condition}' has no search parameters"
         )));
     }
+    clauses.extend(ctx.case_clauses(resource_type)?);
     let page = tx
         .search(&ResourceQuery {
             resource_type: resource_type.to_owned(),
@@ -365,6 +410,7 @@ pub async fn create_in(
 ) -> Result<Written, FhirError> {
     check_writable(resource_type)?;
     let issues = check_valid(resource_type, &value).await?;
+    ctx.check_case_write(resource_type, &value)?;
     if let Some(condition) = if_none_exist {
         let mut found = matching(tx, ctx, resource_type, condition).await?;
         if found.len() > 1 {
@@ -515,6 +561,7 @@ pub async fn update_in(
             return Err(FhirError::not_found(resource_type, id));
         }
     }
+    ctx.check_case_write(resource_type, &value)?;
     let live = current.as_ref().filter(|c| c.body.is_some());
     if let Some(expected) = if_match {
         let expected = parse_etag(expected)?;
@@ -1620,6 +1667,7 @@ pub async fn search(
     } else {
         page_size(ctx, count.as_deref())?
     };
+    clauses.extend(ctx.case_clauses(resource_type)?);
     let query = ResourceQuery {
         resource_type: resource_type.to_owned(),
         partners: ctx.scope(),

@@ -204,6 +204,11 @@ impl Gateway {
 
     /// A staff token from `konsil token` for this gateway's configuration.
     pub fn staff_token(&self, roles: &str) -> String {
+        self.staff_token_as(roles, &format!("test-{roles}"))
+    }
+
+    /// A staff token for `subject` with `roles`.
+    pub fn staff_token_as(&self, roles: &str, subject: &str) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_konsil"))
             .args([
                 "--config",
@@ -212,7 +217,7 @@ impl Gateway {
                 "--role",
                 roles,
                 "--subject",
-                &format!("test-{roles}"),
+                subject,
             ])
             .output()
             .expect("konsil token");
