@@ -396,3 +396,67 @@ fn access_matrix_of_roles_and_partners() {
     let (status, _) = send("GET", "/fhir/Patient", &Some(tampered), None);
     assert_eq!(status, 401);
 }
+
+#[test]
+fn staff_sign_in_with_the_configured_openid_connect_issuer() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("idp");
+    let out = python("auth.py", &["idp", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "auth.py idp: {}", stderr(&out));
+    let out = python("auth.py", &["keys", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "auth.py keys: {}", stderr(&out));
+    let issuer = "https://login.example.org/realms/konsil";
+    let gw = Gateway::start_secure(
+        work.path(),
+        &format!(
+            "[auth]\nstaff_issuer = {issuer:?}\nstaff_jwks_file = {:?}\nstaff_audience = \"konsil\"\n",
+            keys.join("idp.jwks.json").display().to_string()
+        ),
+        ["", ""],
+    );
+    let token = |args: &[&str]| {
+        let mut all = vec!["idp-token", keys.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = python("auth.py", &all);
+        assert!(out.status.success(), "auth.py idp-token: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let coordinator = token(&[issuer, "konsil", "alice", "coordinator"]);
+    let (status, bundle) = get_bearer(&gw, "/fhir/Patient", &coordinator);
+    assert_eq!(status, 200, "{bundle}");
+    // The roles claim decides: an auditor reads the trail, not patients.
+    let auditor = token(&[issuer, "konsil", "bob", "auditor"]);
+    assert_eq!(get_bearer(&gw, "/fhir/Patient", &auditor).0, 403);
+    assert_eq!(get_bearer(&gw, "/fhir/AuditEvent", &auditor).0, 200);
+    // Refused: no roles, another audience, another issuer, another key.
+    assert_eq!(
+        get_bearer(
+            &gw,
+            "/fhir/Patient",
+            &token(&[issuer, "konsil", "carol", "-"])
+        )
+        .0,
+        403
+    );
+    for forged in [
+        token(&[issuer, "someone-else", "alice", "coordinator"]),
+        token(&["https://evil.example", "konsil", "alice", "coordinator"]),
+        token(&[issuer, "konsil", "alice", "coordinator", "st-mary-ehr"]),
+    ] {
+        let (status, body) = get_bearer(&gw, "/fhir/Patient", &forged);
+        assert_eq!(status, 401, "{body}");
+    }
+    // The sign-in is the audit trail's agent.
+    let events = wait_for_audit(&gw, &auditor, |events| {
+        events
+            .iter()
+            .any(|e| e["agent"][0]["who"]["identifier"]["value"] == "alice")
+    });
+    assert!(
+        events
+            .iter()
+            .any(|e| e["agent"][0]["who"]["identifier"]["value"] == "alice"
+                && e["agent"][0]["role"][0]["text"] == "coordinator"),
+        "no audit event names alice as coordinator"
+    );
+}

@@ -400,6 +400,18 @@ impl StaffIssuer {
             .as_deref()
             .and_then(|kid| self.keys.find(kid))
             .ok_or_else(|| invalid("signed by an unknown key".into()))?;
+        // Public-key signatures only: the JWKS is public, so a shared-secret
+        // algorithm named in the token's header must never be honoured.
+        use jsonwebtoken::Algorithm as A;
+        if !matches!(
+            header.alg,
+            A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512 | A::ES256 | A::ES384
+        ) {
+            return Err(invalid(format!(
+                "{:?} is not a public-key signature",
+                header.alg
+            )));
+        }
         let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.issuer]);

@@ -6,6 +6,11 @@
       key for st-mary-ehr and st-mary-viewer, an ES384 P-384 key for
       city-clinic-ehr; writes DIR/<client>.pem and DIR/<client>.jwks.json,
       plus DIR/impostor.pem (an RSA key nobody registered).
+  auth.py idp DIR
+      a staff OpenID Connect issuer's RS256 key: DIR/idp.pem, DIR/idp.jwks.json.
+  auth.py idp-token DIR ISSUER AUDIENCE SUBJECT ROLES [KEY]
+      a token that issuer signs (ROLES comma-separated, "-" for none; KEY
+      another key file name in DIR to forge one).
   auth.py token BASE DIR CLIENT SCOPE
       get an access token; prints {"access_token", "scope", "expires_in"}.
   auth.py scenario BASE DIR DICOM_FILE
@@ -254,10 +259,37 @@ def scenario(base, keydir, dicom_file):
     print(json.dumps(facts))
 
 
+def idp(out):
+    """A staff OpenID Connect issuer's signing key (RS256, as most issue)."""
+    os.makedirs(out, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with open(os.path.join(out, "idp.pem"), "wb") as f:
+        f.write(pem(key))
+    jwk = json.loads(jwt.algorithms.get_default_algorithms()["RS256"].to_jwk(key.public_key()))
+    jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
+    with open(os.path.join(out, "idp.jwks.json"), "w") as f:
+        json.dump({"keys": [jwk]}, f)
+
+
+def idp_token(keydir, issuer, audience, subject, roles, key_name="idp"):
+    """An ID/access token as the issuer would sign it; roles comma-separated
+    ("-" for none)."""
+    now = int(time.time())
+    claims = {"iss": issuer, "aud": audience, "sub": subject, "iat": now, "exp": now + 300}
+    if roles != "-":
+        claims["roles"] = roles.split(",")
+    return jwt.encode(claims, private_key(keydir, key_name), algorithm="RS256",
+                      headers={"kid": "idp-1"})
+
+
 def main():
     command = sys.argv[1]
     if command == "keys":
         keys(sys.argv[2])
+    elif command == "idp":
+        idp(sys.argv[2])
+    elif command == "idp-token":
+        print(idp_token(*sys.argv[2:]))
     elif command == "token":
         print(json.dumps(token(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])))
     elif command == "scenario":
