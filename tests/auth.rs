@@ -10,35 +10,13 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use common::{dicom_files, python, python_json, stderr, storescu, Gateway, ST_MARY_AE};
-
-/// Make the test clients' keys; the `[[partners.clients]]` tables of
-/// st-mary and city-clinic that register them.
-fn clients(keys: &Path) -> [String; 2] {
-    let out = python("auth.py", &["keys", keys.to_str().unwrap()]);
-    assert!(out.status.success(), "auth.py keys: {}", stderr(&out));
-    let jwks = |client: &str| {
-        keys.join(format!("{client}.jwks.json"))
-            .display()
-            .to_string()
-    };
-    [
-        format!(
-            "[[partners.clients]]\nclient_id = \"st-mary-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.cruds\"]\n\
-             [[partners.clients]]\nclient_id = \"st-mary-viewer\"\njwks_file = {:?}\nscopes = [\"system/DiagnosticReport.rs\", \"system/ImagingStudy.rs\"]\n",
-            jwks("st-mary-ehr"),
-            jwks("st-mary-viewer")
-        ),
-        format!(
-            "[[partners.clients]]\nclient_id = \"city-clinic-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.rs\", \"system/Patient.c\"]\n",
-            jwks("city-clinic-ehr")
-        ),
-    ]
-}
+use common::{
+    dicom_files, python, python_json, stderr, storescu, test_clients, Gateway, ST_MARY_AE,
+};
 
 fn start(work: &Path) -> Gateway {
     let keys = work.join("keys");
-    let [st_mary, city] = clients(&keys);
+    let [st_mary, city] = test_clients(&keys);
     Gateway::start_secure(work, "", [&st_mary, &city])
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -386,25 +386,7 @@ fn storage_failure_is_a700_and_recovers() {
 fn over_the_association_cap_is_a_transient_rejection() {
     let work = work();
     let gw = Gateway::start(work.path(), "max_associations = 1");
-    let mut holder = Command::new("python3")
-        .arg(peers_dir().join("pyscu.py"))
-        .args([
-            "hold",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-            PY_AE,
-            "KONSIL",
-            "6",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "held");
+    let mut holder = common::hold_association(&gw, 6);
     let busy = echoscu(&gw, ST_MARY_AE, "KONSIL");
     assert!(!busy.status.success());
     let err = stderr(&busy);

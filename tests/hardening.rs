@@ -5,10 +5,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{echoscu, peers_dir, Gateway, PY_AE, ST_MARY_AE};
+use common::{echoscu, Gateway, ST_MARY_AE};
 
 #[test]
 fn a_partner_over_its_request_rate_gets_429_and_others_are_unaffected() {
@@ -51,29 +50,7 @@ fn a_partner_at_its_max_associations_is_rejected_until_one_closes() {
     let work = tempfile::tempdir().unwrap();
     let gw = Gateway::start_dev(work.path(), "", ["max_associations = 1\n", ""]);
     // St. Mary's pynetdicom holds one association open for a while.
-    let mut holder = Command::new("python3")
-        .arg(peers_dir().join("pyscu.py"))
-        .args([
-            "hold",
-            "127.0.0.1",
-            &gw.dicom.to_string(),
-            PY_AE,
-            "KONSIL",
-            "8",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !gw.log().contains(&format!("calling_ae={PY_AE}")) {
-        assert!(
-            Instant::now() < deadline,
-            "the holding association never came: {}",
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut holder = common::hold_association(&gw, 8);
     // St. Mary's second system: rejected; City Clinic: accepted.
     let second = echoscu(&gw, ST_MARY_AE, "KONSIL");
     assert!(

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{dicom_files, python, python_json, signal, stderr, stdout, Gateway, ST_MARY_AE};
+use common::{
+    dicom_files, python, python_json, signal, stderr, stdout, test_clients, Gateway, ST_MARY_AE,
+};
 
 fn make_certs(work: &Path) -> PathBuf {
     let dir = work.join("certs");
@@ -21,31 +23,9 @@ fn make_certs(work: &Path) -> PathBuf {
     dir
 }
 
-/// The st-mary and city-clinic client registrations (auth.py keys).
-fn clients(work: &Path) -> [String; 2] {
-    let keys = work.join("keys");
-    let out = python("auth.py", &["keys", keys.to_str().unwrap()]);
-    assert!(out.status.success(), "auth.py keys: {}", stderr(&out));
-    let jwks = |client: &str| {
-        keys.join(format!("{client}.jwks.json"))
-            .display()
-            .to_string()
-    };
-    [
-        format!(
-            "[[partners.clients]]\nclient_id = \"st-mary-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.cruds\"]\n",
-            jwks("st-mary-ehr")
-        ),
-        format!(
-            "[[partners.clients]]\nclient_id = \"city-clinic-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.rs\"]\n",
-            jwks("city-clinic-ehr")
-        ),
-    ]
-}
-
 fn start(work: &Path) -> (Gateway, PathBuf) {
     let certs = make_certs(work);
-    let [st_mary, city] = clients(work);
+    let [st_mary, city] = test_clients(&work.join("keys"));
     (Gateway::start_tls(work, &certs, [&st_mary, &city]), certs)
 }
 

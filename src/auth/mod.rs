@@ -228,7 +228,39 @@ impl axum::response::IntoResponse for CallerError {
 /// Identify the caller of a request: by its bearer token, or under `--dev`
 /// by the development identity. Over a partner's TLS client certificate
 /// the caller must be that partner (mutual TLS binds the connection).
+/// A refusal for missing or bad credentials is recorded in the audit trail
+/// as a failed login. A case-restricted specialist comes back with the
+/// cases assigned ([`cases::scoped`]).
 pub async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+    uri: &axum::http::Uri,
+) -> Result<Caller, GateError> {
+    let caller = match identify(app, headers, extensions) {
+        Ok(caller) => caller,
+        Err(e) => {
+            if let Some(record) = refusal_audit(&e, uri) {
+                app.auditor.record(record).await;
+            }
+            return Err(GateError::Caller(e));
+        }
+    };
+    cases::scoped(&*app.resources, caller)
+        .await
+        .map_err(GateError::Store)
+}
+
+/// Why an edge's gate lets a request no further.
+#[derive(Debug)]
+pub enum GateError {
+    /// No usable identity (401, 403 or 429).
+    Caller(CallerError),
+    /// The index could not say which cases a specialist has.
+    Store(crate::store::MetaError),
+}
+
+fn identify(
     app: &App,
     headers: &HeaderMap,
     extensions: &axum::http::Extensions,
@@ -252,7 +284,7 @@ pub async fn authenticate(
 
 /// The audit record of a request refused before its caller was known
 /// (throttled partners are known and only counted).
-pub fn refusal_audit(e: &CallerError, uri: &axum::http::Uri) -> Option<crate::audit::AuditRecord> {
+fn refusal_audit(e: &CallerError, uri: &axum::http::Uri) -> Option<crate::audit::AuditRecord> {
     match e {
         CallerError::Throttled { .. } => None,
         _ => Some(crate::audit::AuditRecord::refused_credentials(

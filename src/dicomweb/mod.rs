@@ -72,19 +72,17 @@ async fn gate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let caller =
-        match crate::auth::authenticate(&app, request.headers(), request.extensions()).await {
-            Ok(caller) => caller,
-            Err(e) => {
-                if let Some(record) = crate::auth::refusal_audit(&e, request.uri()) {
-                    app.auditor.record(record).await;
-                }
-                return WebError::from(e).into_response();
-            }
-        };
-    let caller = match crate::auth::cases::scoped(&*app.resources, caller).await {
+    let caller = match crate::auth::authenticate(
+        &app,
+        request.headers(),
+        request.extensions(),
+        request.uri(),
+    )
+    .await
+    {
         Ok(caller) => caller,
-        Err(e) => return WebError::from(e).into_response(),
+        Err(crate::auth::GateError::Caller(e)) => return WebError::from(e).into_response(),
+        Err(crate::auth::GateError::Store(e)) => return WebError::from(e).into_response(),
     };
     let searches = matched.as_ref().is_some_and(|m| {
         m.as_str()
@@ -99,8 +97,12 @@ async fn gate(
     } else {
         Action::RetrieveImages
     };
-    if let Err(denied) = authorize(&caller, action) {
-        let response = WebError::Forbidden(denied.0).into_response();
+    let refusal = match authorize(&caller, action) {
+        Err(denied) => Some(WebError::Forbidden(denied.0)),
+        Ok(()) => outside_cases(&caller, action, request.uri()),
+    };
+    if let Some(refusal) = refusal {
+        let response = refusal.into_response();
         app.auditor
             .record(transfer_audit(
                 action,
@@ -110,29 +112,6 @@ async fn gate(
             ))
             .await;
         return response;
-    }
-    // A case-restricted specialist retrieves the studies of the assigned
-    // cases only; another study is unknown to them (404, as for another
-    // partner's).
-    if let (Action::RetrieveImages, Some(cases)) = (action, caller.case_scope()) {
-        let study = request
-            .uri()
-            .path()
-            .strip_prefix("/dicomweb/studies/")
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or("");
-        if !cases.studies.contains(study) {
-            let response = WebError::NotFound(format!("study {study} not found")).into_response();
-            app.auditor
-                .record(transfer_audit(
-                    action,
-                    request.uri(),
-                    caller,
-                    response.status(),
-                ))
-                .await;
-            return response;
-        }
     }
     let uri = request.uri().clone();
     request.extensions_mut().insert(caller.clone());
@@ -191,6 +170,25 @@ fn transfer_audit(
         record = record.entity(study);
     }
     record
+}
+
+/// A case-restricted specialist retrieves the studies of the assigned cases
+/// only; another study is unknown to them (404, as another partner's is).
+fn outside_cases(
+    caller: &crate::auth::Caller,
+    action: Action<'_>,
+    uri: &axum::http::Uri,
+) -> Option<WebError> {
+    let cases = caller.case_scope()?;
+    if action != Action::RetrieveImages {
+        return None;
+    }
+    let study = uri
+        .path()
+        .strip_prefix("/dicomweb/studies/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("");
+    (!cases.studies.contains(study)).then(|| WebError::NotFound(format!("study {study} not found")))
 }
 
 /// Count each request by the resource its route names (the last literal

@@ -198,19 +198,17 @@ async fn gate(
     if interaction == Interaction::Capabilities {
         return next.run(request).await;
     }
-    let caller =
-        match crate::auth::authenticate(&app, request.headers(), request.extensions()).await {
-            Ok(caller) => caller,
-            Err(e) => {
-                if let Some(record) = crate::auth::refusal_audit(&e, request.uri()) {
-                    app.auditor.record(record).await;
-                }
-                return unauthenticated(&e);
-            }
-        };
-    let caller = match crate::auth::cases::scoped(&*app.resources, caller).await {
+    let caller = match crate::auth::authenticate(
+        &app,
+        request.headers(),
+        request.extensions(),
+        request.uri(),
+    )
+    .await
+    {
         Ok(caller) => caller,
-        Err(e) => return FhirError::from(e).into_response(),
+        Err(crate::auth::GateError::Caller(e)) => return unauthenticated(&e),
+        Err(crate::auth::GateError::Store(e)) => return FhirError::from(e).into_response(),
     };
     let resource_type = match interaction {
         Interaction::HistorySystem => None,

@@ -627,3 +627,52 @@ pub fn public_validators(resources: &[serde_json::Value]) -> Vec<serde_json::Val
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("validator report");
     report.as_array().unwrap().clone()
 }
+
+/// Make the test clients' keys; the `[[partners.clients]]` tables of
+/// st-mary and city-clinic that register them.
+pub fn test_clients(keys: &Path) -> [String; 2] {
+    let out = python("auth.py", &["keys", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "auth.py keys: {}", stderr(&out));
+    let jwks = |client: &str| {
+        keys.join(format!("{client}.jwks.json"))
+            .display()
+            .to_string()
+    };
+    [
+        format!(
+            "[[partners.clients]]\nclient_id = \"st-mary-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.cruds\"]\n\
+             [[partners.clients]]\nclient_id = \"st-mary-viewer\"\njwks_file = {:?}\nscopes = [\"system/DiagnosticReport.rs\", \"system/ImagingStudy.rs\"]\n",
+            jwks("st-mary-ehr"),
+            jwks("st-mary-viewer")
+        ),
+        format!(
+            "[[partners.clients]]\nclient_id = \"city-clinic-ehr\"\njwks_file = {:?}\nscopes = [\"system/*.rs\", \"system/Patient.c\"]\n",
+            jwks("city-clinic-ehr")
+        ),
+    ]
+}
+
+/// pynetdicom associates as `PY_AE` (St. Mary's) and holds the association
+/// for `seconds`; returns once it is established (pyscu.py prints "held").
+pub fn hold_association(gw: &Gateway, seconds: u32) -> Child {
+    let mut holder = Command::new("python3")
+        .arg(peers_dir().join("pyscu.py"))
+        .args([
+            "hold",
+            "127.0.0.1",
+            &gw.dicom.to_string(),
+            PY_AE,
+            "KONSIL",
+            &seconds.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(holder.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("pyscu.py hold");
+    assert_eq!(line.trim(), "held", "pyscu.py hold did not associate");
+    holder
+}
