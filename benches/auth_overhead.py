@@ -13,13 +13,22 @@ Prints, for both, the measures of benches/dicomweb.py's transfer part
 (stow-one, stow-each, wado) and the ratio auth/dev (1.00: no cost;
 below 1: slower with authentication).
 """
-import os, shutil, subprocess, sys
+import importlib.util, os, shutil, subprocess, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "peers"))
-import dicomweb as bench  # noqa: E402
-import auth  # noqa: E402
+
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# benches/dicomweb.py (the measuring code) and tests/peers/auth.py (the
+# SMART client), by path: tests/peers has a dicomweb.py of its own.
+bench = load("dicomweb_bench", os.path.join(HERE, "dicomweb.py"))
+auth = load("auth_peer", os.path.join(os.path.dirname(HERE), "tests", "peers", "auth.py"))
 
 CLIENT = "st-mary-ehr"
 

@@ -285,4 +285,5 @@ def main():
     print(f"(index: {INDEX_INSTANCES} instances in {INDEX_INSTANCES // PER_STUDY} studies; "
           "QIDO ratio is orthanc/konsil: above 1 means Konsil answers sooner)")
 
-main()
+if __name__ == "__main__":
+    main()
