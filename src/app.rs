@@ -195,6 +195,14 @@ impl App {
         }))
     }
 
+    /// Store one audit record now (command-line runs, which start no
+    /// background writer).
+    pub async fn audit_now(&self, record: crate::audit::AuditRecord) {
+        if let Err(e) = crate::audit::store_records(&*self.cases, &[record]).await {
+            tracing::error!(error = %e, "the audit record could not be stored");
+        }
+    }
+
     /// The workflow's background runner, with the study arrivals (once:
     /// `None` when already taken).
     pub fn runner(&self) -> Option<(Runner, mpsc::UnboundedReceiver<StudyKey>)> {

@@ -91,6 +91,10 @@ pub enum Actor {
     },
     /// A request whose credentials were missing or refused.
     Unidentified,
+    /// Someone at the server's command line (`konsil import`), by OS user.
+    Operator {
+        user: String,
+    },
 }
 
 impl AuditRecord {
@@ -231,6 +235,11 @@ impl AuditRecord {
                 None,
                 Vec::new(),
             ),
+            Actor::Operator { user } => (
+                json!({"display": format!("server operator {user} (command line)")}),
+                None,
+                Vec::new(),
+            ),
         };
         let mut agent = json!({"who": who, "requestor": true});
         if let Some(alt) = alt {
@@ -354,14 +363,23 @@ impl AuditWriter {
         &self,
         batch: &[AuditRecord],
     ) -> Result<(), crate::workflow::records::WorkflowError> {
-        let mut tx = self.records.begin().await?;
-        for record in batch {
-            tx.records()
-                .create("AuditEvent", None, record.to_resource())
-                .await?;
-        }
-        tx.commit().await
+        store_records(&*self.records, batch).await
     }
+}
+
+/// Store `batch` as AuditEvents in one transaction (the writer's batches,
+/// or one record of a command-line run that has no writer).
+pub async fn store_records(
+    records: &dyn RecordStore,
+    batch: &[AuditRecord],
+) -> Result<(), crate::workflow::records::WorkflowError> {
+    let mut tx = records.begin().await?;
+    for record in batch {
+        tx.records()
+            .create("AuditEvent", None, record.to_resource())
+            .await?;
+    }
+    tx.commit().await
 }
 
 #[cfg(test)]

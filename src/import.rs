@@ -29,6 +29,8 @@ pub struct Summary {
     pub skipped: Vec<(PathBuf, String)>,
     /// DICOM files the pipeline refused, with the reason.
     pub rejected: Vec<(PathBuf, String)>,
+    /// Instances stored (or already there) per StudyInstanceUID.
+    pub studies: std::collections::BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -84,9 +86,14 @@ pub async fn run(
     let mut summary = Summary::default();
     for file in files {
         match import_file(ingest, partner, &file).await {
-            Ok(FileOutcome::Stored(IndexOutcome::Stored)) => summary.stored += 1,
-            Ok(FileOutcome::Stored(IndexOutcome::Duplicate)) => summary.duplicate += 1,
-            Ok(FileOutcome::Stored(IndexOutcome::Conflict)) => summary.conflict += 1,
+            Ok(FileOutcome::Stored(outcome, study)) => {
+                *summary.studies.entry(study).or_insert(0) += 1;
+                match outcome {
+                    IndexOutcome::Stored => summary.stored += 1,
+                    IndexOutcome::Duplicate => summary.duplicate += 1,
+                    IndexOutcome::Conflict => summary.conflict += 1,
+                }
+            }
             Ok(FileOutcome::Skipped(why)) => summary.skipped.push((file, why)),
             Err(why) => summary.rejected.push((file, why)),
         }
@@ -97,7 +104,8 @@ pub async fn run(
 }
 
 enum FileOutcome {
-    Stored(IndexOutcome),
+    /// How the index took it, and its study.
+    Stored(IndexOutcome, String),
     Skipped(String),
 }
 
@@ -163,7 +171,10 @@ async fn import_file(
         upload.write(chunk).await;
     }
     match upload.finish().await {
-        Ok(receipt) => Ok(FileOutcome::Stored(receipt.outcome)),
+        Ok(receipt) => Ok(FileOutcome::Stored(
+            receipt.outcome,
+            receipt.study_uid.to_string(),
+        )),
         Err(e @ (IngestError::Blob(_) | IngestError::Index(_) | IngestError::Internal)) => {
             Err(format!("storage failure: {e}"))
         }

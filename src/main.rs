@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use konsil::audit::{Actor, AuditRecord, Entity, Kind, Outcome};
 use konsil::config::{self, Overrides};
 use konsil::ids::PartnerId;
 use konsil::{App, Listeners};
@@ -206,6 +207,29 @@ async fn import(
     }
     let app = App::open_without_recovery(config).await?;
     let summary = konsil::import::run(&app.ingest, &partner, path).await?;
+    // The import is a DICOM store on the partner's behalf: it goes into the
+    // audit trail like an association does.
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let mut record = AuditRecord::new(Kind::DicomStore, "C", Actor::Operator { user }).outcome(
+        if summary.rejected.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        },
+        Some(format!(
+            "konsil import for partner {partner}: {} stored, {} duplicate, {} rejected",
+            summary.stored,
+            summary.duplicate,
+            summary.rejected.len()
+        )),
+    );
+    for (uid, instances) in &summary.studies {
+        record = record.entity(Entity::Study {
+            uid: uid.clone(),
+            instances: Some(*instances),
+        });
+    }
+    app.audit_now(record).await;
     print!("{}", summary.report());
     Ok(if summary.rejected.is_empty() {
         ExitCode::SUCCESS

@@ -54,6 +54,22 @@ fn import_a_dicomdir_and_a_folder() {
         "SELECT DISTINCT source, partner FROM instances",
     );
     assert_eq!(source.trim(), "import\tst-mary");
+    // The import is in the audit trail: who ran it, the study, the count.
+    let trail = sql(
+        &gw.data_dir,
+        "SELECT body FROM fhir_resource WHERE type = 'AuditEvent' AND body LIKE '%konsil import%'",
+    );
+    let event: serde_json::Value =
+        serde_json::from_str(trail.lines().next().expect("an import AuditEvent")).unwrap();
+    assert_eq!(event["subtype"][0]["code"], "110104", "{event}");
+    assert!(event["agent"][0]["who"]["display"]
+        .as_str()
+        .unwrap()
+        .starts_with("server operator"));
+    assert_eq!(
+        event["entity"][0]["description"], "4 instance(s)",
+        "{event}"
+    );
     let stored = stored_blob(
         &gw.data_dir,
         "st-mary",
