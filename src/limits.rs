@@ -53,6 +53,18 @@ impl PartnerLimits {
         })
     }
 
+    /// Whether any partner has an association cap of its own.
+    pub fn caps_associations(&self) -> bool {
+        !self.associations.is_empty()
+    }
+
+    /// Whether `partner` is at its association cap right now.
+    pub fn associations_full(&self, partner: &PartnerId) -> bool {
+        self.associations
+            .get(partner)
+            .is_some_and(|(_, slots)| slots.available_permits() == 0)
+    }
+
     /// Take one of `partner`'s association slots, held until the returned
     /// permit is dropped: `Err(max)` when all are taken.
     pub fn association(&self, partner: &PartnerId) -> Result<Option<OwnedSemaphorePermit>, usize> {

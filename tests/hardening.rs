@@ -57,6 +57,9 @@ fn a_partner_at_its_max_associations_is_rejected_until_one_closes() {
         !second.status.success(),
         "a second st-mary association was accepted"
     );
+    // Transient, as for a full server: the PACS may retry later.
+    let err = common::stderr(&second);
+    assert!(err.contains("Rejected Transient"), "{err}");
     assert!(gw
         .log()
         .contains("the partner has its max_associations open"));

@@ -322,6 +322,29 @@ impl Scp {
         // Per connection: the association slot its partner's cap gives it
         // lives as long as these options, i.e. this function.
         let Some(tls) = tls else {
+            // A partner at its own cap gets the same transient rejection as
+            // a full server, before negotiation: its PACS retries later. (The
+            // access control can only reject permanently; it still guards
+            // the race between this look and the association request.)
+            let partner = if self.limits.caps_associations() {
+                self.calling_partner(&socket).await
+            } else {
+                None
+            };
+            if let Some(partner) = partner {
+                if self.limits.associations_full(&partner) {
+                    tracing::warn!(
+                        partner = %partner,
+                        "association rejected: the partner has its max_associations open (transient)"
+                    );
+                    self.metrics
+                        .associations
+                        .get_or_create(&vec![label("outcome", "busy")])
+                        .inc();
+                    reject_busy(socket).await;
+                    return;
+                }
+            }
             let options = self.options.clone().ae_access_control(self.access(None));
             match options.establish_async(socket).await {
                 Ok(assoc) => self.serve_association(assoc, None).await,
@@ -357,6 +380,32 @@ impl Scp {
                 tracing::info!("DICOM TLS: handshake or association request timed out");
             }
         }
+    }
+
+    /// The partner of the calling AE title in the A-ASSOCIATE-RQ waiting on
+    /// `socket`, read without consuming it (`None`: not there in time, not
+    /// an association request, or no partner's title).
+    async fn calling_partner(&self, socket: &TcpStream) -> Option<PartnerId> {
+        // PDU type, reserved, length (4), protocol version (2), reserved
+        // (2), called AE title (16), calling AE title (16).
+        const CALLING: std::ops::Range<usize> = 26..42;
+        let mut head = [0u8; 42];
+        let peeked = tokio::time::timeout(self.idle, async {
+            loop {
+                match socket.peek(&mut head).await {
+                    Ok(n) if n >= head.len() => return true,
+                    Ok(0) | Err(_) => return false,
+                    // Not all there yet: wait a little for the rest.
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        })
+        .await;
+        if !matches!(peeked, Ok(true)) || head[0] != 0x01 {
+            return None;
+        }
+        let calling = std::str::from_utf8(&head[CALLING]).ok()?.trim();
+        self.ae_partner.get(calling).cloned()
     }
 
     /// The access control of one connection.
