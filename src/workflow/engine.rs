@@ -585,6 +585,22 @@ impl Workflow {
         {
             return Some("its purposes do not include a second opinion (treatment)".into());
         }
+        // A provision that names who may receive the records must name the
+        // service (as any party: recipient, custodian…); one naming only
+        // others does not permit disclosure to us.
+        let actors: Vec<&str> = items(provision, "actor")
+            .filter_map(|a| reference_of(a.get("reference")))
+            .collect();
+        let names_us = |reference: &str| {
+            reference == SERVICE_ORGANIZATION
+                || reference.ends_with(&format!("/{SERVICE_ORGANIZATION}"))
+        };
+        if !actors.is_empty() && !actors.iter().any(|r| names_us(r)) {
+            return Some(format!(
+                "its provision names who may receive the records (provision.actor) and the \
+                 service ({SERVICE_ORGANIZATION}) is not among them"
+            ));
+        }
         None
     }
 
@@ -1559,4 +1575,33 @@ fn issuer_matches(patient: &Value, value: &str, issuer: Option<&str>) -> bool {
                 system == issuer || system == format!("urn:oid:{issuer}")
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consent(provision: Value) -> Value {
+        serde_json::json!({"resourceType": "Consent", "status": "active", "provision": provision})
+    }
+
+    #[test]
+    fn a_consent_naming_recipients_must_name_the_service() {
+        let workflow = Workflow::new(WorkflowConfig::default(), "http://gw/dicomweb".into())
+            .expect("shipped rules load");
+        let now = 1_800_000_000_000;
+        let open = consent(serde_json::json!({"type": "permit"}));
+        assert_eq!(workflow.consent_refusal(&open, now), None);
+        let to_us = consent(serde_json::json!({"type": "permit", "actor": [
+            {"role": {"text": "recipient"}, "reference": {"reference": "Organization/konsil"}},
+            {"role": {"text": "source"}, "reference": {"reference": "Organization/st-mary"}}]}));
+        assert_eq!(workflow.consent_refusal(&to_us, now), None);
+        let absolute = consent(serde_json::json!({"type": "permit", "actor": [
+            {"role": {"text": "recipient"}, "reference": {"reference": "https://gw.example.org/fhir/Organization/konsil"}}]}));
+        assert_eq!(workflow.consent_refusal(&absolute, now), None);
+        let to_others = consent(serde_json::json!({"type": "permit", "actor": [
+            {"role": {"text": "recipient"}, "reference": {"reference": "Organization/other-clinic"}}]}));
+        let why = workflow.consent_refusal(&to_others, now).expect("refused");
+        assert!(why.contains("provision.actor"), "{why}");
+    }
 }
