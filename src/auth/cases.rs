@@ -8,7 +8,7 @@
 //! its PractitionerRoles; what they may see is those Tasks, their patients
 //! and the patients' records (resources whose `subject` / `patient` / `for`
 //! / `beneficiary` is one of those patients, Binaries their
-//! DocumentReferences point at), plus the service's directory
+//! DocumentReferences and DiagnosticReports point at), plus the service's directory
 //! (practitioners, roles, organizations). Anyone unmatched sees no patient
 //! records at all. Worked out per request, from the index (a few small
 //! queries), so an assignment takes effect at once.
@@ -124,20 +124,25 @@ impl CaseScope {
             .iter()
             .map(|id| format!("Patient/{id}"))
             .collect();
-        for (_, document) in ids(
-            resources,
-            "DocumentReference",
-            Clause::Reference {
-                param: "DocumentReference.patient".into(),
-                targets: patient_refs.clone(),
-            },
-        )
-        .await?
-        {
-            let contents = document["content"].as_array().into_iter().flatten();
-            for url in contents.filter_map(|c| c["attachment"]["url"].as_str()) {
-                if let Some(id) = url.rsplit_once("Binary/").map(|(_, id)| id) {
-                    scope.binaries.insert(id.to_owned());
+        // Binaries reached through the cases' documents and reports.
+        for (resource_type, attachments) in [
+            ("DocumentReference", "/content/*/attachment"),
+            ("DiagnosticReport", "/presentedForm/*"),
+        ] {
+            for (_, record) in ids(
+                resources,
+                resource_type,
+                Clause::Reference {
+                    param: format!("{resource_type}.patient"),
+                    targets: patient_refs.clone(),
+                },
+            )
+            .await?
+            {
+                for url in attachment_urls(&record, attachments) {
+                    if let Some((_, id)) = url.rsplit_once("Binary/") {
+                        scope.binaries.insert(id.to_owned());
+                    }
                 }
             }
         }
@@ -218,6 +223,27 @@ impl CaseScope {
     }
 }
 
+/// The `url`s of the attachments at `path` (`/a/*/b`: every item of the
+/// array `a`, then `b`).
+fn attachment_urls<'v>(record: &'v Value, path: &str) -> Vec<&'v str> {
+    let mut nodes = vec![record];
+    for step in path.trim_start_matches('/').split('/') {
+        nodes = if step == "*" {
+            nodes
+                .into_iter()
+                .filter_map(Value::as_array)
+                .flatten()
+                .collect()
+        } else {
+            nodes.into_iter().map(|n| &n[step]).collect()
+        };
+    }
+    nodes
+        .into_iter()
+        .filter_map(|n| n["url"].as_str())
+        .collect()
+}
+
 /// The id in a reference to `resource_type` (relative or absolute URL).
 fn reference_id(reference: &Value, resource_type: &str) -> Option<String> {
     let text = reference["reference"].as_str()?;
@@ -292,6 +318,18 @@ mod tests {
         assert!(!scope.covers(&stored("Binary", "b2", serde_json::json!({}))));
         assert!(scope.covers(&stored("PractitionerRole", "x", serde_json::json!({}))));
         assert!(!scope.covers(&stored("Observation", "o", serde_json::json!({}))));
+        let report =
+            serde_json::json!({"presentedForm": [{"url": "Binary/pdf-1"}, {"data": "AA=="}]});
+        assert_eq!(
+            attachment_urls(&report, "/presentedForm/*"),
+            ["Binary/pdf-1"]
+        );
+        let note =
+            serde_json::json!({"content": [{"attachment": {"url": "https://gw/fhir/Binary/n-1"}}]});
+        assert_eq!(
+            attachment_urls(&note, "/content/*/attachment"),
+            ["https://gw/fhir/Binary/n-1"]
+        );
         assert!(restricted(&[Role::Specialist]));
         assert!(!restricted(&[Role::Specialist, Role::Coordinator]));
         assert!(!restricted(&[Role::Coordinator]));
