@@ -33,6 +33,7 @@ pub mod import;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod notify;
 pub mod ops;
 pub mod store;
@@ -96,6 +97,11 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
             None
         }
     };
+    // Connections with no byte read or written for twice the idle time are
+    // closed (the request layer cuts a stalled body after the idle time
+    // itself, with an answer).
+    let connection_idle =
+        std::time::Duration::from_secs(app.config.server.idle_timeout_secs.max(1) * 2);
     let mut http_servers = Vec::new();
     if let Some(listener) = listeners.http {
         let mut stop = stop_rx.clone();
@@ -104,9 +110,12 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
             .layer(axum::middleware::from_fn(app::plain_listener));
         http_servers.push(tokio::spawn(async move {
             // No Nagle delay on small answers (STOW responses, QIDO pages).
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
+            let listener = net::IdleListener::new(
+                listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                connection_idle,
+            );
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|stop| *stop).await;
@@ -123,7 +132,7 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
             .router()
             .layer(axum::middleware::from_fn(app::tls_listener));
         http_servers.push(tokio::spawn(async move {
-            let listener = tls::TlsListener::new(listener, tls);
+            let listener = tls::TlsListener::new(listener, tls, connection_idle);
             let served = axum::serve(
                 listener,
                 router.into_make_service_with_connect_info::<tls::TlsPeer>(),

@@ -34,6 +34,7 @@ use x509_cert::der::Decode;
 
 use crate::config::{Config, TlsConfig};
 use crate::ids::PartnerId;
+use crate::net::IdleIo;
 
 /// A TLS handshake not done by then is dropped (a silent client must not
 /// hold a slot).
@@ -413,21 +414,27 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
 pub struct TlsListener {
     tcp: TcpListener,
     tls: Arc<Tls>,
-    handshakes: JoinSet<Option<(tokio_rustls::server::TlsStream<TcpStream>, TlsPeer)>>,
+    /// Connections idle this long are closed ([`crate::net::IdleIo`]).
+    idle: Duration,
+    handshakes: JoinSet<Option<(HttpsStream, TlsPeer)>>,
 }
 
+/// One HTTPS connection: TLS over a TCP stream with an idle deadline.
+pub type HttpsStream = tokio_rustls::server::TlsStream<IdleIo<TcpStream>>;
+
 impl TlsListener {
-    pub fn new(tcp: TcpListener, tls: Arc<Tls>) -> TlsListener {
+    pub fn new(tcp: TcpListener, tls: Arc<Tls>, idle: Duration) -> TlsListener {
         TlsListener {
             tcp,
             tls,
+            idle,
             handshakes: JoinSet::new(),
         }
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Io = HttpsStream;
     type Addr = TlsPeer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -445,6 +452,7 @@ impl axum::serve::Listener for TlsListener {
                         }
                     };
                     let _ = socket.set_nodelay(true);
+                    let socket = IdleIo::new(socket, self.idle);
                     let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.https_config());
                     let tls = Arc::clone(&self.tls);
                     self.handshakes.spawn(async move {

@@ -112,6 +112,20 @@ fn a_stalled_request_body_is_cut_after_the_idle_timeout() {
         "cut after {waited:?}"
     );
     assert_eq!(gw.instance_count(), 0);
+    // Headers that never finish: the connection is closed after twice the
+    // idle time without a byte (no request ever reaches a handler).
+    let mut s = TcpStream::connect(("127.0.0.1", gw.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = s.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(closed.is_ok(), "not closed: {closed:?}");
+    assert!(
+        waited >= Duration::from_millis(3500) && waited < Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
     // A slow body that keeps moving is not cut: one byte a second for 4 s
     // goes past 2 s of total time without an idle gap.
     let mut s = TcpStream::connect(("127.0.0.1", gw.http)).unwrap();
