@@ -601,6 +601,64 @@ impl Workflow {
                  service ({SERVICE_ORGANIZATION}) is not among them"
             ));
         }
+        self.denied_by_exception(provision, now_ms, 0)
+    }
+
+    /// A nested provision (an exception to the base one) of type deny that
+    /// applies to a second opinion by the service now: its actors (if any)
+    /// name the service, its purposes (if any) include ours, its period
+    /// (if any) is current.
+    fn denied_by_exception(
+        &self,
+        provision: Option<&Value>,
+        now_ms: i64,
+        depth: usize,
+    ) -> Option<String> {
+        // Deeper nesting than any real consent: refuse rather than recurse on.
+        if depth > 8 {
+            return Some("its provisions are nested too deeply to evaluate".into());
+        }
+        for nested in items(provision, "provision") {
+            let applies = {
+                let actors: Vec<&str> = items(Some(nested), "actor")
+                    .filter_map(|a| reference_of(a.get("reference")))
+                    .collect();
+                let to_us = actors.is_empty()
+                    || actors.iter().any(|r| {
+                        *r == SERVICE_ORGANIZATION
+                            || r.ends_with(&format!("/{SERVICE_ORGANIZATION}"))
+                    });
+                let accepted = &self.rules.consent.purposes;
+                let purposes: Vec<&Value> = items(Some(nested), "purpose").collect();
+                let for_us = purposes.is_empty()
+                    || purposes.iter().any(|c| {
+                        accepted.iter().any(|a| {
+                            c.get("system").and_then(Value::as_str) == Some(a.system.as_str())
+                                && c.get("code").and_then(Value::as_str) == Some(a.code.as_str())
+                        })
+                    });
+                let period = nested.get("period");
+                let started = period
+                    .and_then(|p| p.get("start"))
+                    .and_then(Value::as_str)
+                    .and_then(start_ms)
+                    .is_none_or(|start| now_ms >= start);
+                let not_ended = period
+                    .and_then(|p| p.get("end"))
+                    .and_then(Value::as_str)
+                    .and_then(end_ms)
+                    .is_none_or(|end| now_ms <= end);
+                to_us && for_us && started && not_ended
+            };
+            if applies && nested.get("type").and_then(Value::as_str) == Some("deny") {
+                return Some(
+                    "a nested provision (provision.provision) denies disclosure to the service for this purpose".into(),
+                );
+            }
+            if let Some(why) = self.denied_by_exception(Some(nested), now_ms, depth + 1) {
+                return Some(why);
+            }
+        }
         None
     }
 
@@ -1603,5 +1661,27 @@ mod tests {
             {"role": {"text": "recipient"}, "reference": {"reference": "Organization/other-clinic"}}]}));
         let why = workflow.consent_refusal(&to_others, now).expect("refused");
         assert!(why.contains("provision.actor"), "{why}");
+    }
+
+    #[test]
+    fn a_nested_deny_for_the_service_refuses_and_one_for_others_does_not() {
+        let workflow = Workflow::new(WorkflowConfig::default(), "http://gw/dicomweb".into())
+            .expect("shipped rules load");
+        let now = 1_800_000_000_000;
+        let deny_us = consent(serde_json::json!({"type": "permit", "provision": [
+            {"type": "deny", "actor": [{"role": {"text": "recipient"},
+                "reference": {"reference": "Organization/konsil"}}]}]}));
+        let why = workflow.consent_refusal(&deny_us, now).expect("refused");
+        assert!(why.contains("nested provision"), "{why}");
+        let deny_others = consent(serde_json::json!({"type": "permit", "provision": [
+            {"type": "deny", "actor": [{"role": {"text": "recipient"},
+                "reference": {"reference": "Organization/insurer"}}]}]}));
+        assert_eq!(workflow.consent_refusal(&deny_others, now), None);
+        let deny_ended = consent(serde_json::json!({"type": "permit", "provision": [
+            {"type": "deny", "period": {"end": "2020-01-01"}}]}));
+        assert_eq!(workflow.consent_refusal(&deny_ended, now), None);
+        let deny_deep = consent(serde_json::json!({"type": "permit", "provision": [
+            {"type": "permit", "provision": [{"type": "deny"}]}]}));
+        assert!(workflow.consent_refusal(&deny_deep, now).is_some());
     }
 }
