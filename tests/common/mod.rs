@@ -21,6 +21,35 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// How to start a gateway: its files, configuration and mode.
+struct Launch<'a> {
+    work: &'a Path,
+    data_dir: PathBuf,
+    /// Extra `[server]` keys (and any tables after them).
+    extra_server: &'a str,
+    /// Extra keys in st-mary's and city-clinic's `[[partners]]` tables.
+    partner_keys: [&'a str; 2],
+    env: &'a [(&'a str, &'a str)],
+    /// `serve --dev` (no authentication).
+    dev: bool,
+    /// The certificates of `certs.py make` (HTTPS, DICOM TLS, mutual TLS).
+    tls: Option<&'a Path>,
+}
+
+impl<'a> Launch<'a> {
+    fn dev(work: &'a Path) -> Launch<'a> {
+        Launch {
+            work,
+            data_dir: work.join("data"),
+            extra_server: "",
+            partner_keys: ["", ""],
+            env: &[],
+            dev: true,
+            tls: None,
+        }
+    }
+}
+
 /// A running gateway.
 pub struct Gateway {
     child: Option<Child>,
@@ -55,65 +84,52 @@ impl Gateway {
         extra_server: &str,
         env: &[(&str, &str)],
     ) -> Gateway {
-        Self::launch(work, data_dir, extra_server, ["", ""], env, true, None)
+        Self::launch(&Launch {
+            data_dir: data_dir.to_owned(),
+            extra_server,
+            env,
+            ..Launch::dev(work)
+        })
     }
 
     /// Start in development mode with extra keys in the partners' tables
     /// (st-mary's, city-clinic's), e.g. their limits.
     pub fn start_dev(work: &Path, extra_server: &str, partner_keys: [&str; 2]) -> Gateway {
-        Self::launch(
-            work,
-            &work.join("data"),
+        Self::launch(&Launch {
             extra_server,
             partner_keys,
-            &[],
-            true,
-            None,
-        )
+            ..Launch::dev(work)
+        })
     }
 
     /// Start with authentication on, the partners' `[[partners.clients]]`
     /// tables (st-mary's, city-clinic's) and extra `[server]` keys.
     pub fn start_secure(work: &Path, extra_server: &str, clients: [&str; 2]) -> Gateway {
-        Self::launch(
-            work,
-            &work.join("data"),
+        Self::launch(&Launch {
             extra_server,
-            clients,
-            &[],
-            false,
-            None,
-        )
+            partner_keys: clients,
+            dev: false,
+            ..Launch::dev(work)
+        })
     }
 
     /// Start with authentication on, HTTPS and DICOM TLS with mutual TLS
     /// (the files of `certs.py make certs`: st-mary's client certificate is
     /// `CN=st-mary-pacs`, city-clinic's `CN=city-pacs`), and plain DICOM off.
     pub fn start_tls(work: &Path, certs: &Path, clients: [&str; 2]) -> Gateway {
-        Self::launch(
-            work,
-            &work.join("data"),
-            "",
-            clients,
-            &[],
-            false,
-            Some(certs),
-        )
+        Self::launch(&Launch {
+            partner_keys: clients,
+            dev: false,
+            tls: Some(certs),
+            ..Launch::dev(work)
+        })
     }
 
-    fn launch(
-        work: &Path,
-        data_dir: &Path,
-        extra_server: &str,
-        clients: [&str; 2],
-        env: &[(&str, &str)],
-        dev: bool,
-        tls: Option<&Path>,
-    ) -> Gateway {
+    fn launch(how: &Launch) -> Gateway {
         // A free port can be taken by another test between our probe and
         // the gateway's bind: then start again on other ports.
         for _ in 0..3 {
-            let mut gw = Self::spawn(work, data_dir, extra_server, clients, env, dev, tls);
+            let mut gw = Self::spawn(how);
             match gw.wait_ready() {
                 Ok(()) => return gw,
                 Err(log) if log.contains("Address already in use") => continue,
@@ -123,15 +139,17 @@ impl Gateway {
         panic!("gateway did not come up: its ports were taken three times");
     }
 
-    fn spawn(
-        work: &Path,
-        data_dir: &Path,
-        extra_server: &str,
-        clients: [&str; 2],
-        env: &[(&str, &str)],
-        dev: bool,
-        tls: Option<&Path>,
-    ) -> Gateway {
+    fn spawn(how: &Launch) -> Gateway {
+        let Launch {
+            work,
+            ref data_dir,
+            extra_server,
+            partner_keys: clients,
+            env,
+            dev,
+            tls,
+        } = *how;
+        let data_dir = data_dir.as_path();
         let http = free_port();
         let mut dicom = free_port();
         let (mut https, mut dicom_tls) = (0, 0);
