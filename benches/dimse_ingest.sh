@@ -6,8 +6,9 @@
 # instances/s for 2,000 tiny instances, and each receiver's peak RSS (VmHWM)
 # while receiving one 1 GiB multiframe instance.
 #
-# Konsil fsyncs every instance (file + directory + SQLite commit) before it
-# answers; storescp and dicom-storescp do not fsync.
+# Konsil makes every instance durable before it answers (fdatasync of its
+# blob segment, overlapped with the index commit); storescp and
+# dicom-storescp do not fsync.
 #
 # Usage: benches/dimse_ingest.sh [WORKDIR]   (needs dcmtk, bc, python3 with
 # tests/requirements.txt; builds konsil --release and installs dicom-storescp

@@ -147,13 +147,14 @@ impl App {
             tx.commit().await?;
         }
         if recover {
-            let (reindexed, discarded) = ingest.recover().await?;
-            if discarded > 0 {
+            let recovered = ingest.recover().await?;
+            if recovered.discarded_bytes > 0 {
                 tracing::info!(
-                    discarded_bytes = discarded,
+                    discarded_bytes = recovered.discarded_bytes,
                     "discarded unfinished objects left by an earlier run"
                 );
             }
+            let reindexed = recovered.reindexed;
             let resume_at = resources.binary_resume_points().await?;
             let store = Arc::clone(&fhir_blobs);
             let found = tokio::task::spawn_blocking(move || store.recover(&resume_at))

@@ -154,11 +154,22 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: impl Future<Outp
     let _ = stop_tx.send(true);
     let _ = dimse.await;
     let grace = std::time::Duration::from_secs(app.config.server.shutdown_grace_secs);
+    let mut all_finished = true;
     for server in http_servers {
-        let _ = tokio::time::timeout(grace, server).await;
+        all_finished &= tokio::time::timeout(grace, server).await.is_ok();
     }
     for task in [workflow, deliverer, reload].into_iter().flatten() {
         let _ = tokio::time::timeout(grace, task).await;
+    }
+    if all_finished {
+        // No writer is left: the next start may skip checking for objects
+        // a crash tore.
+        let blobs = Arc::clone(&app.blobs);
+        match tokio::task::spawn_blocking(move || blobs.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark the blob store closed cleanly"),
+            Err(_) => tracing::warn!("cannot mark the blob store closed cleanly"),
+        }
     }
     // Last: the audit records of everything above.
     if let Some(task) = audit {

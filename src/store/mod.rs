@@ -80,6 +80,10 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Destroy a committed object's content for good (retention), once the
     /// index no longer points at it. Recovery never brings it back.
     fn discard(&self, location: &BlobLocation) -> Result<(), BlobError>;
+    /// At a clean shutdown, after the last writer: make everything durable
+    /// and note it, so the next start knows no object can be torn
+    /// ([`Recovery::after_crash`] false).
+    fn close(&self) -> Result<(), BlobError>;
 }
 
 /// An object being written. Dropping it without [`commit`](BlobWrite::commit)
@@ -87,9 +91,27 @@ pub trait BlobStore: Send + Sync + 'static {
 pub trait BlobWrite: Write + Send {
     /// Re-read what has been written so far, from the object's start.
     fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>>;
-    /// Make the object durable. `label` is kept with it and handed back by
-    /// [`BlobStore::recover`], so the index can be rebuilt from the store.
-    fn commit(self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError>;
+    /// Complete the object without waiting for it to be durable. `label`
+    /// is kept with it and handed back by [`BlobStore::recover`], so the
+    /// index can be rebuilt from the store.
+    fn seal(self: Box<Self>, label: &[u8]) -> Result<Box<dyn SealedBlob>, BlobError>;
+    /// Complete the object and make it durable.
+    fn commit(self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError> {
+        self.seal(label)?.sync()
+    }
+}
+
+/// A complete object that may not be durable yet. Its location is final,
+/// so the index can record it while [`sync`](SealedBlob::sync) runs; what
+/// the caller acknowledges must wait for both. Dropping it without a sync
+/// keeps it (recovery judges it after a crash).
+pub trait SealedBlob: Send {
+    fn location(&self) -> &BlobLocation;
+    /// The recovery point to record with this object in the index.
+    fn resume_at(&self) -> u64;
+    /// Wait until the object is durable. On failure the object is in an
+    /// unknown state: it must not be acknowledged.
+    fn sync(self: Box<Self>) -> Result<Box<dyn CommittedBlob>, BlobError>;
 }
 
 /// A durable object, before the index has recorded it.
@@ -105,6 +127,10 @@ pub trait CommittedBlob: Send {
 /// What [`BlobStore::recover`] found.
 #[derive(Debug, Default)]
 pub struct Recovery {
+    /// The store was not closed cleanly since it was last opened for
+    /// writing: the last object of each storage object may be torn (the
+    /// index records objects while their sync runs).
+    pub after_crash: bool,
     /// Bytes of unfinished objects removed.
     pub discarded_bytes: u64,
     /// Committed objects the index may not hold.
@@ -167,6 +193,15 @@ pub struct InstanceRecord {
     pub calling_ae: Option<String>,
 }
 
+/// An indexed instance's object and what its data set (the object's last
+/// `dataset_size` bytes) must hash to.
+#[derive(Debug, Clone)]
+pub struct IndexedBlob {
+    pub location: BlobLocation,
+    pub dataset_size: u64,
+    pub dataset_sha256: [u8; 32],
+}
+
 /// What the index did with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IndexOutcome {
@@ -210,9 +245,16 @@ pub trait AssertionLog: Send + Sync + 'static {
 /// The metadata index.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
-    /// Record one instance (whose blob is already durable) and its
-    /// patient/study/series levels, atomically.
+    /// Record one instance (whose blob is complete, and durable by the time
+    /// anyone acknowledges it) and its patient/study/series levels,
+    /// atomically.
     async fn record_instance(&self, record: &InstanceRecord) -> Result<IndexOutcome, MetaError>;
+    /// Remove the row of an instance whose object could not be made
+    /// durable after it was recorded (it was never acknowledged).
+    async fn withdraw_instance(&self, blob: &BlobLocation) -> Result<(), MetaError>;
+    /// For each blob-store object, the instance recorded last in it (the
+    /// one a crash can have torn).
+    async fn last_instances(&self) -> Result<Vec<IndexedBlob>, MetaError>;
     /// Recovery points of the blob store's objects, as last recorded.
     async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError>;
     /// Whether the database answers.

@@ -30,7 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{
-    BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, ReadSeek, RecoveredBlob, Recovery,
+    BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, ReadSeek, RecoveredBlob,
+    Recovery, SealedBlob,
 };
 
 const RECORD_MAGIC: &[u8; 8] = b"KNSLREC1";
@@ -39,6 +40,10 @@ const END_MAGIC: &[u8; 8] = b"KNSLEND1";
 /// keeps its length (so a scan steps over it) but is never recovered.
 const DISCARDED_MAGIC: &[u8; 8] = b"KNSLDEL1";
 const HEADER_LEN: u64 = 16;
+/// Present while no process writes to the store and everything in it is
+/// durable: written at a clean shutdown, removed (durably) when a process
+/// opens the store.
+const CLEAN_MARK: &str = "clean-shutdown";
 /// A segment past this size takes no new records.
 const DEFAULT_SEGMENT_LIMIT: u64 = 1 << 30;
 
@@ -51,6 +56,8 @@ pub struct SegmentStore {
     prefix: String,
     counter: AtomicU64,
     segment_limit: u64,
+    /// The clean-shutdown mark was missing when the store was opened.
+    after_crash: bool,
 }
 
 struct Segment {
@@ -64,6 +71,16 @@ impl SegmentStore {
     pub fn open(data_dir: &Path) -> io::Result<SegmentStore> {
         let dir = data_dir.join("segments");
         fs::create_dir_all(&dir)?;
+        let after_crash = match fs::remove_file(dir.join(CLEAN_MARK)) {
+            Ok(()) => {
+                // Durably gone before anything is written, or a crash
+                // during this run would look like a clean shutdown.
+                sync_dir(&dir)?;
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e),
+        };
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -74,6 +91,7 @@ impl SegmentStore {
             prefix: format!("{started}-{}", std::process::id()),
             counter: AtomicU64::new(0),
             segment_limit: DEFAULT_SEGMENT_LIMIT,
+            after_crash,
         })
     }
 
@@ -158,7 +176,10 @@ impl BlobStore for SegmentStore {
     }
 
     fn recover(&self, resume_at: &HashMap<String, u64>) -> Result<Recovery, BlobError> {
-        let mut recovery = Recovery::default();
+        let mut recovery = Recovery {
+            after_crash: self.after_crash,
+            ..Recovery::default()
+        };
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(BlobError::Recover)? {
             let entry = entry.map_err(BlobError::Recover)?;
@@ -220,6 +241,26 @@ impl BlobStore for SegmentStore {
             }
         }
         file.sync_data().map_err(fail)
+    }
+
+    fn close(&self) -> Result<(), BlobError> {
+        let fail = BlobError::Sync;
+        // Another live process (an import) may still be writing.
+        for entry in fs::read_dir(&self.dir).map_err(fail)? {
+            let name = entry.map_err(fail)?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if is_segment_name(name)
+                && owner_pid(name)
+                    .is_some_and(|pid| pid != std::process::id() && process_alive(pid))
+            {
+                return Ok(());
+            }
+        }
+        // Whatever is still being written back reaches the disk now.
+        let dir = File::open(&self.dir).map_err(fail)?;
+        rustix::fs::syncfs(&dir).map_err(|e| fail(e.into()))?;
+        File::create(self.dir.join(CLEAN_MARK)).map_err(fail)?;
+        sync_dir(&self.dir).map_err(fail)
     }
 
     fn ping(&self) -> Result<(), BlobError> {
@@ -440,7 +481,7 @@ impl BlobWrite for SegmentWriter {
         }))
     }
 
-    fn commit(mut self: Box<Self>, label: &[u8]) -> Result<Box<dyn CommittedBlob>, BlobError> {
+    fn seal(mut self: Box<Self>, label: &[u8]) -> Result<Box<dyn SealedBlob>, BlobError> {
         let label_len = u32::try_from(label.len())
             .map_err(|_| BlobError::Write(io::Error::other("label too long")))?;
         let record_start = self.record_start;
@@ -455,7 +496,6 @@ impl BlobWrite for SegmentWriter {
             .file
             .write_all_at(&payload_len.to_le_bytes(), record_start + 8)
             .map_err(BlobError::Write)?;
-        segment.file.sync_data().map_err(BlobError::Sync)?;
         let end = record_start + HEADER_LEN + payload_len + trailer.len() as u64;
         segment.len = end;
         let location = BlobLocation {
@@ -463,6 +503,9 @@ impl BlobWrite for SegmentWriter {
             offset: record_start + HEADER_LEN,
             length: payload_len,
         };
+        // The writer keeps the segment until the record is durable: the
+        // next record in it starts only after this one's sync, so after a
+        // crash only a segment's last record can be torn.
         Ok(Box::new(Committed {
             segment: self.segment.take(),
             idle: Arc::clone(&self.idle),
@@ -509,6 +552,32 @@ struct Committed {
     location: BlobLocation,
     record_start: u64,
     end: u64,
+}
+
+impl SealedBlob for Committed {
+    fn location(&self) -> &BlobLocation {
+        &self.location
+    }
+
+    fn resume_at(&self) -> u64 {
+        self.end
+    }
+
+    fn sync(mut self: Box<Self>) -> Result<Box<dyn CommittedBlob>, BlobError> {
+        let synced = match &self.segment {
+            Some(segment) => segment.file.sync_data(),
+            None => Err(io::Error::other("segment already released")),
+        };
+        if let Err(e) = synced {
+            // What the file holds is unknown now: retire the segment rather
+            // than append to it (recovery judges it at the next start).
+            if let Some(segment) = self.segment.take() {
+                tracing::warn!(segment = %segment.name, error = %e, "sync failed; retiring the segment");
+            }
+            return Err(BlobError::Sync(e));
+        }
+        Ok(self)
+    }
 }
 
 impl CommittedBlob for Committed {

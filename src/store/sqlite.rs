@@ -11,7 +11,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::query::{self, Level, Locate, Matcher, Search, SearchRow, StoredInstance};
-use super::{AssertionLog, BlobLocation, IndexOutcome, InstanceRecord, MetaError, MetadataStore};
+use super::{
+    AssertionLog, BlobLocation, IndexOutcome, IndexedBlob, InstanceRecord, MetaError, MetadataStore,
+};
 use crate::ids::{PartnerId, Uid};
 
 /// A blob location from a row whose first three columns are object, offset
@@ -95,6 +97,7 @@ impl SqliteStore {
         // pool, each write on another connection re-read pages from disk.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(MetaError::Open)?;
@@ -117,6 +120,7 @@ impl SqliteStore {
         migrator.run(&writer).await.map_err(MetaError::Migrate)?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await
             .map_err(MetaError::Open)?;
@@ -281,6 +285,66 @@ impl MetadataStore for SqliteStore {
         tx.commit().await?;
         self.known_series.insert(series_key, ());
         Ok(outcome)
+    }
+
+    async fn withdraw_instance(&self, blob: &BlobLocation) -> Result<(), MetaError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "DELETE FROM instances WHERE blob_object = ? AND blob_offset = ?
+             RETURNING partner, series_uid, study_uid",
+        )
+        .bind(&blob.object)
+        .bind(to_i64(blob.offset))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            let (partner, series, study): (String, String, String) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            // A series or study this instance alone made goes with it.
+            sqlx::query(
+                "DELETE FROM series WHERE partner = ?1 AND series_uid = ?2
+                 AND NOT EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND series_uid = ?2)",
+            )
+            .bind(&partner)
+            .bind(&series)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "DELETE FROM studies WHERE partner = ?1 AND study_uid = ?2
+                 AND NOT EXISTS (SELECT 1 FROM series WHERE partner = ?1 AND study_uid = ?2)",
+            )
+            .bind(&partner)
+            .bind(&study)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            self.known_series.invalidate(&(partner, series));
+        }
+        Ok(())
+    }
+
+    async fn last_instances(&self) -> Result<Vec<IndexedBlob>, MetaError> {
+        // SQLite takes the bare columns from the row that holds the MAX().
+        let rows = sqlx::query(
+            "SELECT blob_object, MAX(blob_offset), blob_length, size, dataset_sha256
+             FROM instances GROUP BY blob_object",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let size: i64 = row.try_get(3)?;
+                let sha: String = row.try_get(4)?;
+                let mut dataset_sha256 = [0u8; 32];
+                hex::decode_to_slice(&sha, &mut dataset_sha256)
+                    .map_err(|_| MetaError::Corrupt(format!("instance digest {sha:?}")))?;
+                Ok(IndexedBlob {
+                    location: blob_location(row)?,
+                    dataset_size: u64::try_from(size).unwrap_or(0),
+                    dataset_sha256,
+                })
+            })
+            .collect()
     }
 
     async fn blob_resume_points(&self) -> Result<HashMap<String, u64>, MetaError> {
