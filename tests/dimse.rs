@@ -547,6 +547,9 @@ fn after_a_crash_a_torn_last_instance_is_withdrawn_and_a_clean_stop_skips_the_ch
         "{}",
         gw.log()
     );
+    // Its series and study stay: the other instance still belongs to them.
+    assert_eq!(sql(&data_dir, "SELECT COUNT(*) FROM series").trim(), "1");
+    assert_eq!(sql(&data_dir, "SELECT COUNT(*) FROM studies").trim(), "1");
     // The sender would resend what it never saw acknowledged.
     let again = storescu(&gw, ST_MARY_AE, &[&ct[0].path, &ct[1].path]);
     assert!(again.status.success(), "{}", stderr(&again));

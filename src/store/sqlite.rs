@@ -301,22 +301,24 @@ impl MetadataStore for SqliteStore {
             let (partner, series, study): (String, String, String) =
                 (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
             // A series or study this instance alone made goes with it.
-            sqlx::query(
-                "DELETE FROM series WHERE partner = ?1 AND series_uid = ?2
-                 AND NOT EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND series_uid = ?2)",
-            )
-            .bind(&partner)
-            .bind(&series)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "DELETE FROM studies WHERE partner = ?1 AND study_uid = ?2
-                 AND NOT EXISTS (SELECT 1 FROM series WHERE partner = ?1 AND study_uid = ?2)",
-            )
-            .bind(&partner)
-            .bind(&study)
-            .execute(&mut *tx)
-            .await?;
+            for (statement, uid) in [
+                (
+                    "DELETE FROM series WHERE partner = ?1 AND series_uid = ?2
+                     AND NOT EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND series_uid = ?2)",
+                    &series,
+                ),
+                (
+                    "DELETE FROM studies WHERE partner = ?1 AND study_uid = ?2
+                     AND NOT EXISTS (SELECT 1 FROM series WHERE partner = ?1 AND study_uid = ?2)",
+                    &study,
+                ),
+            ] {
+                sqlx::query(statement)
+                    .bind(&partner)
+                    .bind(uid)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             self.known_series.invalidate(&(partner, series));
         }
