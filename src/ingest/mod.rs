@@ -421,7 +421,6 @@ impl Ingest {
                         "an instance the crash left incomplete on disk was never acknowledged; withdrawn from the index"
                     );
                     self.index.withdraw_instance(&last.location).await?;
-                    recovered.withdrawn += 1;
                 }
             }
         }
@@ -453,8 +452,6 @@ pub struct Recovered {
     pub reindexed: usize,
     /// Bytes of unfinished objects removed.
     pub discarded_bytes: u64,
-    /// Index rows removed because a crash tore their object.
-    pub withdrawn: usize,
 }
 
 /// Whether the data set stored at `location` (its last `size` bytes) still

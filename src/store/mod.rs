@@ -89,8 +89,6 @@ pub trait BlobStore: Send + Sync + 'static {
 /// An object being written. Dropping it without [`commit`](BlobWrite::commit)
 /// discards it.
 pub trait BlobWrite: Write + Send {
-    /// Re-read what has been written so far, from the object's start.
-    fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>>;
     /// Complete the object without waiting for it to be durable. `label`
     /// is kept with it and handed back by [`BlobStore::recover`], so the
     /// index can be rebuilt from the store.

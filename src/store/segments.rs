@@ -139,7 +139,6 @@ impl BlobStore for SegmentStore {
         }
         Ok(Box::new(SegmentWriter {
             segment: Some(segment),
-            path: self.dir.clone(),
             idle: Arc::clone(&self.idle),
             record_start: start,
             payload_len: 0,
@@ -433,7 +432,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes one record into a segment it holds.
 struct SegmentWriter {
     segment: Option<Segment>,
-    path: PathBuf,
     idle: Arc<Mutex<Vec<Segment>>>,
     record_start: u64,
     payload_len: u64,
@@ -467,20 +465,6 @@ impl Write for SegmentWriter {
 }
 
 impl BlobWrite for SegmentWriter {
-    fn read_back(&mut self) -> io::Result<Box<dyn ReadSeek + '_>> {
-        let start = self.record_start + HEADER_LEN;
-        let end = start + self.payload_len;
-        let name = self.segment()?.name.clone();
-        // A separate handle: the writer's own cursor must not move.
-        let file = File::open(self.path.join(name))?;
-        Ok(Box::new(Window {
-            file,
-            start,
-            end,
-            pos: start,
-        }))
-    }
-
     fn seal(mut self: Box<Self>, label: &[u8]) -> Result<Box<dyn SealedBlob>, BlobError> {
         let label_len = u32::try_from(label.len())
             .map_err(|_| BlobError::Write(io::Error::other("label too long")))?;
@@ -676,14 +660,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SegmentStore::open(dir.path()).unwrap();
 
-        let mut w = write_object(&store, b"first object");
-        let mut back = Vec::new();
-        let mut view = w.read_back().unwrap();
-        view.seek(SeekFrom::Start(6)).unwrap();
-        view.read_to_end(&mut back).unwrap();
-        drop(view);
-        assert_eq!(back, b"object");
-        let first = w.commit(b"label-1").unwrap();
+        let first = write_object(&store, b"first object")
+            .commit(b"label-1")
+            .unwrap();
         let first_loc = first.location().clone();
         drop(first);
         assert_eq!(read_all(&store, &first_loc), b"first object");
