@@ -1372,18 +1372,13 @@ fn committed_profiles_are_reproducible() {
             );
         }
     }
-    // Our code systems and operation definitions are valid FHIR to both
-    // public validators.
+    // Our profiles, extension definitions, code systems, value sets and
+    // operation definitions are valid FHIR to both public validators.
     let ours: Vec<Value> = std::fs::read_dir(root.join("profiles/konsil"))
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_str().unwrap();
-            name.starts_with("CodeSystem-") || name.starts_with("OperationDefinition-")
-        })
-        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
         .collect();
-    assert!(ours.len() >= 13, "{} resources", ours.len());
+    assert!(ours.len() >= 19, "{} resources", ours.len());
     for report in public_validators(&ours) {
         assert_eq!(report["medplum"], json!([]), "{report}");
         assert_eq!(report["fhirjs"], json!([]), "{report}");

@@ -45,19 +45,45 @@ for (const sd of profiles) {
   const base = sd.baseDefinition.replace('http://hl7.org/fhir/StructureDefinition/', '');
   fhir.parser.parseStructureDefinition(JSON.parse(readFileSync(path.join(r4, `StructureDefinition-${base}.json`), 'utf8')));
 }
+// FHIR.js only knows the resources as bases; our extensions build on the
+// Extension data type, which is parsed above like a resource's definition.
+const extension = JSON.parse(readFileSync(path.join(r4, 'StructureDefinition-Extension.json'), 'utf8'));
+const isBase = fhir.parser.isBaseProfile.bind(fhir.parser);
+fhir.parser.isBaseProfile = (url) => isBase(url) || url === 'http://hl7.org/fhir/StructureDefinition/Extension';
 fhir.generateSnapshot({ resourceType: 'Bundle', type: 'collection', entry: profiles.map((resource) => ({ resource })) });
-// FHIR.js 4.12 leaves two things of the differential out of the snapshot:
-// `binding` (its merge does not carry it) and the root element (it skips the
-// element whose path is the type, so the profile's own invariants are lost).
-// Both are put in here, as the differential says.
+// FHIR.js 4.12 leaves parts of the differential out of the snapshot: `binding`
+// (its merge does not carry it), the root element (it skips the element whose
+// path is the type, so the profile's own invariants are lost), a choice
+// element's constraints (`value[x]`: its path match misses them), and it can
+// repeat an element that follows a sliced one. So each element is kept once,
+// and every differential element is laid over its snapshot element, as the
+// differential says (its `type` replaces the base's: a profile narrows types).
 for (const sd of profiles) {
+  const seen = new Set();
+  sd.snapshot.element = sd.snapshot.element.filter((e) => !seen.has(e.id) && seen.add(e.id));
   for (const diff of sd.differential.element) {
-    const snap = sd.snapshot.element.find((e) => e.path === diff.path && !e.sliceName);
-    if (!snap) throw new Error(`${sd.url}: ${diff.path} missing from the snapshot`);
-    if (diff.binding) snap.binding = diff.binding;
-    for (const c of diff.constraint ?? []) {
+    // By id: a slice's elements share their path with the unsliced ones.
+    const snap = sd.snapshot.element.find((e) => e.id === diff.id);
+    if (!snap) throw new Error(`${sd.url}: ${diff.id} missing from the snapshot`);
+    const { constraint, ...rest } = diff;
+    for (const kind of ['fixed', 'pattern']) {
+      if (Object.keys(rest).some((k) => k.startsWith(kind))) {
+        for (const key of Object.keys(snap).filter((k) => k.startsWith(kind))) delete snap[key];
+      }
+    }
+    Object.assign(snap, rest);
+    for (const c of constraint ?? []) {
       snap.constraint = (snap.constraint ?? []).filter((x) => x.key !== c.key).concat([c]);
     }
+  }
+  // A complex extension's part elements (Extension.extension:kind.url) come
+  // from the differential alone, without the definition and cardinality a
+  // snapshot element must have (sdf-3): they are the Extension type's own.
+  for (const e of sd.snapshot.element) {
+    if (e.min !== undefined && e.max !== undefined && e.definition) continue;
+    const own = extension.snapshot.element.find((b) => b.path === `Extension.${e.path.split('.').pop()}`);
+    if (!e.path.startsWith('Extension.extension.') || !own) throw new Error(`${sd.url}: ${e.id} is incomplete`);
+    for (const key of ['short', 'definition', 'min', 'max', 'base']) e[key] ??= own[key];
   }
 }
 

@@ -9,6 +9,7 @@ mod binary;
 mod bundle;
 mod capability;
 pub mod definitions;
+mod extensions;
 mod invariants;
 pub(crate) mod json;
 mod operations;

@@ -13,20 +13,22 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-use super::definitions::{Codes, Constraint, Definitions, Max};
+use super::definitions::{Constraint, Definitions, Max};
 use super::invariants;
 use super::outcome::Issue;
 use super::validate::InvariantCheck;
 
 /// The profiles, as committed.
-const PROFILES: &[&str] = &[include_str!(
-    "../../profiles/konsil/StructureDefinition-konsil-referral.json"
-)];
+const PROFILES: &[&str] = &[
+    include_str!("../../profiles/konsil/StructureDefinition-konsil-referral.json"),
+    include_str!("../../profiles/konsil/StructureDefinition-konsil-opinion.json"),
+];
 
 /// The value sets our profiles bind (with their expansions).
-pub const VALUE_SETS: &[&str] = &[include_str!(
-    "../../profiles/konsil/ValueSet-specialty.json"
-)];
+pub const VALUE_SETS: &[&str] = &[
+    include_str!("../../profiles/konsil/ValueSet-specialty.json"),
+    include_str!("../../profiles/konsil/ValueSet-opinion-section.json"),
+];
 
 const CORE: &str = "http://hl7.org/fhir/StructureDefinition/";
 
@@ -324,7 +326,7 @@ pub async fn check(profile: &Profile, resource: &Value) -> Vec<Issue> {
                     }
                 }
                 if let Some(vs) = &rule.binding {
-                    if !in_value_set(vs, node.value) {
+                    if !super::validate::in_value_set(Definitions::core(), vs, node.value) {
                         issues.push(
                             Issue::error(
                                 "code-invalid",
@@ -373,29 +375,6 @@ pub async fn check(profile: &Profile, resource: &Value) -> Vec<Issue> {
         issues.push(issue);
     }
     issues
-}
-
-/// Whether a code, Coding or CodeableConcept is in one of our value sets.
-fn in_value_set(url: &str, value: &Value) -> bool {
-    let Some(Codes::Listed { pairs, codes }) = Definitions::core().value_set(url) else {
-        return true;
-    };
-    let coding_ok = |c: &Value| {
-        let code = c.get("code").and_then(Value::as_str);
-        match (c.get("system").and_then(Value::as_str), code) {
-            (Some(system), Some(code)) => pairs.contains(&(system.to_owned(), code.to_owned())),
-            (None, Some(code)) => codes.contains(code),
-            _ => false,
-        }
-    };
-    match value {
-        Value::String(code) => codes.contains(code),
-        Value::Object(o) if o.contains_key("coding") => o["coding"]
-            .as_array()
-            .is_some_and(|cs| cs.iter().any(coding_ok)),
-        Value::Object(_) => coding_ok(value),
-        _ => false,
-    }
 }
 
 #[cfg(test)]
@@ -456,6 +435,86 @@ mod tests {
         ];
         for (what, change, expression) in cases {
             let mut r = referral();
+            change(&mut r);
+            let issues = check(profile, &r).await;
+            assert_eq!(issues.len(), 1, "{what}: {issues:#?}");
+            assert_eq!(issues[0].expression.as_deref(), Some(expression), "{what}");
+        }
+    }
+
+    fn opinion() -> Value {
+        let section = |kind: &str| {
+            json!({"url": "http://konsil.dev/fhir/StructureDefinition/opinion-section",
+            "extension": [{"url": "kind", "valueCode": kind}, {"url": "text", "valueString": "..."}]})
+        };
+        json!({"resourceType": "DiagnosticReport", "status": "preliminary",
+            "extension": [section("diagnosis-agreement"), section("recommendations")],
+            "basedOn": [{"reference": "ServiceRequest/r"}],
+            "code": {"text": "Oncology second opinion"},
+            "subject": {"reference": "Patient/p"},
+            "resultsInterpreter": [{"reference": "PractitionerRole/s"}],
+            "conclusion": "We agree."})
+    }
+
+    #[tokio::test]
+    async fn the_opinion_profile_checks_what_it_adds() {
+        let profile = &all()["http://konsil.dev/fhir/StructureDefinition/konsil-opinion"];
+        assert_eq!(check(profile, &opinion()).await, vec![]);
+        let mut empty_draft = opinion();
+        for key in ["conclusion", "extension"] {
+            empty_draft.as_object_mut().unwrap().remove(key);
+        }
+        empty_draft["status"] = json!("registered");
+        assert_eq!(
+            check(profile, &empty_draft).await,
+            vec![],
+            "a registered draft may be empty"
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "no specialist",
+                Box::new(|r| {
+                    r.as_object_mut().unwrap().remove("resultsInterpreter");
+                }),
+                "DiagnosticReport.resultsInterpreter",
+            ),
+            (
+                "no referral",
+                Box::new(|r| {
+                    r.as_object_mut().unwrap().remove("basedOn");
+                }),
+                "DiagnosticReport.basedOn",
+            ),
+            (
+                "based on a CarePlan",
+                Box::new(|r| r["basedOn"][0]["reference"] = json!("CarePlan/c")),
+                "DiagnosticReport.basedOn[0].reference",
+            ),
+            (
+                "about a Group",
+                Box::new(|r| r["subject"]["reference"] = json!("Group/g")),
+                "DiagnosticReport.subject.reference",
+            ),
+            (
+                "preliminary and says nothing",
+                Box::new(|r| {
+                    for key in ["conclusion", "extension"] {
+                        r.as_object_mut().unwrap().remove(key);
+                    }
+                }),
+                "DiagnosticReport",
+            ),
+            (
+                "a section twice",
+                Box::new(|r| {
+                    let first = r["extension"][0].clone();
+                    r["extension"].as_array_mut().unwrap().push(first);
+                }),
+                "DiagnosticReport",
+            ),
+        ];
+        for (what, change, expression) in cases {
+            let mut r = opinion();
             change(&mut r);
             let issues = check(profile, &r).await;
             assert_eq!(issues.len(), 1, "{what}: {issues:#?}");

@@ -20,8 +20,8 @@ use crate::store::fhir::{
     StoredResource,
 };
 use crate::store::MetaError;
-use crate::workflow::engine::{Notice, Written, REFERRAL_PROFILE};
-use crate::workflow::records::{Record, RecordStore, Records, RecordsTx, WorkflowError};
+use crate::workflow::engine::{Notice, Written};
+use crate::workflow::records::{Finding, Record, RecordStore, Records, RecordsTx, WorkflowError};
 
 /// Most results one workflow search reads (a patient's documents, a
 /// specialist's cases); more is a sign of a runaway query.
@@ -38,6 +38,21 @@ impl From<WorkflowError> for FhirError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 Issue::error("business-rule", why),
             ),
+            WorkflowError::Unconformant {
+                what,
+                profile,
+                findings,
+            } => {
+                let mut issues = vec![Issue::error(
+                    "processing",
+                    format!("{what} does not meet the profile {profile}"),
+                )];
+                issues.extend(findings.into_iter().map(|f| match f.at {
+                    Some(at) => Issue::error("processing", f.text).at(at),
+                    None => Issue::error("processing", f.text),
+                }));
+                FhirError::unprocessable(issues)
+            }
             WorkflowError::NotFound(what) => FhirError::new(
                 StatusCode::NOT_FOUND,
                 Issue::error("not-found", format!("{what} is not known")),
@@ -262,20 +277,17 @@ impl Records for StoreRecords {
             .map_err(store_error)
     }
 
-    async fn referral_findings(&mut self, service_request: &Value) -> Vec<String> {
-        rest::validation(
-            "ServiceRequest",
-            service_request,
-            &[REFERRAL_PROFILE.to_owned()],
-        )
-        .await
-        .into_iter()
-        .filter(Issue::is_error)
-        .map(|i| match &i.expression {
-            Some(at) => format!("{at}: {}", i.diagnostics),
-            None => i.diagnostics,
-        })
-        .collect()
+    async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding> {
+        let resource_type = resource["resourceType"].as_str().unwrap_or("");
+        rest::validation(resource_type, resource, &[profile.to_owned()])
+            .await
+            .into_iter()
+            .filter(Issue::is_error)
+            .map(|i| Finding {
+                at: i.expression,
+                text: i.diagnostics,
+            })
+            .collect()
     }
 }
 

@@ -76,6 +76,42 @@ pub fn structure<'d>(
     (walk.issues, walk.checks)
 }
 
+/// Whether `code` (of `system`, if given) is in `value_set`. A value set
+/// that cannot be enumerated (or is not shipped) allows every code: its
+/// syntax was checked already.
+fn code_allowed(defs: &Definitions, value_set: &str, system: Option<&str>, code: &str) -> bool {
+    match defs.value_set(value_set) {
+        Some(Codes::Listed { pairs, codes }) => match system {
+            Some(system) => pairs.contains(&(system.to_owned(), code.to_owned())),
+            None => codes.contains(code),
+        },
+        Some(Codes::Open) | None => true,
+    }
+}
+
+/// Whether a code, Coding or CodeableConcept (any of its codings) is in
+/// `value_set`.
+pub fn in_value_set(defs: &Definitions, value_set: &str, value: &Value) -> bool {
+    let coding_ok = |c: &Value| {
+        c.get("code").and_then(Value::as_str).is_some_and(|code| {
+            code_allowed(
+                defs,
+                value_set,
+                c.get("system").and_then(Value::as_str),
+                code,
+            )
+        })
+    };
+    match value {
+        Value::String(code) => code_allowed(defs, value_set, None, code),
+        Value::Object(o) if o.contains_key("coding") => o["coding"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(coding_ok)),
+        Value::Object(_) => coding_ok(value),
+        _ => false,
+    }
+}
+
 /// Whether `id` is a valid logical id (`[A-Za-z0-9\-\.]{1,64}`).
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -575,6 +611,21 @@ impl<'d> Walk<'d> {
                         "ext-1: an extension has either a value[x] or nested extensions, exactly one of them".to_owned(),
                     );
                 }
+                // One of ours: its definition applies. Its context is the
+                // element it sits on (`DiagnosticReport.extension` sits on
+                // `DiagnosticReport`).
+                let ours = obj
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .and_then(super::extensions::find);
+                if let (Some(definition), Some((context, name))) = (ours, el.path.rsplit_once('.'))
+                {
+                    let in_set = |vs: &str, v: &Value| in_value_set(defs, vs, v);
+                    let modifier = name == "modifierExtension";
+                    for (code, at, why) in definition.check(obj, path, context, modifier, &in_set) {
+                        self.error(code, &at, why);
+                    }
+                }
             }
             (Some("Coding"), Some(vs)) => {
                 if let Some(code) = obj.get("code").and_then(Value::as_str) {
@@ -614,14 +665,7 @@ impl<'d> Walk<'d> {
     }
 
     fn code_allowed(&self, value_set: &str, system: Option<&str>, code: &str) -> bool {
-        match self.defs.value_set(value_set) {
-            Some(Codes::Listed { pairs, codes }) => match system {
-                Some(system) => pairs.contains(&(system.to_owned(), code.to_owned())),
-                None => codes.contains(code),
-            },
-            // Not enumerable, or not shipped: syntax was checked already.
-            Some(Codes::Open) | None => true,
-        }
+        code_allowed(self.defs, value_set, system, code)
     }
 
     fn primitive(&mut self, item: &Value, type_def: &TypeDef, path: &str) {

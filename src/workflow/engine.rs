@@ -26,6 +26,8 @@ pub const SERVICE_ORGANIZATION: &str = "Organization/konsil";
 /// The Endpoint of our DICOMweb that case ImagingStudies point to.
 pub const SERVICE_ENDPOINT: &str = "Endpoint/konsil-dicomweb";
 pub const REFERRAL_PROFILE: &str = "http://konsil.dev/fhir/StructureDefinition/konsil-referral";
+/// What a case's opinion (a DiagnosticReport based on its referral) must be.
+pub const OPINION_PROFILE: &str = "http://konsil.dev/fhir/StructureDefinition/konsil-opinion";
 pub const REFERRAL_TYPE: &str = "http://konsil.dev/fhir/CodeSystem/referral-type";
 pub const SPECIALTY: &str = "http://konsil.dev/fhir/CodeSystem/specialty";
 /// Extension on a case ImagingStudy: how many instances the referrer's
@@ -259,8 +261,9 @@ impl Workflow {
                 "no case started: ServiceRequest.category does not say {REFERRAL_TYPE}|second-opinion"
             )));
         }
-        let findings = r.referral_findings(body).await;
+        let findings = r.profile_findings(body, REFERRAL_PROFILE).await;
         if !findings.is_empty() {
+            let findings: Vec<String> = findings.iter().map(ToString::to_string).collect();
             return Ok(Err(format!(
                 "no case started: the referral does not meet {REFERRAL_PROFILE}: {}",
                 findings.join("; ")
@@ -826,6 +829,14 @@ impl Workflow {
             .unwrap_or("");
         match status {
             "registered" | "partial" | "preliminary" => {
+                let findings = r.profile_findings(&report.body, OPINION_PROFILE).await;
+                if !findings.is_empty() {
+                    return Err(WorkflowError::Unconformant {
+                        what: format!("the draft opinion {}", report.reference()),
+                        profile: OPINION_PROFILE,
+                        findings,
+                    });
+                }
                 if file.case.stage == Stage::UnderReview {
                     self.move_case(r, &mut file, &Event::DraftSubmitted, now_ms)
                         .await?;

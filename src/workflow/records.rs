@@ -29,6 +29,23 @@ impl Record {
     }
 }
 
+/// One way a resource falls short of a profile: where (a FHIRPath, when the
+/// check can say) and what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub at: Option<String>,
+    pub text: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.at {
+            Some(at) => write!(f, "{at}: {}", self.text),
+            None => f.write_str(&self.text),
+        }
+    }
+}
+
 /// Why the workflow could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkflowError {
@@ -44,6 +61,14 @@ pub enum WorkflowError {
     /// The store failed; nothing was changed.
     #[error("storage: {0}")]
     Store(String),
+    /// A resource the workflow needs in a given shape does not meet the
+    /// profile that says so.
+    #[error("{what} does not meet the profile {profile}")]
+    Unconformant {
+        what: String,
+        profile: &'static str,
+        findings: Vec<Finding>,
+    },
     /// The workflow built a resource the validator refuses: a defect of
     /// ours, never of the caller's input.
     #[error("the workflow built an invalid {resource_type}: {findings}")]
@@ -93,9 +118,8 @@ pub trait Records: Send {
         reference: &str,
         below_version: i64,
     ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError>;
-    /// Why `service_request` does not meet the referral profile (empty: it
-    /// does).
-    async fn referral_findings(&mut self, service_request: &Value) -> Vec<String>;
+    /// Why `resource` does not meet the profile `profile` (empty: it does).
+    async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding>;
 }
 
 /// Where [`Records`] transactions come from (for work that no client

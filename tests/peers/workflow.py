@@ -322,6 +322,16 @@ draft = {
     "resultsInterpreter": [{"reference": roles["requested"]}],
     "imagingStudy": [{"reference": f"ImagingStudy/{study['id']}"}],
     "conclusion": "Stage IIA adenocarcinoma of the right upper lobe; lobectomy is appropriate after PET-CT."}
+# A draft that falls short of the opinion profile or of the section
+# extension's definition is refused, each finding naming its element.
+def refused_at(body):
+    status, outcome = call("POST", "DiagnosticReport", body, expect=422)
+    return [e for i in outcome["issue"] for e in i.get("expression", [])]
+anonymous = {k: v for k, v in draft.items() if k != "resultsInterpreter"}
+assert "DiagnosticReport.resultsInterpreter" in refused_at(anonymous)
+odd = dict(draft, extension=[section("horoscope", "Favourable.")])
+assert "DiagnosticReport.extension[0].extension[0].value" in refused_at(odd)
+assert stage(case_task(task_id)) == "under-review"
 _, report = call("POST", "DiagnosticReport", draft, expect=201)
 report_id = report["id"]
 assert stage(case_task(task_id)) == "awaiting-approval"
