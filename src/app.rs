@@ -224,7 +224,6 @@ impl App {
         Retention {
             workflow: Arc::clone(&self.workflow),
             records: Arc::clone(&self.cases),
-            index: Arc::clone(&self.index),
             dicom_blobs: Arc::clone(&self.blobs),
             fhir_blobs: Arc::clone(&self.fhir_blobs),
         }

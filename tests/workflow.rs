@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use common::{python_json, stderr, stdout, Gateway};
+use common::{python_json, stderr, stdout, storescu, Gateway, ST_MARY_AE};
 
 #[test]
 fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
@@ -73,6 +73,18 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
     }
 
     retention_discards_the_submitted_records_and_keeps_the_opinion(&gw, facts);
+    // `konsil retention` ran as its own process, so the gateway still takes
+    // the study's series for known: the PACS sending the study again must
+    // not trip on that.
+    let ct: Vec<std::path::PathBuf> = std::fs::read_dir(work.path().join("ct"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let paths: Vec<&std::path::Path> = ct.iter().map(|p| p.as_path()).collect();
+    assert_eq!(paths.len(), 4);
+    let sent = storescu(&gw, ST_MARY_AE, &paths);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert_eq!(gw.instance_count(), 4, "{}", stdout(&sent));
 
     // Every resource the server emitted passes both public validators.
     let resources = result["resources"].as_array().unwrap();

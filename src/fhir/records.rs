@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::outcome::Issue;
 use super::rest::{self, Ctx};
 use super::{search, FhirError};
-use crate::ids::PartnerId;
+use crate::ids::{PartnerId, Uid};
 use crate::notify::{self, Changed};
 use crate::store::fhir::{
     Clause, ResourcePage, ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort,
@@ -277,6 +277,17 @@ impl Records for StoreRecords {
             .map_err(store_error)
     }
 
+    async fn discard_study(
+        &mut self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError> {
+        self.tx
+            .discard_study(partner, study_uid)
+            .await
+            .map_err(store_error)
+    }
+
     async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding> {
         let resource_type = resource["resourceType"].as_str().unwrap_or("");
         rest::validation(resource_type, resource, &[profile.to_owned()])
@@ -493,6 +504,14 @@ impl ResourceTx for CaseTx {
             .tx
             .purge_history(resource_type, id, below_version)
             .await
+    }
+
+    async fn discard_study(
+        &mut self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Vec<crate::store::BlobLocation>, MetaError> {
+        self.records.tx.discard_study(partner, study_uid).await
     }
 
     async fn enqueue_notification(

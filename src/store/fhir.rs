@@ -4,7 +4,7 @@
 //! FHIR rules: the FHIR edge decides versions, extracts index entries and
 //! builds queries; the store keeps and finds rows.
 
-use crate::ids::PartnerId;
+use crate::ids::{PartnerId, Uid};
 
 use super::{BlobLocation, MetaError};
 
@@ -262,6 +262,16 @@ pub trait ResourceTx: Send {
         resource_type: &str,
         id: &str,
         below_version: i64,
+    ) -> Result<Vec<BlobLocation>, MetaError>;
+    /// Remove a partner's study from the DICOM index (retention), in this
+    /// transaction: the index and the resources share one database, so a
+    /// case's records and its images go together or not at all. Returns
+    /// where the study's objects are, for the blob store to discard after
+    /// the commit.
+    async fn discard_study(
+        &mut self,
+        partner: &PartnerId,
+        study_uid: &Uid,
     ) -> Result<Vec<BlobLocation>, MetaError>;
     /// Queue a notification to `subscription_id` about `focus`, committed
     /// with the change it announces.

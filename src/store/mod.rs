@@ -284,11 +284,4 @@ pub trait MetadataStore: Send + Sync + 'static {
         study_uid: &Uid,
         seq: i64,
     ) -> Result<(), MetaError>;
-    /// Remove a partner's study from the index (retention). Returns where
-    /// its objects are, for the blob store to discard after this commits.
-    async fn discard_study(
-        &self,
-        partner: &PartnerId,
-        study_uid: &Uid,
-    ) -> Result<Vec<BlobLocation>, MetaError>;
 }

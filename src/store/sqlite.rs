@@ -8,13 +8,55 @@ use std::time::Duration;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::query::{self, Level, Locate, Matcher, Search, SearchRow, StoredInstance};
 use super::{
     AssertionLog, BlobLocation, IndexOutcome, IndexedBlob, InstanceRecord, MetaError, MetadataStore,
 };
 use crate::ids::{PartnerId, Uid};
+
+/// Remove a partner's study from the DICOM index, on `conn` (inside the
+/// caller's transaction). Returns where its objects are, for the blob store
+/// to discard after the commit, and the series it removed, whose
+/// known-series cache entries are stale once the commit is done.
+pub(super) async fn discard_study_on(
+    conn: &mut SqliteConnection,
+    partner: &PartnerId,
+    study_uid: &Uid,
+) -> Result<(Vec<BlobLocation>, Vec<String>), MetaError> {
+    let rows = sqlx::query(
+        "SELECT blob_object, blob_offset, blob_length FROM instances WHERE partner = ? AND study_uid = ?",
+    )
+    .bind(partner.as_str())
+    .bind(study_uid.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let locations = rows
+        .iter()
+        .map(blob_location)
+        .collect::<Result<Vec<_>, _>>()?;
+    let series: Vec<String> =
+        sqlx::query_scalar("SELECT series_uid FROM series WHERE partner = ? AND study_uid = ?")
+            .bind(partner.as_str())
+            .bind(study_uid.as_str())
+            .fetch_all(&mut *conn)
+            .await?;
+    for statement in [
+        "DELETE FROM instance_metadata WHERE instance_id IN (SELECT id FROM instances WHERE partner = ? AND study_uid = ?)",
+        "DELETE FROM instances WHERE partner = ? AND study_uid = ?",
+        "DELETE FROM series WHERE partner = ? AND study_uid = ?",
+        "DELETE FROM studies WHERE partner = ? AND study_uid = ?",
+        "DELETE FROM study_arrivals WHERE partner = ? AND study_uid = ?",
+    ] {
+        sqlx::query(statement)
+            .bind(partner.as_str())
+            .bind(study_uid.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok((locations, series))
+}
 
 /// A blob location from a row whose first three columns are object, offset
 /// and length.
@@ -70,13 +112,13 @@ pub struct SqliteStore {
     pub(super) writer: SqlitePool,
     /// Connections for queries.
     pub(super) reader: SqlitePool,
-    known_series: KnownSeries,
+    pub(super) known_series: KnownSeries,
 }
 
 /// Series (with their study) known to have index rows, so recording another
 /// instance of them skips two upserts. Bounded; losing it costs only those
 /// upserts. A path that deletes series or studies must invalidate it.
-type KnownSeries = moka::sync::Cache<(String, String), ()>;
+pub(super) type KnownSeries = moka::sync::Cache<(String, String), ()>;
 
 impl SqliteStore {
     /// Open (creating if needed) `<data_dir>/index.sqlite` and migrate it.
@@ -277,7 +319,14 @@ impl MetadataStore for SqliteStore {
             // The common case: one statement, atomic on its own. Each
             // statement is a round trip to the connection's thread, and that
             // is most of what an insert costs.
-            return insert_instance(&self.writer, r).await;
+            match insert_instance(&self.writer, r).await {
+                // Another process (`konsil retention`) removed the series
+                // since it was cached: create it again below.
+                Err(MetaError::Query(sqlx::Error::Database(e))) if e.is_foreign_key_violation() => {
+                    self.known_series.invalidate(&series_key);
+                }
+                outcome => return outcome,
+            }
         }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         upsert_study_and_series(&mut tx, r).await?;
@@ -412,51 +461,6 @@ impl MetadataStore for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(())
-    }
-
-    async fn discard_study(
-        &self,
-        partner: &PartnerId,
-        study_uid: &Uid,
-    ) -> Result<Vec<BlobLocation>, MetaError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(
-            "SELECT blob_object, blob_offset, blob_length FROM instances WHERE partner = ? AND study_uid = ?",
-        )
-        .bind(partner.as_str())
-        .bind(study_uid.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        let locations = rows
-            .iter()
-            .map(blob_location)
-            .collect::<Result<Vec<_>, _>>()?;
-        let series: Vec<String> =
-            sqlx::query_scalar("SELECT series_uid FROM series WHERE partner = ? AND study_uid = ?")
-                .bind(partner.as_str())
-                .bind(study_uid.as_str())
-                .fetch_all(&mut *tx)
-                .await?;
-        for statement in [
-            "DELETE FROM instance_metadata WHERE instance_id IN (SELECT id FROM instances WHERE partner = ? AND study_uid = ?)",
-            "DELETE FROM instances WHERE partner = ? AND study_uid = ?",
-            "DELETE FROM series WHERE partner = ? AND study_uid = ?",
-            "DELETE FROM studies WHERE partner = ? AND study_uid = ?",
-            "DELETE FROM study_arrivals WHERE partner = ? AND study_uid = ?",
-        ] {
-            sqlx::query(statement)
-                .bind(partner.as_str())
-                .bind(study_uid.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        // The series rows are gone: a later instance must create them again.
-        for uid in series {
-            self.known_series
-                .invalidate(&(partner.as_str().to_owned(), uid));
-        }
-        Ok(locations)
     }
 
     async fn search(&self, search: &Search) -> Result<Vec<SearchRow>, MetaError> {

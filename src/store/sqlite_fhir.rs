@@ -7,9 +7,9 @@ use super::fhir::{
     Attempt, Clause, Cursor, DatePrefix, HistoryPage, HistoryQuery, Notification, ResourcePage,
     ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort, StoredResource, StringMatch,
 };
-use super::sqlite::SqliteStore;
+use super::sqlite::{discard_study_on, KnownSeries, SqliteStore};
 use super::{BlobLocation, MetaError};
-use crate::ids::PartnerId;
+use crate::ids::{PartnerId, Uid};
 
 /// Sort key of rows without a value for a date sort: after all others.
 const LAST: i64 = i64::MAX;
@@ -485,7 +485,11 @@ impl ResourceStore for SqliteStore {
 
     async fn begin(&self) -> Result<Box<dyn ResourceTx>, MetaError> {
         let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        Ok(Box::new(SqliteResourceTx { tx }))
+        Ok(Box::new(SqliteResourceTx {
+            tx,
+            known_series: self.known_series.clone(),
+            removed_series: Vec::new(),
+        }))
     }
 
     async fn due_notifications(
@@ -538,6 +542,11 @@ impl ResourceStore for SqliteStore {
 
 struct SqliteResourceTx {
     tx: sqlx::Transaction<'static, Sqlite>,
+    /// The index's cache of series rows that exist.
+    known_series: KnownSeries,
+    /// (partner, series) rows this transaction removed: stale in the cache
+    /// once it commits.
+    removed_series: Vec<(String, String)>,
 }
 
 #[async_trait::async_trait]
@@ -706,8 +715,24 @@ impl ResourceTx for SqliteResourceTx {
         Ok(())
     }
 
+    async fn discard_study(
+        &mut self,
+        partner: &PartnerId,
+        study_uid: &Uid,
+    ) -> Result<Vec<BlobLocation>, MetaError> {
+        let (locations, series) = discard_study_on(&mut self.tx, partner, study_uid).await?;
+        self.removed_series
+            .extend(series.into_iter().map(|s| (partner.as_str().to_owned(), s)));
+        Ok(locations)
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), MetaError> {
-        self.tx.commit().await?;
+        let this = *self;
+        this.tx.commit().await?;
+        // A later instance of a removed series must create its row again.
+        for key in &this.removed_series {
+            this.known_series.invalidate(key);
+        }
         Ok(())
     }
 }

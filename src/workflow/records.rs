@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::case::Refusal;
-use crate::ids::PartnerId;
+use crate::ids::{PartnerId, Uid};
 
 /// One current resource.
 #[derive(Debug, Clone)]
@@ -117,6 +117,14 @@ pub trait Records: Send {
         &mut self,
         reference: &str,
         below_version: i64,
+    ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError>;
+    /// Remove a partner's study from the DICOM index, in this transaction
+    /// (retention). Returns where its objects are, to discard after the
+    /// commit.
+    async fn discard_study(
+        &mut self,
+        partner: &PartnerId,
+        study_uid: &Uid,
     ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError>;
     /// Why `resource` does not meet the profile `profile` (empty: it does).
     async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding>;

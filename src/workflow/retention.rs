@@ -18,7 +18,7 @@ use super::engine::{instant_text, Workflow, SERVICE_ORGANIZATION};
 use super::records::{codes, items, reference_of, Record, RecordStore, WorkflowError};
 use super::task::{self, case_of, write_case};
 use crate::ids::Uid;
-use crate::store::{BlobLocation, BlobStore, MetadataStore};
+use crate::store::{BlobLocation, BlobStore};
 
 /// `Task.meta.tag` that keeps a case's records whatever their age.
 pub const CASE_FLAG: &str = "http://konsil.dev/fhir/CodeSystem/case-flag";
@@ -41,7 +41,6 @@ pub struct CaseReport {
 pub struct Retention {
     pub workflow: Arc<Workflow>,
     pub records: Arc<dyn RecordStore>,
-    pub index: Arc<dyn MetadataStore>,
     pub dicom_blobs: Arc<dyn BlobStore>,
     pub fhir_blobs: Arc<dyn BlobStore>,
 }
@@ -284,22 +283,17 @@ impl Retention {
             audit_event(&task, &request, &report, as_of_ms),
         )
         .await?;
-        // The FHIR side commits first, then the DICOM index forgets the
-        // studies (its own store), then the bytes go. A failure in between
-        // leaves images indexed but no longer offered by the case: the
-        // next run does not retry them, so it is logged by the caller.
-        tx.commit().await?;
+        // The DICOM index forgets the studies in the same transaction, so
+        // the case says "discarded" exactly when its images are gone from
+        // the index; a failure leaves all of it for the next run. The bytes
+        // go after the commit.
         let mut dicom_blobs = Vec::new();
         if let Some(partner) = &request.partner {
             for uid in &studies {
-                dicom_blobs.extend(
-                    self.index
-                        .discard_study(partner, uid)
-                        .await
-                        .map_err(|e| WorkflowError::Store(e.to_string()))?,
-                );
+                dicom_blobs.extend(r.discard_study(partner, uid).await?);
             }
         }
+        tx.commit().await?;
         let dicom = Arc::clone(&self.dicom_blobs);
         let fhir = Arc::clone(&self.fhir_blobs);
         tokio::task::spawn_blocking(move || {
