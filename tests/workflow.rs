@@ -251,3 +251,127 @@ fn chrono_like_today_plus_days(days: u64) -> String {
         .expect("date");
     stdout(&out).trim().to_owned()
 }
+
+/// The time-driven checks take each open case on its own: a case that
+/// cannot be checked (its referral is gone from the store) is skipped with a
+/// warning, and another case's consent still runs out on time. Through the
+/// API a case's referral cannot be deleted at all.
+#[test]
+fn a_case_that_cannot_be_checked_does_not_hold_up_the_time_driven_checks() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "[workflow]\ncheck_interval_secs = 1");
+    let http = reqwest::blocking::Client::new();
+    let base = format!("http://127.0.0.1:{}/fhir", gw.http);
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>| -> (u16, Value) {
+        let mut request = http
+            .request(method, format!("{base}{path}"))
+            .header("X-Konsil-Partner", "st-mary")
+            .header("Content-Type", "application/fhir+json");
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    // A referral with a consent that runs out at `consent_end`.
+    let referral = |name: &str, consent_end: &str| -> String {
+        let patient = format!("urn:uuid:00000000-0000-4000-8000-00000000000{name}");
+        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": patient, "resource": {"resourceType": "Patient", "name": [{"family": format!("Tick{name}")}]},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": format!("urn:uuid:00000000-0000-4000-9000-00000000000{name}"),
+             "resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                "category": [{"coding": [{"system": "http://konsil.dev/fhir/CodeSystem/referral-type", "code": "second-opinion"}]}],
+                "code": {"coding": [{"system": "http://konsil.dev/fhir/CodeSystem/specialty", "code": "oncology"}]},
+                "subject": {"reference": patient}, "requester": {"reference": "Organization/st-mary"},
+                "reasonCode": [{"text": "staging"}]},
+             "request": {"method": "POST", "url": "ServiceRequest"}},
+            {"resource": {"resourceType": "Consent", "status": "active",
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                "patient": {"reference": patient},
+                "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+                "provision": {"type": "permit", "period": {"end": consent_end}}},
+             "request": {"method": "POST", "url": "Consent"}},
+        ]});
+        let (status, answer) = send(reqwest::Method::POST, "", Some(bundle));
+        assert_eq!(status, 200, "{answer}");
+        answer["entry"][1]["response"]["location"]
+            .as_str()
+            .unwrap()
+            .split("/_history")
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let case_of = |request: &str| -> Value {
+        let (status, bundle) = send(
+            reqwest::Method::GET,
+            &format!("/Task?focus={request}"),
+            None,
+        );
+        assert_eq!(status, 200, "{bundle}");
+        bundle["entry"][0]["resource"].clone()
+    };
+    // Case A, created first: the API keeps its referral; then the row goes.
+    let broken = referral("1", "2099-01-01");
+    let (status, outcome) = send(reqwest::Method::DELETE, &format!("/{broken}"), None);
+    assert_eq!(status, 409, "{outcome}");
+    assert!(
+        outcome.to_string().contains("withdraw the case"),
+        "{outcome}"
+    );
+    let id = broken.trim_start_matches("ServiceRequest/");
+    let script = "import sqlite3,sys\ncon=sqlite3.connect(sys.argv[1],timeout=30)\ncon.execute(\"UPDATE fhir_resource SET deleted=1, body=NULL WHERE type='ServiceRequest' AND id=?\",(sys.argv[2],))\ncon.commit()";
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            gw.data_dir.join("index.sqlite").to_str().unwrap(),
+            id,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Case B: its consent ends in a few seconds.
+    let end = chrono_like_now_plus_secs(3);
+    let request = referral("2", &end);
+    let reason = |task: &Value| {
+        task["statusReason"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(!reason(&case_of(&request)).contains("period has ended"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let task = case_of(&request);
+        if reason(&task).contains("period has ended") {
+            assert_eq!(task["status"], "on-hold", "{task}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired consent was never noticed: {task}\n{}",
+            gw.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(gw.log().contains("time-driven check of a case failed"));
+}
+
+/// Now plus `secs`, as a FHIR dateTime (UTC, seconds).
+fn chrono_like_now_plus_secs(secs: u64) -> String {
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("+{secs} seconds"),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .expect("date");
+    stdout(&out).trim().to_owned()
+}

@@ -53,6 +53,9 @@ impl From<WorkflowError> for FhirError {
                 }));
                 FhirError::unprocessable(issues)
             }
+            WorkflowError::Conflict(why) => {
+                FhirError::new(StatusCode::CONFLICT, Issue::error("conflict", why))
+            }
             WorkflowError::NotFound(what) => FhirError::new(
                 StatusCode::NOT_FOUND,
                 Issue::error("not-found", format!("{what} is not known")),

@@ -178,6 +178,15 @@ impl Workflow {
         }
         for w in written {
             match w.resource_type.as_str() {
+                "ServiceRequest" if w.deleted => {
+                    if let Some(task) = self.case_task(r, &w.reference()).await? {
+                        return Err(WorkflowError::Conflict(format!(
+                            "{} is the referral of the case {}, which keeps it: withdraw the case (Task.status 'cancelled') instead",
+                            w.reference(),
+                            task.reference()
+                        )));
+                    }
+                }
                 "Task" if !w.deleted && !adopted.contains(&w.reference()) => {
                     self.task_written(r, caller, w, now_ms).await?;
                 }
@@ -1479,10 +1488,11 @@ impl Workflow {
         Ok(())
     }
 
-    /// Time-driven checks (quiet periods, stale records, consents that
-    /// expired): re-check every open case.
-    pub async fn tick(&self, r: &mut dyn Records, now_ms: i64) -> Result<usize, WorkflowError> {
-        let mut n = 0;
+    /// The open cases (their Task references), which the time-driven
+    /// checks (quiet periods, stale records, consents that expired) look at
+    /// again.
+    pub async fn open_cases(&self, r: &mut dyn Records) -> Result<Vec<String>, WorkflowError> {
+        let mut open = Vec::new();
         for stage in [
             Stage::Intake,
             Stage::AwaitingRecords,
@@ -1500,15 +1510,9 @@ impl Workflow {
                     ),
                 )
                 .await?;
-            for t in tasks {
-                let before = t.version;
-                let after = self.check_case(r, t, now_ms).await?;
-                if after.version != before {
-                    n += 1;
-                }
-            }
+            open.extend(tasks.iter().map(Record::reference));
         }
-        Ok(n)
+        Ok(open)
     }
 }
 

@@ -55,6 +55,10 @@ pub enum WorkflowError {
     /// The request cannot be used as it is (says what to change).
     #[error("{0}")]
     Invalid(String),
+    /// The request would break what the workflow keeps (e.g. deleting the
+    /// referral a case is about).
+    #[error("{0}")]
+    Conflict(String),
     /// What the request names does not exist.
     #[error("{0} not found")]
     NotFound(String),

@@ -106,12 +106,42 @@ impl Runner {
         }
     }
 
-    /// Run the time-driven checks once.
+    /// Run the time-driven checks once: each open case in a transaction of
+    /// its own, so the store's writer is never held for all of them and one
+    /// case that cannot be checked does not hold up the others. Returns how
+    /// many cases moved.
     pub async fn tick(&self) -> Result<usize, WorkflowError> {
-        let mut tx = self.records.begin().await?;
-        let moved = self.workflow.tick(tx.records(), now_ms()).await?;
-        tx.commit().await?;
+        let open = {
+            let mut tx = self.records.begin().await?;
+            self.workflow.open_cases(tx.records()).await?
+        };
+        let mut moved = 0;
+        for task in open {
+            match self.check(&task).await {
+                Ok(true) => moved += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(task = %task, error = %e, "time-driven check of a case failed; tried again at the next check")
+                }
+            }
+        }
         Ok(moved)
+    }
+
+    /// Check one case now; whether it changed.
+    async fn check(&self, task_ref: &str) -> Result<bool, WorkflowError> {
+        let mut tx = self.records.begin().await?;
+        // It may have moved on since the list was read.
+        let Some(task) = tx.records().read(task_ref).await? else {
+            return Ok(false);
+        };
+        let before = task.version;
+        let after = self
+            .workflow
+            .check_case(tx.records(), task, now_ms())
+            .await?;
+        tx.commit().await?;
+        Ok(after.version != before)
     }
 
     /// Until `stop` turns true: reconcile arriving studies, tick on the
