@@ -200,7 +200,8 @@ pub struct AuthConfig {
     pub max_assertion_secs: u64,
     /// An OpenID Connect issuer whose tokens staff sign in with (`iss`).
     pub staff_issuer: Option<String>,
-    /// That issuer's public keys (a JWKS file).
+    /// That issuer's public keys (a JWKS file); without it they are
+    /// discovered from the issuer (`/.well-known/openid-configuration`).
     pub staff_jwks_file: Option<PathBuf>,
     /// The `aud` that issuer puts in tokens meant for Konsil.
     pub staff_audience: Option<String>,
@@ -259,9 +260,9 @@ impl AuthConfig {
                 "token lifetimes must be at least 1 second",
             ));
         }
-        if self.staff_issuer.is_some() != self.staff_jwks_file.is_some() {
+        if self.staff_jwks_file.is_some() && self.staff_issuer.is_none() {
             return Err(ConfigError::Conflict(
-                "auth.staff_issuer and auth.staff_jwks_file go together".into(),
+                "auth.staff_jwks_file holds the keys of auth.staff_issuer: set that too".into(),
             ));
         }
         self.signing_key = self.signing_key.take().map(|p| base.join(p));

@@ -375,6 +375,144 @@ fn access_matrix_of_roles_and_partners() {
     assert_eq!(status, 401);
 }
 
+/// The loopback OpenID Connect issuer of `auth.py idp-serve`, stopped when
+/// dropped.
+struct Issuer(std::process::Child);
+
+impl Drop for Issuer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn staff_keys_come_from_the_issuers_discovery_and_follow_its_rotation() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("idp");
+    let dir = keys.to_str().unwrap();
+    for args in [
+        vec!["idp", dir],
+        vec!["idp", dir, "idp2", "idp-2"],
+        vec!["idp", dir, "stranger", "idp-9"],
+    ] {
+        let out = python("auth.py", &args);
+        assert!(out.status.success(), "auth.py idp: {}", stderr(&out));
+    }
+    let jwks = |name: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(keys.join(format!("{name}.jwks.json"))).unwrap())
+            .unwrap()
+    };
+    let serve = |set: Vec<Value>| {
+        std::fs::write(
+            keys.join("served.jwks.json"),
+            json!({"keys": set}).to_string(),
+        )
+        .unwrap()
+    };
+    serve(vec![jwks("idp")["keys"][0].clone()]);
+    let port_file = work.path().join("issuer.port");
+    let _issuer = Issuer(
+        std::process::Command::new("python3")
+            .arg(common::peers_dir().join("auth.py"))
+            .args(["idp-serve", dir, port_file.to_str().unwrap()])
+            .spawn()
+            .expect("python3"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let port = loop {
+        if let Ok(port) = std::fs::read_to_string(&port_file) {
+            break port;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the issuer did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let issuer = format!("http://127.0.0.1:{port}");
+    let gw = Gateway::start_secure(
+        work.path(),
+        &format!("[auth]\nstaff_issuer = {issuer:?}\nstaff_audience = \"konsil\"\n"),
+        ["", ""],
+    );
+    let token = |key: &str, kid: &str, subject: &str| {
+        let out = python(
+            "auth.py",
+            &[
+                "idp-token",
+                dir,
+                &issuer,
+                "konsil",
+                subject,
+                "coordinator",
+                key,
+                kid,
+            ],
+        );
+        assert!(out.status.success(), "auth.py idp-token: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let fetches = || {
+        std::fs::read_to_string(keys.join("fetches.log"))
+            .map(|log| log.lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        fetches(),
+        0,
+        "nothing is fetched before a staff token comes"
+    );
+    let status = |token: &str| get_bearer(&gw, "/fhir/Patient", token).0;
+    assert_eq!(status(&token("idp", "idp-1", "alice")), 200, "{}", gw.log());
+    assert_eq!(status(&token("idp", "idp-1", "bob")), 200);
+    assert_eq!(fetches(), 1, "the keys are fetched once, then kept");
+    // The issuer rotates: a token of its new key makes Konsil fetch again.
+    serve(vec![
+        jwks("idp")["keys"][0].clone(),
+        jwks("idp2")["keys"][0].clone(),
+    ]);
+    assert_eq!(
+        status(&token("idp2", "idp-2", "carol")),
+        200,
+        "{}",
+        gw.log()
+    );
+    assert_eq!(fetches(), 2);
+    // A made-up key id right after is refused without another fetch, and a
+    // known key id on a token another key signed is refused.
+    assert_eq!(status(&token("stranger", "idp-9", "mallory")), 401);
+    assert_eq!(
+        fetches(),
+        2,
+        "unknown key ids do not make Konsil hammer the issuer"
+    );
+    assert_eq!(status(&token("stranger", "idp-1", "mallory")), 401);
+    // An issuer that is not https (and not this machine) is refused at start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_konsil"))
+        .env(
+            "KONSIL_AUTH_STAFF_ISSUER",
+            "http://login.example.org/realms/konsil",
+        )
+        .args([
+            "--config",
+            gw.config_path().to_str().unwrap(),
+            "token",
+            "--role",
+            "admin",
+            "--subject",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("must be an https URL"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn staff_sign_in_with_the_configured_openid_connect_issuer() {
     let work = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@
 pub mod cases;
 pub mod policy;
 pub mod scope;
+mod staff;
 pub mod token;
 
 use std::sync::Arc;
@@ -237,7 +238,7 @@ pub async fn authenticate(
     extensions: &axum::http::Extensions,
     uri: &axum::http::Uri,
 ) -> Result<Caller, GateError> {
-    let caller = match identify(app, headers, extensions) {
+    let caller = match identify(app, headers, extensions).await {
         Ok(caller) => caller,
         Err(e) => {
             if let Some(record) = refusal_audit(&e, uri) {
@@ -260,7 +261,7 @@ pub enum GateError {
     Store(crate::store::MetaError),
 }
 
-fn identify(
+async fn identify(
     app: &App,
     headers: &HeaderMap,
     extensions: &axum::http::Extensions,
@@ -268,7 +269,9 @@ fn identify(
     let caller = if app.config.dev {
         dev_identity(&app.config, headers)?
     } else {
-        app.authority.verify(&app.config, bearer_token(headers)?)?
+        app.authority
+            .verify(&app.config, bearer_token(headers)?)
+            .await?
     };
     certificate_partner_check(&caller, extensions)?;
     if let Some(partner) = caller.partner() {

@@ -15,16 +15,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use jsonwebtoken::jwk::{Jwk, JwkSet, ThumbprintHash};
+use jsonwebtoken::jwk::{Jwk, ThumbprintHash};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::scope::Scopes;
+use super::staff::StaffIssuer;
 use super::{Caller, CallerError, PartnerClient, Role, StaffUser};
 use crate::app::App;
 use crate::audit::{Actor, AuditRecord, Kind, Outcome};
-use crate::config::{AuthConfig, Config};
+use crate::config::Config;
 use crate::ids::PartnerId;
 
 /// `client_assertion_type` of RFC 7523 client authentication.
@@ -32,7 +33,7 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer
 /// `iss` of every token Konsil signs.
 const ISSUER: &str = "konsil";
 /// Clock skew tolerated on `exp` and `iat`.
-const LEEWAY_SECS: u64 = 30;
+pub(super) const LEEWAY_SECS: u64 = 30;
 /// The largest token request body (a client assertion is a few KiB).
 const MAX_TOKEN_REQUEST: usize = 64 * 1024;
 
@@ -53,6 +54,8 @@ pub enum AuthStartError {
     BadKey { path: PathBuf, reason: String },
     #[error("auth.staff_jwks_file {path}: {reason}")]
     StaffJwks { path: PathBuf, reason: String },
+    #[error("auth.staff_issuer {issuer}: {reason}")]
+    StaffIssuer { issuer: String, reason: String },
 }
 
 /// Claims of the access tokens Konsil signs.
@@ -80,14 +83,6 @@ struct AssertionClaims {
     exp: i64,
     #[serde(default)]
     jti: Option<String>,
-}
-
-/// An external staff issuer (OpenID Connect).
-struct StaffIssuer {
-    issuer: String,
-    keys: JwkSet,
-    audience: Option<String>,
-    roles_claim: String,
 }
 
 /// Issues and checks tokens.
@@ -129,7 +124,7 @@ impl Authority {
             verifying,
             public,
             kid,
-            staff: staff_issuer(&config.auth)?,
+            staff: StaffIssuer::from_config(&config.auth)?,
             access_token_secs: config.auth.access_token_secs,
             max_assertion_secs: config.auth.max_assertion_secs,
             token_url: config.auth.token_url.clone(),
@@ -167,7 +162,7 @@ impl Authority {
     }
 
     /// The caller a bearer token stands for.
-    pub fn verify(&self, config: &Config, token: &str) -> Result<Caller, CallerError> {
+    pub async fn verify(&self, config: &Config, token: &str) -> Result<Caller, CallerError> {
         let now = now_secs();
         if let Some((caller, exp)) = self.verified.get(token) {
             if exp > now {
@@ -180,7 +175,7 @@ impl Authority {
         let (caller, exp) = if header.kid.as_deref() == Some(self.kid.as_str()) {
             self.verify_own(config, token)?
         } else if let Some(staff) = &self.staff {
-            staff.verify(token, &header)?
+            staff.verify(token, &header).await?
         } else {
             return Err(invalid("not signed by this server"));
         };
@@ -392,87 +387,6 @@ impl Authority {
     }
 }
 
-impl StaffIssuer {
-    fn verify(&self, token: &str, header: &Header) -> Result<(Caller, i64), CallerError> {
-        let invalid = |why: String| CallerError::InvalidToken(why);
-        let jwk = header
-            .kid
-            .as_deref()
-            .and_then(|kid| self.keys.find(kid))
-            .ok_or_else(|| invalid("signed by an unknown key".into()))?;
-        // Public-key signatures only: the JWKS is public, so a shared-secret
-        // algorithm named in the token's header must never be honoured.
-        use jsonwebtoken::Algorithm as A;
-        if !matches!(
-            header.alg,
-            A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512 | A::ES256 | A::ES384
-        ) {
-            return Err(invalid(format!(
-                "{:?} is not a public-key signature",
-                header.alg
-            )));
-        }
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(e.to_string()))?;
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&self.issuer]);
-        validation.leeway = LEEWAY_SECS;
-        match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-            .map_err(|e| invalid(token_error(&e)))?
-            .claims;
-        let roles = match claims.get(&self.roles_claim) {
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .filter_map(|v| v.as_str())
-                .filter_map(Role::parse)
-                .collect(),
-            Some(serde_json::Value::String(text)) => {
-                text.split_whitespace().filter_map(Role::parse).collect()
-            }
-            _ => Vec::new(),
-        };
-        let subject = claims
-            .get("sub")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        let exp = claims.get("exp").and_then(|v| v.as_i64()).unwrap_or(0);
-        Ok((
-            Caller::Staff(StaffUser {
-                subject,
-                roles,
-                cases: None,
-            }),
-            exp,
-        ))
-    }
-}
-
-fn staff_issuer(config: &AuthConfig) -> Result<Option<StaffIssuer>, AuthStartError> {
-    let (Some(issuer), Some(path)) = (&config.staff_issuer, &config.staff_jwks_file) else {
-        return Ok(None);
-    };
-    let bad = |reason: String| AuthStartError::StaffJwks {
-        path: path.clone(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let keys: JwkSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if keys.keys.is_empty() {
-        return Err(bad("holds no key".into()));
-    }
-    Ok(Some(StaffIssuer {
-        issuer: issuer.clone(),
-        keys,
-        audience: config.staff_audience.clone(),
-        roles_claim: config.staff_roles_claim.clone(),
-    }))
-}
-
 /// Where the signing key lives.
 pub fn signing_key_path(config: &Config) -> PathBuf {
     config
@@ -543,7 +457,7 @@ fn now_secs() -> i64 {
 }
 
 /// A JWT check failure as words for the caller (no token content).
-fn token_error(e: &jsonwebtoken::errors::Error) -> String {
+pub(super) fn token_error(e: &jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind;
     match e.kind() {
         ErrorKind::ExpiredSignature => "expired".into(),

@@ -6,11 +6,15 @@
       key for st-mary-ehr and st-mary-viewer, an ES384 P-384 key for
       city-clinic-ehr; writes DIR/<client>.pem and DIR/<client>.jwks.json,
       plus DIR/impostor.pem (an RSA key nobody registered).
-  auth.py idp DIR
-      a staff OpenID Connect issuer's RS256 key: DIR/idp.pem, DIR/idp.jwks.json.
-  auth.py idp-token DIR ISSUER AUDIENCE SUBJECT ROLES [KEY]
+  auth.py idp DIR [NAME KID]
+      a staff OpenID Connect issuer's RS256 key: DIR/NAME.pem, DIR/NAME.jwks.json
+      (NAME idp, KID idp-1 by default).
+  auth.py idp-token DIR ISSUER AUDIENCE SUBJECT ROLES [KEY [KID]]
       a token that issuer signs (ROLES comma-separated, "-" for none; KEY
-      another key file name in DIR to forge one).
+      another key file name in DIR to forge one or to sign with a rotated key).
+  auth.py idp-serve DIR PORT_FILE
+      that issuer's OpenID Connect discovery and JWKS (DIR/served.jwks.json)
+      on a loopback port, written to PORT_FILE.
   auth.py token BASE DIR CLIENT SCOPE
       get an access token; prints {"access_token", "scope", "expires_in"}.
   auth.py scenario BASE DIR DICOM_FILE
@@ -259,19 +263,19 @@ def scenario(base, keydir, dicom_file):
     print(json.dumps(facts))
 
 
-def idp(out):
+def idp(out, name="idp", kid="idp-1"):
     """A staff OpenID Connect issuer's signing key (RS256, as most issue)."""
     os.makedirs(out, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    with open(os.path.join(out, "idp.pem"), "wb") as f:
+    with open(os.path.join(out, f"{name}.pem"), "wb") as f:
         f.write(pem(key))
     jwk = json.loads(jwt.algorithms.get_default_algorithms()["RS256"].to_jwk(key.public_key()))
-    jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
-    with open(os.path.join(out, "idp.jwks.json"), "w") as f:
+    jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+    with open(os.path.join(out, f"{name}.jwks.json"), "w") as f:
         json.dump({"keys": [jwk]}, f)
 
 
-def idp_token(keydir, issuer, audience, subject, roles, key_name="idp"):
+def idp_token(keydir, issuer, audience, subject, roles, key_name="idp", kid="idp-1"):
     """An ID/access token as the issuer would sign it; roles comma-separated
     ("-" for none)."""
     now = int(time.time())
@@ -279,7 +283,45 @@ def idp_token(keydir, issuer, audience, subject, roles, key_name="idp"):
     if roles != "-":
         claims["roles"] = roles.split(",")
     return jwt.encode(claims, private_key(keydir, key_name), algorithm="RS256",
-                      headers={"kid": "idp-1"})
+                      headers={"kid": kid})
+
+
+def idp_serve(keydir, port_file):
+    """The issuer's OpenID Connect discovery on loopback: the configuration
+    document at /.well-known/openid-configuration, its JWKS (KEYDIR/served.jwks.json,
+    read at each request so the test can rotate keys) at /jwks; each JWKS
+    fetch is a line in KEYDIR/fetches.log. Writes the port, then serves until killed."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Issuer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            base = f"http://127.0.0.1:{self.server.server_port}"
+            if self.path == "/.well-known/openid-configuration":
+                body = {"issuer": base, "jwks_uri": f"{base}/jwks",
+                        "id_token_signing_alg_values_supported": ["RS256"]}
+            elif self.path == "/jwks":
+                with open(os.path.join(keydir, "served.jwks.json")) as f:
+                    body = json.load(f)
+                with open(os.path.join(keydir, "fetches.log"), "a") as f:
+                    f.write("jwks\n")
+            else:
+                self.send_error(404)
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Issuer)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(server.server_port))
+    os.rename(port_file + ".tmp", port_file)
+    server.serve_forever()
 
 
 def main():
@@ -287,7 +329,9 @@ def main():
     if command == "keys":
         keys(sys.argv[2])
     elif command == "idp":
-        idp(sys.argv[2])
+        idp(*sys.argv[2:])
+    elif command == "idp-serve":
+        idp_serve(sys.argv[2], sys.argv[3])
     elif command == "idp-token":
         print(idp_token(*sys.argv[2:]))
     elif command == "token":

@@ -1,0 +1,297 @@
+//! Staff sign-in with an external OpenID Connect issuer's tokens (Keycloak,
+//! Entra ID, …): `[auth] staff_issuer`, with its public keys from a JWKS
+//! file (`staff_jwks_file`) or, without one, from the issuer's discovery
+//! document (`<issuer>/.well-known/openid-configuration`, its `jwks_uri`),
+//! kept current as the issuer rotates its keys.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{DecodingKey, Header, Validation};
+
+use super::token::{token_error, AuthStartError, LEEWAY_SECS};
+use super::{Caller, CallerError, Role, StaffUser};
+use crate::config::AuthConfig;
+
+/// Discovered keys older than this are fetched again before use, so a key
+/// the issuer withdrew stops working within this time.
+const KEYS_MAX_AGE: Duration = Duration::from_secs(3600);
+/// A token naming a key we do not have makes us fetch the keys again (the
+/// issuer rotated them), at most once per this: tokens with made-up key ids
+/// cannot make Konsil hammer the issuer.
+const UNKNOWN_KEY_GAP: Duration = Duration::from_secs(60);
+/// After a failed fetch, the next try waits this long (requests meanwhile
+/// use the keys fetched before, if any).
+const RETRY_GAP: Duration = Duration::from_secs(10);
+/// Whole-request limit for the discovery document and the JWKS.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Larger documents are not an issuer's discovery or keys.
+const MAX_DOCUMENT: usize = 1024 * 1024;
+
+/// An external staff issuer (OpenID Connect).
+pub(super) struct StaffIssuer {
+    issuer: String,
+    keys: StaffKeys,
+    audience: Option<String>,
+    roles_claim: String,
+}
+
+/// Where a staff issuer's public keys come from.
+enum StaffKeys {
+    /// A JWKS file, read at start.
+    File(JwkSet),
+    /// The issuer's discovery document, fetched at first use.
+    Discovered(Discovery),
+}
+
+struct Discovery {
+    http: reqwest::Client,
+    /// One fetch at a time; requests wait for it rather than start their own.
+    state: tokio::sync::Mutex<Fetched>,
+}
+
+#[derive(Default)]
+struct Fetched {
+    keys: Option<(Arc<JwkSet>, Instant)>,
+    last_unknown_key_fetch: Option<Instant>,
+    failed_at: Option<Instant>,
+}
+
+impl StaffIssuer {
+    /// The issuer the configuration names, if any.
+    pub(super) fn from_config(config: &AuthConfig) -> Result<Option<StaffIssuer>, AuthStartError> {
+        let Some(issuer) = &config.staff_issuer else {
+            return Ok(None);
+        };
+        let keys = match &config.staff_jwks_file {
+            Some(path) => {
+                let bad = |reason: String| AuthStartError::StaffJwks {
+                    path: path.clone(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+                let keys: JwkSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+                if keys.keys.is_empty() {
+                    return Err(bad("holds no key".into()));
+                }
+                StaffKeys::File(keys)
+            }
+            None => {
+                let bad = |reason: &str| AuthStartError::StaffIssuer {
+                    issuer: issuer.clone(),
+                    reason: reason.to_owned(),
+                };
+                if !fetchable(issuer) {
+                    return Err(bad(
+                        "its keys are discovered from it, so it must be an https URL (http only on loopback); or give staff_jwks_file",
+                    ));
+                }
+                let http = reqwest::Client::builder()
+                    .timeout(FETCH_TIMEOUT)
+                    .build()
+                    .map_err(|e| bad(&e.to_string()))?;
+                StaffKeys::Discovered(Discovery {
+                    http,
+                    state: tokio::sync::Mutex::new(Fetched::default()),
+                })
+            }
+        };
+        Ok(Some(StaffIssuer {
+            issuer: issuer.clone(),
+            keys,
+            audience: config.staff_audience.clone(),
+            roles_claim: config.staff_roles_claim.clone(),
+        }))
+    }
+
+    /// The staff member a token of this issuer stands for, and when the
+    /// token expires.
+    pub(super) async fn verify(
+        &self,
+        token: &str,
+        header: &Header,
+    ) -> Result<(Caller, i64), CallerError> {
+        let invalid = |why: String| CallerError::InvalidToken(why);
+        // Public-key signatures only: the JWKS is public, so a shared-secret
+        // algorithm named in the token's header must never be honoured.
+        use jsonwebtoken::Algorithm as A;
+        if !matches!(
+            header.alg,
+            A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512 | A::ES256 | A::ES384
+        ) {
+            return Err(invalid(format!(
+                "{:?} is not a public-key signature",
+                header.alg
+            )));
+        }
+        let kid = header
+            .kid
+            .as_deref()
+            .ok_or_else(|| invalid("the token names no key (kid)".into()))?;
+        let jwk = match &self.keys {
+            StaffKeys::File(keys) => keys.find(kid).cloned(),
+            StaffKeys::Discovered(discovery) => discovery.key(&self.issuer, kid).await,
+        }
+        .ok_or_else(|| invalid("signed by an unknown key".into()))?;
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| invalid(e.to_string()))?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.leeway = LEEWAY_SECS;
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map_err(|e| invalid(token_error(&e)))?
+            .claims;
+        let roles = match claims.get(&self.roles_claim) {
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str())
+                .filter_map(Role::parse)
+                .collect(),
+            Some(serde_json::Value::String(text)) => {
+                text.split_whitespace().filter_map(Role::parse).collect()
+            }
+            _ => Vec::new(),
+        };
+        let subject = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let exp = claims.get("exp").and_then(|v| v.as_i64()).unwrap_or(0);
+        Ok((
+            Caller::Staff(StaffUser {
+                subject,
+                roles,
+                cases: None,
+            }),
+            exp,
+        ))
+    }
+}
+
+impl Discovery {
+    /// The issuer's key `kid`, fetching the keys when there are none yet,
+    /// when they are old, or when `kid` is not among them (see the gaps
+    /// above).
+    async fn key(&self, issuer: &str, kid: &str) -> Option<Jwk> {
+        let mut state = self.state.lock().await;
+        let known = |state: &Fetched| {
+            state
+                .keys
+                .as_ref()
+                .and_then(|(keys, _)| keys.find(kid).cloned())
+        };
+        let old = state
+            .keys
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= KEYS_MAX_AGE);
+        let unknown = known(&state).is_none()
+            && state
+                .last_unknown_key_fetch
+                .is_none_or(|at| at.elapsed() >= UNKNOWN_KEY_GAP);
+        let may = state.failed_at.is_none_or(|at| at.elapsed() >= RETRY_GAP);
+        if (old || unknown) && may {
+            if !old {
+                state.last_unknown_key_fetch = Some(Instant::now());
+            }
+            match self.fetch(issuer).await {
+                Ok(keys) => {
+                    state.keys = Some((Arc::new(keys), Instant::now()));
+                    state.failed_at = None;
+                }
+                Err(why) => {
+                    state.failed_at = Some(Instant::now());
+                    tracing::warn!(issuer, error = %why, "cannot fetch the staff issuer's keys; the ones fetched before (if any) stay in use");
+                }
+            }
+        }
+        known(&state)
+    }
+
+    /// The issuer's discovery document, then the JWKS it points to.
+    async fn fetch(&self, issuer: &str) -> Result<JwkSet, String> {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let document: serde_json::Value = self.get_json(&url).await?;
+        // OpenID Connect Discovery 1.0, 4.3: the document's issuer is the
+        // one asked for, exactly.
+        if document["issuer"] != issuer {
+            return Err(format!(
+                "{url} names another issuer ({})",
+                document["issuer"]
+            ));
+        }
+        let jwks_uri = document["jwks_uri"]
+            .as_str()
+            .ok_or_else(|| format!("{url} has no jwks_uri"))?;
+        if !fetchable(jwks_uri) {
+            return Err(format!(
+                "its jwks_uri {jwks_uri} is not https (http only on loopback)"
+            ));
+        }
+        let keys: JwkSet = self.get_json(jwks_uri).await?;
+        if keys.keys.is_empty() {
+            return Err(format!("{jwks_uri} holds no key"));
+        }
+        Ok(keys)
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let response = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url} answered {}", response.status()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_DOCUMENT as u64)
+        {
+            return Err(format!("{url} is larger than {MAX_DOCUMENT} bytes"));
+        }
+        let body = response.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+        if body.len() > MAX_DOCUMENT {
+            return Err(format!("{url} is larger than {MAX_DOCUMENT} bytes"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("{url} is not the JSON expected: {e}"))
+    }
+}
+
+/// Whether keys may be fetched from `url`: https, or plain http to this
+/// machine (a test issuer, or one behind a local proxy).
+fn fetchable(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    match url.scheme() {
+        "https" => true,
+        "http" => matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_fetched_over_https_or_from_this_machine_only() {
+        assert!(fetchable("https://login.example.org/realms/konsil"));
+        assert!(fetchable("http://127.0.0.1:8081"));
+        assert!(fetchable("http://localhost/realms/k"));
+        assert!(!fetchable("http://login.example.org/realms/konsil"));
+        assert!(!fetchable("ftp://login.example.org"));
+        assert!(!fetchable("not a url"));
+    }
+}
