@@ -59,19 +59,7 @@ pub type Finding = (&'static str, String, String);
 pub fn find(url: &str) -> Option<&'static ExtensionDefinition> {
     static ALL: OnceLock<HashMap<String, ExtensionDefinition>> = OnceLock::new();
     ALL.get_or_init(|| {
-        DEFINITIONS
-            .iter()
-            .filter_map(|text| match compile(text) {
-                Some(d) => Some((d.url.clone(), d)),
-                // A repository file: the unit tests load every one.
-                None => {
-                    tracing::error!(
-                        "an extension definition in profiles/konsil cannot be compiled"
-                    );
-                    None
-                }
-            })
-            .collect()
+        super::profiles::by_url(DEFINITIONS, compile, |d| &d.url, "an extension definition")
     })
     .get(url)
 }

@@ -62,19 +62,28 @@ pub struct Profile {
 /// All profiles by canonical URL.
 pub fn all() -> &'static HashMap<String, Profile> {
     static ALL: OnceLock<HashMap<String, Profile>> = OnceLock::new();
-    ALL.get_or_init(|| {
-        PROFILES
-            .iter()
-            .filter_map(|text| match compile(text) {
-                Some(p) => Some((p.url.clone(), p)),
-                // A repository file: the unit tests load every one.
-                None => {
-                    tracing::error!("a profile in profiles/konsil cannot be compiled");
-                    None
-                }
-            })
-            .collect()
-    })
+    ALL.get_or_init(|| by_url(PROFILES, compile, |p| &p.url, "a profile"))
+}
+
+/// Committed definitions compiled, by canonical URL. One that does not
+/// compile is logged and left out (a repository file: the unit tests load
+/// every one).
+pub(super) fn by_url<T>(
+    texts: &[&str],
+    compile: fn(&str) -> Option<T>,
+    url: fn(&T) -> &String,
+    what: &str,
+) -> HashMap<String, T> {
+    texts
+        .iter()
+        .filter_map(|text| match compile(text) {
+            Some(d) => Some((url(&d).clone(), d)),
+            None => {
+                tracing::error!("{what} in profiles/konsil cannot be compiled");
+                None
+            }
+        })
+        .collect()
 }
 
 fn compile(text: &str) -> Option<Profile> {
