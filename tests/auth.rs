@@ -11,7 +11,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use common::{
-    dicom_files, python, python_json, stderr, storescu, test_clients, Gateway, ST_MARY_AE,
+    dicom_files, partner_token, python, python_json, stderr, storescu, test_clients, Gateway,
+    ST_MARY_AE,
 };
 
 fn start(work: &Path) -> Gateway {
@@ -22,16 +23,6 @@ fn start(work: &Path) -> Gateway {
 
 fn root(gw: &Gateway) -> String {
     format!("http://127.0.0.1:{}", gw.http)
-}
-
-fn partner_token(gw: &Gateway, work: &Path, client: &str, scope: &str) -> String {
-    let keys = work.join("keys");
-    let v = python_json(
-        gw,
-        "auth.py",
-        &["token", &root(gw), keys.to_str().unwrap(), client, scope],
-    );
-    v["access_token"].as_str().expect("access_token").to_owned()
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The second-opinion case end to end (`tests/peers/workflow.py` plays every
-//! role with real clients: fhirpy, DCMTK storescu, requests, a rest-hook
+//! role with real clients, each signed in with its own token: fhirpy with
+//! the referrer's SMART Backend Services token, DCMTK storescu, requests with
+//! coordinator, specialist, approver and auditor staff tokens, a rest-hook
 //! receiver), then the public validators check every resource the server
 //! emitted and pdftotext reads the opinion back.
 
@@ -9,20 +11,45 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use common::{python_json, stderr, stdout, storescu, Gateway, ST_MARY_AE};
+use common::{
+    partner_token, python_json, stderr, stdout, storescu, test_clients, Gateway, ST_MARY_AE,
+};
 
 #[test]
 fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
     let work = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(
+    let [st_mary, city] = test_clients(&work.path().join("keys"));
+    let gw = Gateway::start_secure(
         work.path(),
         "[workflow]\nimaging_quiet_secs = 2\ncheck_interval_secs = 1\nnotify_first_retry_secs = 1\nnotify_max_backoff_secs = 2",
+        [&st_mary, &city],
     );
+    let tokens = Tokens {
+        partner: partner_token(&gw, work.path(), "st-mary-ehr", "system/*.cruds"),
+        auditor: gw.staff_token_as("auditor", "audit-1"),
+    };
+    let roles = serde_json::json!({
+        "partner": tokens.partner,
+        "coordinator": gw.staff_token_as("coordinator", "coord-1"),
+        // On the roster as the requested oncologist (workflow.py).
+        "specialist": gw.staff_token_as("specialist", "dr-requested"),
+        // The other oncologist on the roster, not assigned.
+        "other_specialist": gw.staff_token_as("specialist", "dr-other"),
+        "approver": gw.staff_token_as("approver", "approver-1"),
+        "auditor": tokens.auditor,
+    });
+    let tokens_file = work.path().join("tokens.json");
+    std::fs::write(&tokens_file, roles.to_string()).unwrap();
     let base = format!("http://127.0.0.1:{}/fhir", gw.http);
     let result = python_json(
         &gw,
         "workflow.py",
-        &[&base, &gw.dicom.to_string(), work.path().to_str().unwrap()],
+        &[
+            &base,
+            &gw.dicom.to_string(),
+            work.path().to_str().unwrap(),
+            tokens_file.to_str().unwrap(),
+        ],
     );
     let facts = &result["facts"];
     assert_eq!(
@@ -72,7 +99,7 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         );
     }
 
-    retention_discards_the_submitted_records_and_keeps_the_opinion(&gw, facts);
+    retention_discards_the_submitted_records_and_keeps_the_opinion(&gw, facts, &tokens);
     // `konsil retention` ran as its own process, so the gateway still takes
     // the study's series for known: the PACS sending the study again must
     // not trip on that.
@@ -103,7 +130,17 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
 /// `konsil retention` with a shifted clock (seven months on): the study,
 /// the Binaries and the documents' content go, everywhere (index, history,
 /// segment files); the opinion, the case and the audit trail stay.
-fn retention_discards_the_submitted_records_and_keeps_the_opinion(gw: &Gateway, facts: &Value) {
+/// The bearer tokens the Rust side reads with.
+struct Tokens {
+    partner: String,
+    auditor: String,
+}
+
+fn retention_discards_the_submitted_records_and_keeps_the_opinion(
+    gw: &Gateway,
+    facts: &Value,
+    tokens: &Tokens,
+) {
     let as_of = (chrono_like_today_plus_days(214)).to_string();
     let run = |dry: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_konsil"));
@@ -142,7 +179,8 @@ fn retention_discards_the_submitted_records_and_keeps_the_opinion(gw: &Gateway, 
         "{dry}"
     );
     let study_uid = facts["study_uid"].as_str().unwrap();
-    let partner = [("X-Konsil-Partner", "st-mary")];
+    let bearer = format!("Bearer {}", tokens.partner);
+    let partner = [("Authorization", bearer.as_str())];
     let (status, _) = gw.get_with(&format!("/dicomweb/studies/{study_uid}/metadata"), &partner);
     assert_eq!(status, 200, "a dry run changes nothing");
 
@@ -224,7 +262,11 @@ fn retention_discards_the_submitted_records_and_keeps_the_opinion(gw: &Gateway, 
         .unwrap()
         .iter()
         .any(|o| o["type"]["coding"][0]["code"] == "records-discarded"));
-    let (_, body) = gw.get("/fhir/AuditEvent?subtype=retention");
+    let auditor = format!("Bearer {}", tokens.auditor);
+    let (_, body) = gw.get_with(
+        "/fhir/AuditEvent?subtype=retention",
+        &[("Authorization", auditor.as_str())],
+    );
     assert!(body.contains("DICOM Study Deleted"), "{body}");
     // A second run finds nothing more to do.
     assert!(run(false).starts_with("0 case(s)"));

@@ -646,6 +646,19 @@ pub fn public_validators(resources: &[serde_json::Value]) -> Vec<serde_json::Val
     report.as_array().unwrap().clone()
 }
 
+/// An access token for `client` (its keys in `<work>/keys`, see
+/// [`test_clients`]) with `scope`, by SMART Backend Services (`auth.py`).
+pub fn partner_token(gw: &Gateway, work: &Path, client: &str, scope: &str) -> String {
+    let keys = work.join("keys");
+    let root = format!("http://127.0.0.1:{}", gw.http);
+    let v = python_json(
+        gw,
+        "auth.py",
+        &["token", &root, keys.to_str().unwrap(), client, scope],
+    );
+    v["access_token"].as_str().expect("access_token").to_owned()
+}
+
 /// Make the test clients' keys; the `[[partners.clients]]` tables of
 /// st-mary and city-clinic that register them.
 pub fn test_clients(keys: &Path) -> [String; 2] {

@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """The second-opinion case end to end, every role played by a real client.
 
-  workflow.py FHIR_BASE DICOM_PORT WORKDIR
+  workflow.py FHIR_BASE DICOM_PORT WORKDIR TOKENS_JSON
 
-- the referring hospital's EHR: fhirpy (X-Konsil-Partner: st-mary);
+Each role signs in with its own bearer token (TOKENS_JSON: a file mapping
+role to token; authentication is on):
+- the referring hospital's EHR: fhirpy, with st-mary's SMART Backend
+  Services token ("partner");
 - its PACS: DCMTK storescu (calling AE TESTSCU, st-mary's);
-- the service's staff and specialist: requests, without the header;
+- the service's coordinator (roster, triage), the assigned specialist
+  (whose token's subject is on the roster: the draft, the follow-up answer),
+  the approver ($return, $approve) and the auditor: requests, each with a
+  staff token of that role alone;
 - the referrer's notification endpoint: a rest-hook receiver on loopback.
 
 Every step asserts what it must see (a failed assert exits non-zero with the
@@ -19,8 +25,12 @@ import requests
 from fhirpy import SyncFHIRClient
 
 BASE, DICOM_PORT, WORK = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with open(sys.argv[4]) as f:
+    TOKENS = json.load(f)
 PEERS = os.path.dirname(os.path.abspath(__file__))
-PARTNER = {"X-Konsil-Partner": "st-mary"}
+# The specialist's staff id: on the roster as Practitioner.identifier.
+STAFF_ID = "http://konsil.dev/fhir/sid/staff"
+SPECIALIST = "dr-requested"
 FHIR = "application/fhir+json"
 STAGE = "http://konsil.dev/fhir/CodeSystem/case-stage"
 KIND = "http://konsil.dev/fhir/CodeSystem/record-kind"
@@ -29,7 +39,7 @@ PATIENT_NAME_PARTS = ("Müller", "Jürgen", "Muller")
 # fullUrls of the referral transaction, by name.
 U = collections.defaultdict(lambda: f"urn:uuid:{uuid.uuid4()}")
 
-referrer = SyncFHIRClient(BASE, extra_headers=PARTNER)
+referrer = SyncFHIRClient(BASE, authorization=f"Bearer {TOKENS['partner']}")
 staff = requests.Session()
 staff.headers.update({"Accept": FHIR})
 emitted = {}
@@ -46,10 +56,10 @@ def keep(resource):
     return resource
 
 
-def call(method, path, body=None, partner=False, expect=None):
-    headers = {"Content-Type": FHIR, "Accept": FHIR}
-    if partner:
-        headers.update(PARTNER)
+def call(method, path, body=None, partner=False, expect=None, role="coordinator"):
+    """A request as the referrer (partner=True) or as staff in `role`."""
+    headers = {"Content-Type": FHIR, "Accept": FHIR,
+               "Authorization": f"Bearer {TOKENS['partner' if partner else role]}"}
     r = staff.request(method, f"{BASE}/{path}", headers=headers,
                       data=None if body is None else json.dumps(body))
     if expect is not None:
@@ -153,6 +163,7 @@ roles = {}
 for key, family in (("requested", "Requested"), ("other", "Other")):
     _, practitioner = call("POST", "Practitioner", {
         "resourceType": "Practitioner", "active": True,
+        "identifier": [{"system": STAFF_ID, "value": f"dr-{key}"}],
         "name": [{"family": family, "given": ["Spec"], "prefix": ["Dr."]}]}, expect=201)
     _, role = call("POST", "PractitionerRole", {
         "resourceType": "PractitionerRole", "active": True,
@@ -325,27 +336,30 @@ draft = {
 # A draft that falls short of the opinion profile or of the section
 # extension's definition is refused, each finding naming its element.
 def refused_at(body):
-    status, outcome = call("POST", "DiagnosticReport", body, expect=422)
+    status, outcome = call("POST", "DiagnosticReport", body, expect=422, role="specialist")
     return [e for i in outcome["issue"] for e in i.get("expression", [])]
+# Only the assigned specialist writes the opinion.
+status, _ = call("POST", "DiagnosticReport", draft, role="other_specialist")
+assert status in (403, 404), status
 anonymous = {k: v for k, v in draft.items() if k != "resultsInterpreter"}
 assert "DiagnosticReport.resultsInterpreter" in refused_at(anonymous)
 odd = dict(draft, extension=[section("horoscope", "Favourable.")])
 assert "DiagnosticReport.extension[0].extension[0].value" in refused_at(odd)
 assert stage(case_task(task_id)) == "under-review"
-_, report = call("POST", "DiagnosticReport", draft, expect=201)
+_, report = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
 report_id = report["id"]
 assert stage(case_task(task_id)) == "awaiting-approval"
 status, _ = call("GET", f"DiagnosticReport/{report_id}", partner=True)
 assert status == 404, status
 assert referrer.resources("DiagnosticReport").search(**{"based-on": request_ref}).fetch_all() == []
-status, outcome = call("POST", "DiagnosticReport", dict(draft, status="final"))
+status, outcome = call("POST", "DiagnosticReport", dict(draft, status="final"), role="specialist")
 assert status == 422, (status, outcome)
 
 step("staff: $return with a note, specialist revises")
-_, task = call("POST", f"DiagnosticReport/{report_id}/$return", parameters(note="Please state the T stage explicitly."), expect=200)
+_, task = call("POST", f"DiagnosticReport/{report_id}/$return", parameters(note="Please state the T stage explicitly."), expect=200, role="approver")
 assert stage(task) == "under-review", task
 report["conclusion"] = "Stage IIA (T2a N0 M0) adenocarcinoma of the right upper lobe; lobectomy is appropriate after PET-CT."
-_, report = call("PUT", f"DiagnosticReport/{report_id}", report, expect=200)
+_, report = call("PUT", f"DiagnosticReport/{report_id}", report, expect=200, role="specialist")
 assert stage(case_task(task_id)) == "awaiting-approval"
 notes = [c for c in referrer.resources("Communication").fetch_all() if "about" in c.serialize()]
 assert notes == [], "the referrer must not see internal review notes"
@@ -355,7 +369,7 @@ step("referrer's endpoint goes down; staff $approve")
 hook.shutdown()
 hook.server_close()
 before = len(Hook.received)
-_, final = call("POST", f"DiagnosticReport/{report_id}/$approve", expect=200)
+_, final = call("POST", f"DiagnosticReport/{report_id}/$approve", expect=200, role="approver")
 assert final["status"] == "final" and final["presentedForm"][0]["contentType"] == "application/pdf", final
 task = case_task(task_id)
 assert task["status"] == "completed" and stage(task) == "delivered", task
@@ -401,7 +415,8 @@ assert child["status"] == "in-progress" and child["owner"]["reference"] == roles
 _, answer_msg = call("POST", "Communication", {
     "resourceType": "Communication", "status": "completed",
     "inResponseTo": [{"reference": f"Communication/{question.id}"}],
-    "payload": [{"contentString": "Not for stage IIA with clear margins."}]}, expect=201)
+    "subject": {"reference": f"Patient/{patient_id}"},
+    "payload": [{"contentString": "Not for stage IIA with clear margins."}]}, expect=201, role="specialist")
 child = keep(read(f"Task/{child['id']}", True)[1])
 assert child["status"] == "completed", child
 status, answer_read = read(f"Communication/{answer_msg['id']}", True)
@@ -410,7 +425,7 @@ keep(answer_read)
 keep(case_task(task_id))
 keep(read(f"ImagingStudy/{study['id']}", True)[1])
 
-_, audits = call("GET", "AuditEvent?_count=100")
+_, audits = call("GET", "AuditEvent?_count=100", role="auditor")
 for e in audits.get("entry", []):
     keep(e["resource"])
 facts["audit_events"] = len(audits.get("entry", []))
