@@ -13,7 +13,8 @@ pub enum Action<'a> {
     /// A FHIR interaction on a resource type; `None` for a system-level
     /// interaction spanning every type (`/fhir/_history`).
     Fhir(Permission, Option<&'a str>),
-    /// A workflow operation (`$assign`, `$approve`, `$return`, `$link`).
+    /// A workflow operation (`$assign`, `$propose`, `$approve`, `$return`,
+    /// `$link`).
     Operation(&'a str),
     /// STOW-RS (C-STORE is scoped by the association's partner).
     StoreImages,
@@ -111,7 +112,9 @@ fn role_allows(role: Role, action: Action<'_>) -> bool {
         (_, Action::StoreImages) => false,
         (Role::Admin, _) => true,
         (Role::Coordinator, Action::Fhir(p, _)) => p != Delete,
-        (Role::Coordinator, Action::Operation(op)) => matches!(op, "$assign" | "$link"),
+        (Role::Coordinator, Action::Operation(op)) => {
+            matches!(op, "$assign" | "$propose" | "$link")
+        }
         (Role::Coordinator, _) => true,
         (Role::Specialist, Action::Fhir(p, t)) => {
             reads(p)
@@ -206,6 +209,12 @@ mod tests {
             (staff(Role::Coordinator), Action::Fhir(Delete, sr), false),
             (staff(Role::Coordinator), Action::Operation("$assign"), true),
             (staff(Role::Coordinator), Action::Operation("$link"), true),
+            (
+                staff(Role::Coordinator),
+                Action::Operation("$propose"),
+                true,
+            ),
+            (staff(Role::Approver), Action::Operation("$propose"), false),
             (
                 staff(Role::Coordinator),
                 Action::Operation("$approve"),

@@ -1,9 +1,10 @@
 //! The workflow's FHIR operations on one resource:
 //! `POST /fhir/Task/{id}/$assign`, `POST /fhir/DiagnosticReport/{id}/$approve`,
-//! `POST /fhir/DiagnosticReport/{id}/$return`, `POST /fhir/ImagingStudy/{id}/$link`.
+//! `POST /fhir/DiagnosticReport/{id}/$return`, `POST /fhir/ImagingStudy/{id}/$link`,
+//! and `POST /fhir/Task/{id}/$propose`, which changes nothing.
 //! Each takes a `Parameters` body (or none), is for the service's staff,
 //! runs one workflow step in one transaction and answers with the resource
-//! it changed.
+//! it changed (`$propose`: a Parameters with the proposal).
 
 use std::sync::Arc;
 
@@ -27,6 +28,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Task",
         "assign",
         "Assign the case's specialist (Parameters 'owner': Reference(PractitionerRole); without it, the requested performer or the least-loaded available specialist of the specialty)",
+    ),
+    (
+        "Task",
+        "propose",
+        "Propose the case's specialist as $assign without 'owner' would choose, changing nothing (out: 'owner', 'requested', 'openCases')",
     ),
     (
         "DiagnosticReport",
@@ -136,6 +142,16 @@ pub async fn instance_operation(
         let (_, now_ms) = now();
         let mut tx = app.cases.begin().await?;
         let changed: Record = match name {
+            "propose" => {
+                let proposal = workflow.proposal(tx.records(), &id, now_ms).await?;
+                let out = serde_json::json!({"resourceType": "Parameters", "parameter": [
+                    {"name": "owner", "valueReference": {"reference": proposal.owner}},
+                    {"name": "requested", "valueBoolean": proposal.requested},
+                    {"name": "openCases", "valueInteger": proposal.open_cases},
+                ]});
+                // Nothing to commit: the transaction ends unwritten.
+                return Ok(json_response(StatusCode::OK, out.to_string()));
+            }
             "assign" => {
                 let owner = reference_parameter(&parameters, "owner")?;
                 workflow

@@ -78,6 +78,17 @@ struct CaseFile {
     partner: Option<PartnerId>,
 }
 
+/// The specialist proposed for a case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal {
+    /// The PractitionerRole.
+    pub owner: String,
+    /// It is the referral's requested performer.
+    pub requested: bool,
+    /// Its in-progress cases now.
+    pub open_cases: usize,
+}
+
 /// `meta.lastUpdated`-style text of a time in ms.
 pub fn instant_text(ms: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
@@ -920,7 +931,7 @@ impl Workflow {
                 }
                 role.reference()
             }
-            None => self.propose(r, &file, &specialty, now_ms).await?,
+            None => self.propose(r, &file, &specialty, now_ms).await?.owner,
         };
         self.move_case(
             r,
@@ -932,14 +943,46 @@ impl Workflow {
         Ok(file.task)
     }
 
-    /// The specialist to propose for a case.
+    /// `$propose`: the specialist `$assign` without an owner would choose
+    /// for a case ready for triage (or under review), and why; nothing
+    /// changes.
+    pub async fn proposal(
+        &self,
+        r: &mut dyn Records,
+        task_id: &str,
+        now_ms: i64,
+    ) -> Result<Proposal, WorkflowError> {
+        let task_ref = format!("Task/{task_id}");
+        let task = r
+            .read(&task_ref)
+            .await?
+            .ok_or_else(|| WorkflowError::NotFound(task_ref.clone()))?;
+        let file = self.case_file(r, task).await?;
+        let specialty = codes(file.request.body.get("code"), SPECIALTY)
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        let proposal = self.propose(r, &file, &specialty, now_ms).await?;
+        // Refused as $assign would be (the case's stage).
+        case::apply(
+            &file.case,
+            &Event::Assigned {
+                specialist: proposal.owner.clone(),
+            },
+        )?;
+        Ok(proposal)
+    }
+
+    /// The specialist to propose for a case: the referral's requested
+    /// performer when available, else the available specialist of the
+    /// specialty with the fewest open cases.
     async fn propose(
         &self,
         r: &mut dyn Records,
         file: &CaseFile,
         specialty: &str,
         now_ms: i64,
-    ) -> Result<String, WorkflowError> {
+    ) -> Result<Proposal, WorkflowError> {
         let roles = r
             .search(
                 "PractitionerRole",
@@ -953,26 +996,28 @@ impl Workflow {
         let requested: Vec<&str> = items(Some(&file.request.body), "performer")
             .filter_map(|p| reference_of(Some(p)))
             .collect();
-        if let Some(role) = available
-            .iter()
-            .find(|role| requested.contains(&role.reference().as_str()))
-        {
-            return Ok(role.reference());
-        }
-        let mut best: Option<(usize, String)> = None;
+        let mut best: Option<Proposal> = None;
         for role in &available {
-            let load = r
+            let open_cases = r
                 .search(
                     "Task",
                     &format!("owner={}&status=in-progress", role.reference()),
                 )
                 .await?
                 .len();
-            if best.as_ref().is_none_or(|(l, _)| load < *l) {
-                best = Some((load, role.reference()));
+            let candidate = Proposal {
+                owner: role.reference(),
+                requested: requested.contains(&role.reference().as_str()),
+                open_cases,
+            };
+            if candidate.requested {
+                return Ok(candidate);
+            }
+            if best.as_ref().is_none_or(|b| open_cases < b.open_cases) {
+                best = Some(candidate);
             }
         }
-        best.map(|(_, role)| role).ok_or_else(|| {
+        best.ok_or_else(|| {
             WorkflowError::Invalid(format!(
                 "no active, available PractitionerRole with specialty {SPECIALTY}|{specialty}: name one as 'owner'"
             ))

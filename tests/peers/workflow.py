@@ -309,6 +309,14 @@ status, outcome = call("POST", f"Task/{task_id}/$assign", parameters(), partner=
 assert status == 403, (status, outcome)
 
 # --- triage ------------------------------------------------------------------------
+step("coordinator: $propose changes nothing")
+_, proposal = call("POST", f"Task/{task_id}/$propose", parameters(), expect=200)
+proposed = {p["name"]: p for p in proposal["parameter"]}
+assert proposed["owner"]["valueReference"]["reference"] == roles["requested"], proposal
+assert proposed["requested"]["valueBoolean"] is True and proposed["openCases"]["valueInteger"] == 0, proposal
+assert stage(case_task(task_id)) == "ready-for-triage"
+status, _ = call("POST", f"Task/{task_id}/$propose", parameters(), partner=True)
+assert status == 403, status
 step("staff: $assign (no owner: the requested specialist is proposed)")
 _, task = call("POST", f"Task/{task_id}/$assign", parameters(), expect=200)
 keep(task)
