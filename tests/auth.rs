@@ -386,6 +386,7 @@ fn staff_keys_come_from_the_issuers_discovery_and_follow_its_rotation() {
         vec!["idp", dir],
         vec!["idp", dir, "idp2", "idp-2"],
         vec!["idp", dir, "stranger", "idp-9"],
+        vec!["idp", dir, "odd", "idp-3"],
     ] {
         let out = python("auth.py", &args);
         assert!(out.status.success(), "auth.py idp: {}", stderr(&out));
@@ -459,9 +460,13 @@ fn staff_keys_come_from_the_issuers_discovery_and_follow_its_rotation() {
     assert_eq!(status(&token("idp", "idp-1", "bob")), 200);
     assert_eq!(fetches(), 1, "the keys are fetched once, then kept");
     // The issuer rotates: a token of its new key makes Konsil fetch again.
+    // (idp-3 is published for RS384 only; its tokens say RS256.)
+    let mut odd = jwks("odd")["keys"][0].clone();
+    odd["alg"] = json!("RS384");
     serve(vec![
         jwks("idp")["keys"][0].clone(),
         jwks("idp2")["keys"][0].clone(),
+        odd,
     ]);
     assert_eq!(
         status(&token("idp2", "idp-2", "carol")),
@@ -479,6 +484,12 @@ fn staff_keys_come_from_the_issuers_discovery_and_follow_its_rotation() {
         "unknown key ids do not make Konsil hammer the issuer"
     );
     assert_eq!(status(&token("stranger", "idp-1", "mallory")), 401);
+    assert_eq!(
+        status(&token("odd", "idp-3", "mallory")),
+        401,
+        "key published for another algorithm"
+    );
+    assert_eq!(fetches(), 2);
     // An issuer that is not https (and not this machine) is refused at start.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_konsil"))
         .env(

@@ -60,6 +60,7 @@ fhir.generateSnapshot({ resourceType: 'Bundle', type: 'collection', entry: profi
 // differential says (its `type` replaces the base's: a profile narrows types).
 for (const sd of profiles) {
   const seen = new Set();
+  for (const e of sd.snapshot.element) if (!e.id) throw new Error(`${sd.url}: ${e.path} has no id`);
   sd.snapshot.element = sd.snapshot.element.filter((e) => !seen.has(e.id) && seen.add(e.id));
   for (const diff of sd.differential.element) {
     // By id: a slice's elements share their path with the unsliced ones.

@@ -14,9 +14,13 @@ use super::token::{token_error, AuthStartError, LEEWAY_SECS};
 use super::{Caller, CallerError, Role, StaffUser};
 use crate::config::AuthConfig;
 
-/// Discovered keys older than this are fetched again before use, so a key
-/// the issuer withdrew stops working within this time.
-const KEYS_MAX_AGE: Duration = Duration::from_secs(3600);
+/// Discovered keys older than this are fetched again (in the background:
+/// requests go on with the keys at hand), so a key the issuer withdrew
+/// stops working about this long after.
+const KEYS_REFRESH_AGE: Duration = Duration::from_secs(3600);
+/// Keys older than this (the issuer unreachable all that time) are not
+/// trusted any more: staff sign-in fails until the issuer answers again.
+const KEYS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// A token naming a key we do not have makes us fetch the keys again (the
 /// issuer rotated them), at most once per this: tokens with made-up key ids
 /// cannot make Konsil hammer the issuer.
@@ -42,18 +46,32 @@ enum StaffKeys {
     /// A JWKS file, read at start.
     File(JwkSet),
     /// The issuer's discovery document, fetched at first use.
-    Discovered(Discovery),
+    Discovered(Arc<Discovery>),
 }
 
 struct Discovery {
+    issuer: String,
     http: reqwest::Client,
-    /// One fetch at a time; requests wait for it rather than start their own.
-    state: tokio::sync::Mutex<Fetched>,
+    /// The keys and when they were fetched: read by every sign-in, written
+    /// only after a fetch (never held across one).
+    keys: std::sync::RwLock<Option<(Arc<JwkSet>, Instant)>>,
+    /// One fetch at a time; what the last attempts were.
+    fetching: tokio::sync::Mutex<Attempts>,
+}
+
+/// Why keys are fetched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// None fetched yet.
+    First,
+    /// Older than KEYS_REFRESH_AGE.
+    Old,
+    /// A token names a key not among them.
+    Unknown,
 }
 
 #[derive(Default)]
-struct Fetched {
-    keys: Option<(Arc<JwkSet>, Instant)>,
+struct Attempts {
     last_unknown_key_fetch: Option<Instant>,
     failed_at: Option<Instant>,
 }
@@ -89,12 +107,22 @@ impl StaffIssuer {
                 }
                 let http = reqwest::Client::builder()
                     .timeout(FETCH_TIMEOUT)
+                    // A redirect must stay where a fetch may go.
+                    .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                        if attempt.previous().len() < 5 && fetchable(attempt.url().as_str()) {
+                            attempt.follow()
+                        } else {
+                            attempt.stop()
+                        }
+                    }))
                     .build()
                     .map_err(|e| bad(&e.to_string()))?;
-                StaffKeys::Discovered(Discovery {
+                StaffKeys::Discovered(Arc::new(Discovery {
+                    issuer: issuer.clone(),
                     http,
-                    state: tokio::sync::Mutex::new(Fetched::default()),
-                })
+                    keys: std::sync::RwLock::new(None),
+                    fetching: tokio::sync::Mutex::new(Attempts::default()),
+                }))
             }
         };
         Ok(Some(StaffIssuer {
@@ -131,9 +159,25 @@ impl StaffIssuer {
             .ok_or_else(|| invalid("the token names no key (kid)".into()))?;
         let jwk = match &self.keys {
             StaffKeys::File(keys) => keys.find(kid).cloned(),
-            StaffKeys::Discovered(discovery) => discovery.key(&self.issuer, kid).await,
+            StaffKeys::Discovered(discovery) => Discovery::key(discovery, kid).await,
         }
         .ok_or_else(|| invalid("signed by an unknown key".into()))?;
+        // A key published for another use or algorithm does not sign this.
+        use jsonwebtoken::jwk::PublicKeyUse;
+        if matches!(
+            jwk.common.public_key_use,
+            Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+        ) {
+            return Err(invalid("the key is not published for signatures".into()));
+        }
+        if let Some(alg) = jwk.common.key_algorithm {
+            if format!("{alg:?}") != format!("{:?}", header.alg) {
+                return Err(invalid(format!(
+                    "the key is published for {alg:?}, the token says {:?}",
+                    header.alg
+                )));
+            }
+        }
         let key = DecodingKey::from_jwk(&jwk).map_err(|e| invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.issuer]);
@@ -175,42 +219,84 @@ impl StaffIssuer {
 }
 
 impl Discovery {
-    /// The issuer's key `kid`, fetching the keys when there are none yet,
-    /// when they are old, or when `kid` is not among them (see the gaps
-    /// above).
-    async fn key(&self, issuer: &str, kid: &str) -> Option<Jwk> {
-        let mut state = self.state.lock().await;
-        let known = |state: &Fetched| {
-            state
-                .keys
-                .as_ref()
-                .and_then(|(keys, _)| keys.find(kid).cloned())
-        };
-        let old = state
-            .keys
-            .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() >= KEYS_MAX_AGE);
-        let unknown = known(&state).is_none()
-            && state
-                .last_unknown_key_fetch
-                .is_none_or(|at| at.elapsed() >= UNKNOWN_KEY_GAP);
-        let may = state.failed_at.is_none_or(|at| at.elapsed() >= RETRY_GAP);
-        if (old || unknown) && may {
-            if !old {
-                state.last_unknown_key_fetch = Some(Instant::now());
+    /// The issuer's key `kid`. Keys at hand answer at once (old ones are
+    /// refreshed in the background); a sign-in waits for a fetch only when
+    /// there are no keys yet or `kid` is not among them (the issuer rotated;
+    /// at most one such fetch per UNKNOWN_KEY_GAP).
+    async fn key(this: &Arc<Discovery>, kid: &str) -> Option<Jwk> {
+        let (known, age) = this.current(kid);
+        match (known, age) {
+            (Some(jwk), Some(age)) if age < KEYS_MAX_AGE => {
+                if age >= KEYS_REFRESH_AGE {
+                    let this = Arc::clone(this);
+                    tokio::spawn(async move { this.refresh(Need::Old).await });
+                }
+                Some(jwk)
             }
-            match self.fetch(issuer).await {
-                Ok(keys) => {
-                    state.keys = Some((Arc::new(keys), Instant::now()));
-                    state.failed_at = None;
-                }
-                Err(why) => {
-                    state.failed_at = Some(Instant::now());
-                    tracing::warn!(issuer, error = %why, "cannot fetch the staff issuer's keys; the ones fetched before (if any) stay in use");
-                }
+            (_, None) => {
+                this.refresh(Need::First).await;
+                this.current(kid).0
+            }
+            (_, Some(_)) => {
+                // Unknown, or known but too old to trust.
+                this.refresh(Need::Unknown).await;
+                let (jwk, age) = this.current(kid);
+                jwk.filter(|_| age.is_some_and(|a| a < KEYS_MAX_AGE))
             }
         }
-        known(&state)
+    }
+
+    /// `kid` among the keys at hand, and their age (`None`: no keys yet).
+    fn current(&self, kid: &str) -> (Option<Jwk>, Option<Duration>) {
+        let keys = match self.keys.read() {
+            Ok(keys) => keys.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        match keys {
+            Some((set, at)) => (set.find(kid).cloned(), Some(at.elapsed())),
+            None => (None, None),
+        }
+    }
+
+    /// Fetch the keys, unless another fetch just did or the gaps say wait.
+    async fn refresh(&self, need: Need) {
+        let Ok(mut attempts) = tokio::time::timeout(2 * FETCH_TIMEOUT, self.fetching.lock()).await
+        else {
+            return;
+        };
+        let fetched_at = self.current("").1;
+        let done_meanwhile = match need {
+            Need::First => fetched_at.is_some(),
+            Need::Old => fetched_at.is_some_and(|age| age < KEYS_REFRESH_AGE),
+            Need::Unknown => false,
+        };
+        let failed_lately = attempts
+            .failed_at
+            .is_some_and(|at| at.elapsed() < RETRY_GAP);
+        let unknown_lately = need == Need::Unknown
+            && attempts
+                .last_unknown_key_fetch
+                .is_some_and(|at| at.elapsed() < UNKNOWN_KEY_GAP);
+        if done_meanwhile || failed_lately || unknown_lately {
+            return;
+        }
+        if need == Need::Unknown {
+            attempts.last_unknown_key_fetch = Some(Instant::now());
+        }
+        match self.fetch(&self.issuer).await {
+            Ok(keys) => {
+                let fresh = Some((Arc::new(keys), Instant::now()));
+                match self.keys.write() {
+                    Ok(mut keys) => *keys = fresh,
+                    Err(poisoned) => *poisoned.into_inner() = fresh,
+                }
+                attempts.failed_at = None;
+            }
+            Err(why) => {
+                attempts.failed_at = Some(Instant::now());
+                tracing::warn!(issuer = %self.issuer, error = %why, "cannot fetch the staff issuer's keys; the ones fetched before (if any, for up to a day) stay in use");
+            }
+        }
     }
 
     /// The issuer's discovery document, then the JWKS it points to.

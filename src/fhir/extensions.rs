@@ -53,7 +53,7 @@ pub struct ExtensionDefinition {
 }
 
 /// One finding: IssueType code, FHIRPath, what is wrong.
-pub type Finding = (&'static str, String, String);
+pub type ExtensionFinding = (&'static str, String, String);
 
 /// The definition of `url`, if it is one of ours.
 pub fn find(url: &str) -> Option<&'static ExtensionDefinition> {
@@ -134,7 +134,7 @@ impl ExtensionDefinition {
         context: &str,
         modifier: bool,
         in_value_set: &dyn Fn(&str, &Value) -> bool,
-    ) -> Vec<Finding> {
+    ) -> Vec<ExtensionFinding> {
         let mut found = Vec::new();
         let about = format!("the extension '{}' ({})", self.title, self.url);
         if modifier {
@@ -236,7 +236,7 @@ fn check_value(
     path: &str,
     about: &str,
     in_value_set: &dyn Fn(&str, &Value) -> bool,
-    found: &mut Vec<Finding>,
+    found: &mut Vec<ExtensionFinding>,
 ) {
     let value = extension
         .iter()
@@ -310,7 +310,7 @@ mod tests {
                 .is_some_and(|c| ["diagnosis-agreement", "recommendations"].contains(&c))
     }
 
-    fn check(url: &str, extension: Value, context: &str) -> Vec<Finding> {
+    fn check(url: &str, extension: Value, context: &str) -> Vec<ExtensionFinding> {
         find(url).expect("compiled").check(
             extension.as_object().unwrap(),
             "X.extension[0]",

@@ -149,7 +149,8 @@ pub async fn instance_operation(
                     {"name": "requested", "valueBoolean": proposal.requested},
                     {"name": "openCases", "valueInteger": proposal.open_cases},
                 ]});
-                // Nothing to commit: the transaction ends unwritten.
+                // The consent re-check may have moved the case.
+                tx.commit().await?;
                 return Ok(json_response(StatusCode::OK, out.to_string()));
             }
             "assign" => {

@@ -48,8 +48,8 @@ impl From<WorkflowError> for FhirError {
                     format!("{what} does not meet the profile {profile}"),
                 )];
                 issues.extend(findings.into_iter().map(|f| match f.at {
-                    Some(at) => Issue::error("processing", f.text).at(at),
-                    None => Issue::error("processing", f.text),
+                    Some(at) => Issue::error(f.code, f.text).at(at),
+                    None => Issue::error(f.code, f.text),
                 }));
                 FhirError::unprocessable(issues)
             }
@@ -298,6 +298,7 @@ impl Records for StoreRecords {
             .into_iter()
             .filter(Issue::is_error)
             .map(|i| Finding {
+                code: i.code,
                 at: i.expression,
                 text: i.diagnostics,
             })

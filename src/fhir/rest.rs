@@ -264,8 +264,12 @@ pub async fn validation(resource_type: &str, value: &Value, also: &[String]) -> 
         .flatten()
         .filter_map(Value::as_str)
         .map(|p| p.split('|').next().unwrap_or(p).to_owned());
-    let mut urls: Vec<String> = claimed.chain(also.iter().cloned()).collect();
-    urls.dedup();
+    let mut urls: Vec<String> = Vec::new();
+    for url in claimed.chain(also.iter().cloned()) {
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
     for url in urls {
         if url == format!("http://hl7.org/fhir/StructureDefinition/{resource_type}") {
             continue;

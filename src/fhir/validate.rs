@@ -90,8 +90,11 @@ fn code_allowed(defs: &Definitions, value_set: &str, system: Option<&str>, code:
 }
 
 /// Whether a code, Coding or CodeableConcept (any of its codings) is in
-/// `value_set`.
+/// `value_set`; anything is, for a value set that cannot be enumerated.
 pub fn in_value_set(defs: &Definitions, value_set: &str, value: &Value) -> bool {
+    if !matches!(defs.value_set(value_set), Some(Codes::Listed { .. })) {
+        return true;
+    }
     let coding_ok = |c: &Value| {
         c.get("code").and_then(Value::as_str).is_some_and(|code| {
             code_allowed(

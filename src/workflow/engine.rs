@@ -192,7 +192,7 @@ impl Workflow {
                 "ServiceRequest" if w.deleted => {
                     if let Some(task) = self.case_task(r, &w.reference()).await? {
                         return Err(WorkflowError::Conflict(format!(
-                            "{} is the referral of the case {}, which keeps it: withdraw the case (Task.status 'cancelled') instead",
+                            "{} is the referral of the case {}, which keeps it as its record (also once the case is over): to stop the case, withdraw it (Task.status 'cancelled')",
                             w.reference(),
                             task.reference()
                         )));
@@ -857,12 +857,19 @@ impl Workflow {
                         findings,
                     });
                 }
-                if file.case.stage == Stage::UnderReview {
-                    self.move_case(r, &mut file, &Event::DraftSubmitted, now_ms)
-                        .await?;
-                } else if file.case.stage != Stage::AwaitingApproval {
+                // A preliminary report is the draft submitted for approval;
+                // a registered or partial one is work in progress, kept
+                // without moving the case.
+                match file.case.stage {
+                    Stage::UnderReview if status == "preliminary" => {
+                        self.move_case(r, &mut file, &Event::DraftSubmitted, now_ms)
+                            .await?;
+                    }
+                    Stage::UnderReview | Stage::AwaitingApproval => {}
                     // Refused with the state machine's reason.
-                    case::apply(&file.case, &Event::DraftSubmitted)?;
+                    _ => {
+                        case::apply(&file.case, &Event::DraftSubmitted)?;
+                    }
                 }
                 Ok(())
             }
@@ -957,19 +964,22 @@ impl Workflow {
             .read(&task_ref)
             .await?
             .ok_or_else(|| WorkflowError::NotFound(task_ref.clone()))?;
-        let file = self.case_file(r, task).await?;
+        let mut file = self.case_file(r, task).await?;
+        // As $assign: the consent may have changed since the last check,
+        // and the case's stage must allow an assignment.
+        file.task = self.check_case(r, file.task.clone(), now_ms).await?;
+        file.case = case_of(&file.task.body).unwrap_or(file.case);
+        case::apply(
+            &file.case,
+            &Event::Assigned {
+                specialist: String::new(),
+            },
+        )?;
         let specialty = codes(file.request.body.get("code"), SPECIALTY)
             .next()
             .unwrap_or("")
             .to_owned();
         let proposal = self.propose(r, &file, &specialty, now_ms).await?;
-        // Refused as $assign would be (the case's stage).
-        case::apply(
-            &file.case,
-            &Event::Assigned {
-                specialist: proposal.owner.clone(),
-            },
-        )?;
         Ok(proposal)
     }
 
@@ -1051,12 +1061,23 @@ impl Workflow {
             .get("status")
             .and_then(Value::as_str)
             .unwrap_or("");
-        if !matches!(status, "registered" | "partial" | "preliminary") {
+        if status != "preliminary" {
             return Err(WorkflowError::Invalid(format!(
                 "{report_ref} is '{status}': only a draft (preliminary) opinion is approved"
             )));
         }
         let delivered = case::apply(&file.case, &Event::Approved)?;
+        // What is delivered must meet the profile as a final opinion.
+        let mut as_final = report.body.clone();
+        as_final["status"] = json!("final");
+        let findings = r.profile_findings(&as_final, OPINION_PROFILE).await;
+        if !findings.is_empty() {
+            return Err(WorkflowError::Unconformant {
+                what: format!("{report_ref}, once final,"),
+                profile: OPINION_PROFILE,
+                findings,
+            });
+        }
         let now = instant_text(now_ms);
         // The report.
         let pdf = match supplied_pdf(&report.body) {

@@ -29,10 +29,12 @@ impl Record {
     }
 }
 
-/// One way a resource falls short of a profile: where (a FHIRPath, when the
-/// check can say) and what.
+/// One way a resource falls short of a profile: what kind of finding (a
+/// FHIR IssueType code: `required`, `code-invalid`, `invariant`…), where
+/// (a FHIRPath, when the check can say) and what.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
+    pub code: &'static str,
     pub at: Option<String>,
     pub text: String,
 }

@@ -346,6 +346,12 @@ draft = {
 def refused_at(body):
     status, outcome = call("POST", "DiagnosticReport", body, expect=422, role="specialist")
     return [e for i in outcome["issue"] for e in i.get("expression", [])]
+# Work in progress (registered) is kept without moving the case, and is
+# not approved.
+_, wip = call("POST", "DiagnosticReport", {k: v for k, v in draft.items() if k not in ("conclusion", "extension")}
+              | {"status": "registered"}, expect=201, role="specialist")
+assert stage(case_task(task_id)) == "under-review"
+call("POST", f"DiagnosticReport/{wip['id']}/$approve", expect=422, role="approver")
 # Only the assigned specialist writes the opinion.
 status, _ = call("POST", "DiagnosticReport", draft, role="other_specialist")
 assert status in (403, 404), status
