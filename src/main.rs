@@ -206,7 +206,15 @@ async fn import(
         );
     }
     let app = App::open_without_recovery(config).await?;
-    let summary = konsil::import::run(&app.ingest, &partner, path).await?;
+    let summary = konsil::import::run(&app.ingest, &partner, path).await;
+    // Every import is acknowledged only once durable: unless `serve` (or
+    // another import) still has the store open, the next start may skip
+    // the check for objects a crash tore.
+    let blobs = std::sync::Arc::clone(&app.blobs);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || blobs.close()).await {
+        tracing::warn!(error = %e, "cannot mark the blob store closed cleanly");
+    }
+    let summary = summary?;
     // The import is a DICOM store on the partner's behalf: it goes into the
     // audit trail like an association does.
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());

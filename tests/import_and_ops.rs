@@ -139,6 +139,23 @@ fn import_a_dicomdir_and_a_folder() {
         "{}",
         stderr(&out)
     );
+    // The store's clean-shutdown mark: not while the gateway has the store
+    // open (an import closing meanwhile does not write it), then written
+    // by whichever process closes it last.
+    let mark = gw.data_dir.join("segments").join("clean-shutdown");
+    assert!(!mark.exists(), "the gateway still has the store open");
+    assert!(gw.terminate().success());
+    assert!(mark.exists(), "the gateway closed the store last");
+    let out = konsil(&[
+        "--config",
+        &config,
+        "import",
+        cd.join("IMG").to_str().unwrap(),
+        "--partner",
+        "st-mary",
+    ]);
+    assert!(stdout(&out).contains("duplicate: 4"), "{}", stdout(&out));
+    assert!(mark.exists(), "an import alone closes the store cleanly");
 }
 
 #[test]

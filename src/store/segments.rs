@@ -44,6 +44,11 @@ const HEADER_LEN: u64 = 16;
 /// durable: written at a clean shutdown, removed (durably) when a process
 /// opens the store.
 const CLEAN_MARK: &str = "clean-shutdown";
+/// `open-<pid>`: present while that process has the store open, so that a
+/// process closing cleanly can tell whether another (`serve` and `konsil
+/// import` side by side) may still write, even before that one has a
+/// segment of its own.
+const OPEN_PREFIX: &str = "open-";
 /// A segment past this size takes no new records.
 const DEFAULT_SEGMENT_LIMIT: u64 = 1 << 30;
 
@@ -81,6 +86,13 @@ impl SegmentStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => return Err(e),
         };
+        // Presence marks of processes that are gone (a crash) go; ours comes.
+        for (pid, path) in open_marks(&dir)? {
+            if !process_alive(pid) {
+                let _ = fs::remove_file(path);
+            }
+        }
+        File::create(dir.join(format!("{OPEN_PREFIX}{}", std::process::id())))?;
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -244,16 +256,15 @@ impl BlobStore for SegmentStore {
 
     fn close(&self) -> Result<(), BlobError> {
         let fail = BlobError::Sync;
-        // Another live process (an import) may still be writing.
-        for entry in fs::read_dir(&self.dir).map_err(fail)? {
-            let name = entry.map_err(fail)?.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if is_segment_name(name)
-                && owner_pid(name)
-                    .is_some_and(|pid| pid != std::process::id() && process_alive(pid))
-            {
-                return Ok(());
-            }
+        let ours = std::process::id();
+        let _ = fs::remove_file(self.dir.join(format!("{OPEN_PREFIX}{ours}")));
+        // Another live process (`serve`, an import) may still be writing.
+        if open_marks(&self.dir)
+            .map_err(fail)?
+            .iter()
+            .any(|(pid, _)| *pid != ours && process_alive(*pid))
+        {
+            return Ok(());
         }
         // Whatever is still being written back reaches the disk now.
         let dir = File::open(&self.dir).map_err(fail)?;
@@ -393,6 +404,23 @@ fn is_segment_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_digit() || b == b'-' || b == b'.' || b.is_ascii_lowercase())
         && !name.contains("..")
+}
+
+/// The presence marks in `dir`: each process id with its file.
+fn open_marks(dir: &Path) -> io::Result<Vec<(u32, PathBuf)>> {
+    let mut marks = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(OPEN_PREFIX))
+            .and_then(|p| p.parse().ok());
+        if let Some(pid) = pid {
+            marks.push((pid, entry.path()));
+        }
+    }
+    Ok(marks)
 }
 
 fn owner_pid(name: &str) -> Option<u32> {
