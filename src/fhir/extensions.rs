@@ -45,6 +45,8 @@ pub struct ExtensionDefinition {
     title: String,
     /// Element paths it may sit on (`DiagnosticReport`).
     contexts: Vec<String>,
+    /// How many times it may appear on one element.
+    max: Max,
     /// A simple extension's value; `None` for a complex one.
     value: Option<ValueRule>,
     /// A complex extension's parts; nested extensions other than these are
@@ -118,6 +120,7 @@ fn compile(text: &str) -> Option<ExtensionDefinition> {
             .filter_map(|c| c["expression"].as_str().map(str::to_owned))
             .collect(),
         value: value_rule("Extension.value[x]")?,
+        max: max_of(by_id("Extension")?)?,
         parts,
     })
 }
@@ -226,6 +229,38 @@ impl ExtensionDefinition {
         }
         found
     }
+}
+
+/// How often each of our extensions appears among one element's
+/// `extension` items (at `path`), against its definition's maximum.
+pub fn check_counts(items: &[Value], path: &str) -> Vec<ExtensionFinding> {
+    let mut counts: Vec<(&ExtensionDefinition, u32)> = Vec::new();
+    for url in items
+        .iter()
+        .filter_map(|e| e.get("url").and_then(Value::as_str))
+    {
+        let Some(definition) = find(url) else {
+            continue;
+        };
+        match counts.iter_mut().find(|(d, _)| d.url == definition.url) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((definition, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .filter_map(|(d, n)| match d.max {
+            Max::Count(max) if n > max => Some((
+                "structure",
+                path.to_owned(),
+                format!(
+                    "the extension '{}' ({}) appears {n} times here; it is allowed at most {max} time(s)",
+                    d.title, d.url
+                ),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// An extension's (or part's) `value[x]` against `rule` (`None`: it takes
@@ -359,6 +394,27 @@ mod tests {
             paths,
             ["X.extension[0].value", "X.extension[0].extension[0]"]
         );
+    }
+
+    #[test]
+    fn an_extension_appears_at_most_as_often_as_its_definition_allows() {
+        let announced = json!({"url": ANNOUNCED, "valueUnsignedInt": 3});
+        let section =
+            json!({"url": SECTION, "extension": [{"url": "kind", "valueCode": "recommendations"}]});
+        let other = json!({"url": "http://example.org/x", "valueString": "y"});
+        let once = [
+            announced.clone(),
+            section.clone(),
+            section.clone(),
+            other.clone(),
+            other,
+        ];
+        assert_eq!(check_counts(&once, "ImagingStudy.extension"), vec![]);
+        let twice = [announced.clone(), announced];
+        let found = check_counts(&twice, "ImagingStudy.extension");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].1, "ImagingStudy.extension");
+        assert!(found[0].2.contains("at most 1 time"), "{found:?}");
     }
 
     #[test]

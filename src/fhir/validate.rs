@@ -442,6 +442,13 @@ impl<'d> Walk<'d> {
             self.items(value, el, &child_at, paired, |walk, item, item_at| {
                 walk.value(item, def, child.element, ty, item_at)
             });
+            if name == "extension" || name == "modifierExtension" {
+                if let Some(items) = value.as_array() {
+                    for (code, at, why) in super::extensions::check_counts(items, &child_at.path) {
+                        self.error(code, &at, why);
+                    }
+                }
+            }
             if let (true, Some(values), Some(extensions)) = (
                 el.max.repeats(),
                 value.as_array(),
