@@ -224,6 +224,7 @@ impl App {
         Retention {
             workflow: Arc::clone(&self.workflow),
             records: Arc::clone(&self.cases),
+            resources: Arc::clone(&self.resources),
             dicom_blobs: Arc::clone(&self.blobs),
             fhir_blobs: Arc::clone(&self.fhir_blobs),
         }

@@ -184,6 +184,20 @@ fn retention_discards_the_submitted_records_and_keeps_the_opinion(
     let (status, _) = gw.get_with(&format!("/dicomweb/studies/{study_uid}/metadata"), &partner);
     assert_eq!(status, 200, "a dry run changes nothing");
 
+    // The DICOM segment files cannot be written during this run (each is a
+    // directory for now): the case's records go from the index all the
+    // same, and the bytes wait in the queue for the next run.
+    let segments = gw.data_dir.join("segments");
+    let seg_files: Vec<std::path::PathBuf> = std::fs::read_dir(&segments)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    assert!(!seg_files.is_empty());
+    for seg in &seg_files {
+        std::fs::rename(seg, seg.with_extension("kept")).unwrap();
+        std::fs::create_dir(seg).unwrap();
+    }
     let done = run(false);
     assert!(
         done.contains(&task) && done.contains("discarded 1 studies (4 instances)"),
@@ -192,6 +206,22 @@ fn retention_discards_the_submitted_records_and_keeps_the_opinion(
     let (status, _) = gw.get_with(&format!("/dicomweb/studies/{study_uid}/metadata"), &partner);
     assert_eq!(status, 404, "the study is gone from DICOMweb");
     assert_eq!(gw.instance_count(), 0);
+    let queued = || {
+        common::sql(
+            &gw.data_dir,
+            "SELECT count(*) FROM blob_discards WHERE store = 'dicom'",
+        )
+        .trim()
+        .parse::<u32>()
+        .unwrap()
+    };
+    assert_eq!(queued(), 4, "the four instances' bytes wait in the queue");
+    for seg in &seg_files {
+        std::fs::remove_dir(seg).unwrap();
+        std::fs::rename(seg.with_extension("kept"), seg).unwrap();
+    }
+    assert!(run(false).starts_with("0 case(s)"), "the case is done");
+    assert_eq!(queued(), 0, "the next run destroyed them");
     // The bytes are gone from the segment files too (the patient's name was
     // in every instance).
     let mut found = false;

@@ -291,6 +291,17 @@ impl Records for StoreRecords {
             .map_err(store_error)
     }
 
+    async fn queue_discards(
+        &mut self,
+        kind: crate::store::BlobKind,
+        locations: &[crate::store::BlobLocation],
+    ) -> Result<(), WorkflowError> {
+        self.tx
+            .queue_discards(kind, locations)
+            .await
+            .map_err(store_error)
+    }
+
     async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding> {
         let resource_type = resource["resourceType"].as_str().unwrap_or("");
         rest::validation(resource_type, resource, &[profile.to_owned()])
@@ -516,6 +527,14 @@ impl ResourceTx for CaseTx {
         study_uid: &Uid,
     ) -> Result<Vec<crate::store::BlobLocation>, MetaError> {
         self.records.tx.discard_study(partner, study_uid).await
+    }
+
+    async fn queue_discards(
+        &mut self,
+        kind: crate::store::BlobKind,
+        locations: &[crate::store::BlobLocation],
+    ) -> Result<(), MetaError> {
+        self.records.tx.queue_discards(kind, locations).await
     }
 
     async fn enqueue_notification(

@@ -6,7 +6,7 @@
 
 use crate::ids::{PartnerId, Uid};
 
-use super::{BlobLocation, MetaError};
+use super::{BlobKind, BlobLocation, MetaError, PendingDiscard};
 
 /// One stored version of a resource.
 #[derive(Debug, Clone)]
@@ -203,6 +203,10 @@ pub enum Attempt {
 /// FHIR resource storage.
 #[async_trait::async_trait]
 pub trait ResourceStore: Send + Sync + 'static {
+    /// Queued discards (oldest first), at most `limit`.
+    async fn pending_discards(&self, limit: u32) -> Result<Vec<PendingDiscard>, MetaError>;
+    /// A queued discard is done.
+    async fn forget_discard(&self, id: i64) -> Result<(), MetaError>;
     /// The current version (possibly a deletion).
     async fn current(
         &self,
@@ -273,6 +277,13 @@ pub trait ResourceTx: Send {
         partner: &PartnerId,
         study_uid: &Uid,
     ) -> Result<Vec<BlobLocation>, MetaError>;
+    /// Queue the destruction of records no longer pointed at (retention),
+    /// committed with the change that let go of them.
+    async fn queue_discards(
+        &mut self,
+        kind: BlobKind,
+        locations: &[BlobLocation],
+    ) -> Result<(), MetaError>;
     /// Queue a notification to `subscription_id` about `focus`, committed
     /// with the change it announces.
     async fn enqueue_notification(

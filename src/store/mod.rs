@@ -42,6 +42,33 @@ pub struct BlobLocation {
     pub length: u64,
 }
 
+/// Which blob store an object is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobKind {
+    /// DICOM instances (`segments/`).
+    Dicom,
+    /// FHIR Binary content (`fhir/segments/`).
+    Fhir,
+}
+
+impl BlobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobKind::Dicom => "dicom",
+            BlobKind::Fhir => "fhir",
+        }
+    }
+}
+
+/// A record whose bytes are still to be destroyed (retention), queued in
+/// the transaction that stopped pointing at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDiscard {
+    pub id: i64,
+    pub kind: BlobKind,
+    pub location: BlobLocation,
+}
+
 /// Errors of the blob store.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {

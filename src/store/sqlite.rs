@@ -103,6 +103,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "client assertions",
         include_str!("migrations/0007_client_assertions.sql"),
     ),
+    (
+        8,
+        "blob discards",
+        include_str!("migrations/0008_blob_discards.sql"),
+    ),
 ];
 
 /// The index in a SQLite file.

@@ -8,7 +8,7 @@ use super::fhir::{
     ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort, StoredResource, StringMatch,
 };
 use super::sqlite::{discard_study_on, KnownSeries, SqliteStore};
-use super::{BlobLocation, MetaError};
+use super::{BlobKind, BlobLocation, MetaError, PendingDiscard};
 use crate::ids::{PartnerId, Uid};
 
 /// Sort key of rows without a value for a date sort: after all others.
@@ -363,6 +363,42 @@ async fn search_on(
 
 #[async_trait::async_trait]
 impl ResourceStore for SqliteStore {
+    async fn pending_discards(&self, limit: u32) -> Result<Vec<PendingDiscard>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT object, offset, length, id, store FROM blob_discards ORDER BY id LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let store: String = row.try_get(4)?;
+                let kind = match store.as_str() {
+                    "dicom" => BlobKind::Dicom,
+                    "fhir" => BlobKind::Fhir,
+                    other => {
+                        return Err(MetaError::Corrupt(format!(
+                            "blob_discards.store is '{other}'"
+                        )))
+                    }
+                };
+                Ok(PendingDiscard {
+                    id: row.try_get(3)?,
+                    kind,
+                    location: super::sqlite::blob_location(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_discard(&self, id: i64) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM blob_discards WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     async fn current(
         &self,
         resource_type: &str,
@@ -712,6 +748,25 @@ impl ResourceTx for SqliteResourceTx {
         .bind(now_ms)
         .execute(&mut *self.tx)
         .await?;
+        Ok(())
+    }
+
+    async fn queue_discards(
+        &mut self,
+        kind: BlobKind,
+        locations: &[BlobLocation],
+    ) -> Result<(), MetaError> {
+        for location in locations {
+            sqlx::query(
+                "INSERT INTO blob_discards (store, object, offset, length) VALUES (?, ?, ?, ?)",
+            )
+            .bind(kind.as_str())
+            .bind(&location.object)
+            .bind(to_i64(location.offset))
+            .bind(to_i64(location.length))
+            .execute(&mut *self.tx)
+            .await?;
+        }
         Ok(())
     }
 

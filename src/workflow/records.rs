@@ -132,6 +132,13 @@ pub trait Records: Send {
         partner: &PartnerId,
         study_uid: &Uid,
     ) -> Result<Vec<crate::store::BlobLocation>, WorkflowError>;
+    /// Queue the destruction of these records (retention), committed with
+    /// the transaction that stopped pointing at them.
+    async fn queue_discards(
+        &mut self,
+        kind: crate::store::BlobKind,
+        locations: &[crate::store::BlobLocation],
+    ) -> Result<(), WorkflowError>;
     /// Why `resource` does not meet the profile `profile` (empty: it does).
     async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding>;
 }

@@ -18,7 +18,8 @@ use super::engine::{instant_text, Workflow, SERVICE_ORGANIZATION};
 use super::records::{codes, items, reference_of, Record, RecordStore, WorkflowError};
 use super::task::{self, case_of, write_case};
 use crate::ids::Uid;
-use crate::store::{BlobLocation, BlobStore};
+use crate::store::fhir::ResourceStore;
+use crate::store::{BlobError, BlobKind, BlobLocation, BlobStore};
 
 /// `Task.meta.tag` that keeps a case's records whatever their age.
 pub const CASE_FLAG: &str = "http://konsil.dev/fhir/CodeSystem/case-flag";
@@ -41,6 +42,8 @@ pub struct CaseReport {
 pub struct Retention {
     pub workflow: Arc<Workflow>,
     pub records: Arc<dyn RecordStore>,
+    /// The queue of records to destroy.
+    pub resources: Arc<dyn ResourceStore>,
     pub dicom_blobs: Arc<dyn BlobStore>,
     pub fhir_blobs: Arc<dyn BlobStore>,
 }
@@ -75,6 +78,10 @@ impl Retention {
                 .map(|t| t.reference())
                 .collect::<Vec<_>>()
         };
+        if !dry_run {
+            // What an earlier run could not destroy.
+            self.destroy_pending().await;
+        }
         let mut reports = Vec::new();
         for task in candidates {
             if let Some(report) = self.discard_case(&task, cutoff, as_of_ms, dry_run).await? {
@@ -82,6 +89,47 @@ impl Retention {
             }
         }
         Ok(reports)
+    }
+
+    /// Destroy the queued records' bytes; each one done leaves the queue.
+    /// One that fails stays queued (logged, without PHI: where it is).
+    async fn destroy_pending(&self) {
+        loop {
+            let pending = match self.resources.pending_discards(256).await {
+                Ok(pending) => pending,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the queued blob discards; tried again at the next run");
+                    return;
+                }
+            };
+            let mut progressed = false;
+            for discard in &pending {
+                let store = match discard.kind {
+                    BlobKind::Dicom => Arc::clone(&self.dicom_blobs),
+                    BlobKind::Fhir => Arc::clone(&self.fhir_blobs),
+                };
+                let location = discard.location.clone();
+                let done = tokio::task::spawn_blocking(move || store.discard(&location)).await;
+                match done {
+                    Ok(Ok(())) => {}
+                    // The whole object is gone already: nothing left.
+                    Ok(Err(BlobError::Retract(e))) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(store = discard.kind.as_str(), object = %discard.location.object, offset = discard.location.offset, error = %e, "cannot destroy a discarded record's bytes; tried again at the next run");
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
+                if let Err(e) = self.resources.forget_discard(discard.id).await {
+                    tracing::warn!(error = %e, "cannot clear a done blob discard; it is done again at the next run");
+                    continue;
+                }
+                progressed = true;
+            }
+            if pending.len() < 256 || !progressed {
+                return;
+            }
+        }
     }
 
     /// One case, in one transaction; the blobs go after it commits.
@@ -293,21 +341,13 @@ impl Retention {
                 dicom_blobs.extend(r.discard_study(partner, uid).await?);
             }
         }
+        // The bytes are destroyed after the commit, from a queue committed
+        // with it: one that cannot be destroyed now is tried again at the
+        // next run, never forgotten.
+        r.queue_discards(BlobKind::Dicom, &dicom_blobs).await?;
+        r.queue_discards(BlobKind::Fhir, &fhir_blobs).await?;
         tx.commit().await?;
-        let dicom = Arc::clone(&self.dicom_blobs);
-        let fhir = Arc::clone(&self.fhir_blobs);
-        tokio::task::spawn_blocking(move || {
-            for location in &dicom_blobs {
-                dicom.discard(location)?;
-            }
-            for location in &fhir_blobs {
-                fhir.discard(location)?;
-            }
-            Ok::<(), crate::store::BlobError>(())
-        })
-        .await
-        .map_err(|_| WorkflowError::Store("blob discard task failed".into()))?
-        .map_err(|e| WorkflowError::Store(e.to_string()))?;
+        self.destroy_pending().await;
         Ok(Some(report))
     }
 }
