@@ -35,15 +35,11 @@ fn import_a_dicomdir_and_a_folder() {
     // Not referenced by the DICOMDIR: ignored on the DICOMDIR path.
     std::fs::write(cd.join("AUTORUN.INF"), b"[autorun]").unwrap();
     let config = gw.config_path().to_str().unwrap().to_owned();
+    let import = |path: &str, partner: &str| {
+        konsil(&["--config", &config, "import", path, "--partner", partner])
+    };
 
-    let out = konsil(&[
-        "--config",
-        &config,
-        "import",
-        cd.join("DICOMDIR").to_str().unwrap(),
-        "--partner",
-        "st-mary",
-    ]);
+    let out = import(cd.join("DICOMDIR").to_str().unwrap(), "st-mary");
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let report = stdout(&out);
     assert!(report.contains("stored: 4"), "{report}");
@@ -107,14 +103,7 @@ fn import_a_dicomdir_and_a_folder() {
         .status
         .success());
     std::fs::copy(bad.join("nostudy.dcm"), cd.join("IMG/NOSTUDY")).unwrap();
-    let out = konsil(&[
-        "--config",
-        &config,
-        "import",
-        cd.join("IMG").to_str().unwrap(),
-        "--partner",
-        "st-mary",
-    ]);
+    let out = import(cd.join("IMG").to_str().unwrap(), "st-mary");
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let report = stdout(&out);
     assert!(report.contains("duplicate: 4"), "{report}");
@@ -125,14 +114,7 @@ fn import_a_dicomdir_and_a_folder() {
     );
     assert_eq!(gw.instance_count(), 4);
 
-    let out = konsil(&[
-        "--config",
-        &config,
-        "import",
-        cd.to_str().unwrap(),
-        "--partner",
-        "nobody",
-    ]);
+    let out = import(cd.to_str().unwrap(), "nobody");
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("partner nobody is not configured"),
@@ -146,14 +128,7 @@ fn import_a_dicomdir_and_a_folder() {
     assert!(!mark.exists(), "the gateway still has the store open");
     assert!(gw.terminate().success());
     assert!(mark.exists(), "the gateway closed the store last");
-    let out = konsil(&[
-        "--config",
-        &config,
-        "import",
-        cd.join("IMG").to_str().unwrap(),
-        "--partner",
-        "st-mary",
-    ]);
+    let out = import(cd.join("IMG").to_str().unwrap(), "st-mary");
     assert!(stdout(&out).contains("duplicate: 4"), "{}", stdout(&out));
     assert!(mark.exists(), "an import alone closes the store cleanly");
 }

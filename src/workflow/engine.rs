@@ -909,19 +909,7 @@ impl Workflow {
         owner: Option<&str>,
         now_ms: i64,
     ) -> Result<Record, WorkflowError> {
-        let task_ref = format!("Task/{task_id}");
-        let task = r
-            .read(&task_ref)
-            .await?
-            .ok_or_else(|| WorkflowError::NotFound(task_ref.clone()))?;
-        let mut file = self.case_file(r, task).await?;
-        // Consent may have changed since the last check.
-        file.task = self.check_case(r, file.task.clone(), now_ms).await?;
-        file.case = case_of(&file.task.body).unwrap_or(file.case);
-        let specialty = codes(file.request.body.get("code"), SPECIALTY)
-            .next()
-            .unwrap_or("")
-            .to_owned();
+        let (mut file, specialty) = self.triage_file(r, task_id, now_ms).await?;
         let chosen = match owner {
             Some(owner) => {
                 let role = r
@@ -959,28 +947,38 @@ impl Workflow {
         task_id: &str,
         now_ms: i64,
     ) -> Result<Proposal, WorkflowError> {
-        let task_ref = format!("Task/{task_id}");
-        let task = r
-            .read(&task_ref)
-            .await?
-            .ok_or_else(|| WorkflowError::NotFound(task_ref.clone()))?;
-        let mut file = self.case_file(r, task).await?;
-        // As $assign: the consent may have changed since the last check,
-        // and the case's stage must allow an assignment.
-        file.task = self.check_case(r, file.task.clone(), now_ms).await?;
-        file.case = case_of(&file.task.body).unwrap_or(file.case);
+        let (file, specialty) = self.triage_file(r, task_id, now_ms).await?;
+        // Refused as $assign would be, by the case's stage.
         case::apply(
             &file.case,
             &Event::Assigned {
                 specialist: String::new(),
             },
         )?;
+        self.propose(r, &file, &specialty, now_ms).await
+    }
+
+    /// The case of `Task/{task_id}` for triage, its consent checked again
+    /// (it may have changed since), and the referral's specialty.
+    async fn triage_file(
+        &self,
+        r: &mut dyn Records,
+        task_id: &str,
+        now_ms: i64,
+    ) -> Result<(CaseFile, String), WorkflowError> {
+        let task_ref = format!("Task/{task_id}");
+        let task = r
+            .read(&task_ref)
+            .await?
+            .ok_or_else(|| WorkflowError::NotFound(task_ref.clone()))?;
+        let mut file = self.case_file(r, task).await?;
+        file.task = self.check_case(r, file.task.clone(), now_ms).await?;
+        file.case = case_of(&file.task.body).unwrap_or(file.case);
         let specialty = codes(file.request.body.get("code"), SPECIALTY)
             .next()
             .unwrap_or("")
             .to_owned();
-        let proposal = self.propose(r, &file, &specialty, now_ms).await?;
-        Ok(proposal)
+        Ok((file, specialty))
     }
 
     /// The specialist to propose for a case: the referral's requested
