@@ -361,9 +361,11 @@ fn storage_failure_is_a700_and_recovers() {
     let files = dicom_files(&["tiny", work.path().join("t").to_str().unwrap(), "2"]);
     // Make the blob store unusable: a new segment cannot be created, as on a
     // full or broken disk (root ignores permissions, so replace the directory
-    // with a file).
+    // with a file). The directory is moved aside, not removed: it holds this
+    // process's presence file.
     let tmp = gw.data_dir.join("segments");
-    std::fs::remove_dir(&tmp).unwrap();
+    let aside = gw.data_dir.join("segments.aside");
+    std::fs::rename(&tmp, &aside).unwrap();
     std::fs::write(&tmp, b"not a directory").unwrap();
     let failed = pyscu(&gw, "store", &[files[0].path.to_str().unwrap()]);
     assert_eq!(failed[0].0, "0xA700");
@@ -376,7 +378,7 @@ fn storage_failure_is_a700_and_recovers() {
     assert_eq!(gw.instance_count(), 0);
 
     std::fs::remove_file(&tmp).unwrap();
-    std::fs::create_dir(&tmp).unwrap();
+    std::fs::rename(&aside, &tmp).unwrap();
     let ok = pyscu(&gw, "store", &[files[1].path.to_str().unwrap()]);
     assert_eq!(ok[0].0, "0x0000");
     assert_eq!(gw.instance_count(), 1);

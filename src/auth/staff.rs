@@ -57,6 +57,8 @@ struct Discovery {
     keys: std::sync::RwLock<Option<(Arc<JwkSet>, Instant)>>,
     /// One fetch at a time; what the last attempts were.
     fetching: tokio::sync::Mutex<Attempts>,
+    /// A background refresh is under way (one is enough).
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 /// Why keys are fetched.
@@ -122,6 +124,7 @@ impl StaffIssuer {
                     http,
                     keys: std::sync::RwLock::new(None),
                     fetching: tokio::sync::Mutex::new(Attempts::default()),
+                    refreshing: std::sync::atomic::AtomicBool::new(false),
                 }))
             }
         };
@@ -227,9 +230,13 @@ impl Discovery {
         let (known, age) = this.current(kid);
         match (known, age) {
             (Some(jwk), Some(age)) if age < KEYS_MAX_AGE => {
-                if age >= KEYS_REFRESH_AGE {
+                use std::sync::atomic::Ordering;
+                if age >= KEYS_REFRESH_AGE && !this.refreshing.swap(true, Ordering::AcqRel) {
                     let this = Arc::clone(this);
-                    tokio::spawn(async move { this.refresh(Need::Old).await });
+                    tokio::spawn(async move {
+                        this.refresh(Need::Old).await;
+                        this.refreshing.store(false, Ordering::Release);
+                    });
                 }
                 Some(jwk)
             }
