@@ -572,6 +572,49 @@ fn after_a_crash_a_torn_last_instance_is_withdrawn_and_a_clean_stop_skips_the_ch
 }
 
 #[test]
+fn withdrawing_one_of_two_conflicting_versions_clears_the_other_versions_flag() {
+    let work = work();
+    let dir = work.path().join("bad");
+    assert!(python("dicom_files.py", &["bad", dir.to_str().unwrap()])
+        .status
+        .success());
+    let gw = Gateway::start(work.path(), "");
+    let data_dir = gw.data_dir.clone();
+    for name in ["conflict_a.dcm", "conflict_b.dcm"] {
+        let sent = storescu(&gw, ST_MARY_AE, &[&dir.join(name)]);
+        assert!(sent.status.success(), "{}", stderr(&sent));
+    }
+    let flags = || sql(&data_dir, "SELECT conflict FROM instances ORDER BY id");
+    assert_eq!(flags(), "1\n1\n", "both versions flagged");
+    gw.kill9();
+
+    // Tear the second version (the segment's last record), as an OS crash
+    // before its sync would: recovery withdraws it.
+    let row = sql(
+        &data_dir,
+        "SELECT blob_object, blob_offset, blob_length FROM instances ORDER BY blob_offset DESC LIMIT 1",
+    );
+    let fields: Vec<&str> = row.trim().split('\t').collect();
+    let (offset, length) = (
+        fields[1].parse::<u64>().unwrap(),
+        fields[2].parse::<u64>().unwrap(),
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let segment = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data_dir.join("segments").join(fields[0]))
+            .unwrap();
+        segment
+            .write_all_at(&[0xA5u8; 64], offset + length - 128)
+            .unwrap();
+    }
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    assert_eq!(gw.instance_count(), 1, "the torn version is withdrawn");
+    assert_eq!(flags(), "0\n", "the version left alone is no conflict");
+}
+
+#[test]
 fn sender_abort_mid_transfer_discards_the_partial_instance() {
     let work = work();
     let big = dicom_files(&["big", work.path().join("big.dcm").to_str().unwrap(), "300"]);

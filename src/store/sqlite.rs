@@ -345,17 +345,29 @@ impl MetadataStore for SqliteStore {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "DELETE FROM instances WHERE blob_object = ? AND blob_offset = ?
-             RETURNING partner, series_uid, study_uid",
+             RETURNING partner, series_uid, study_uid, sop_instance_uid",
         )
         .bind(&blob.object)
         .bind(to_i64(blob.offset))
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = row {
-            let (partner, series, study): (String, String, String) =
-                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-            // A series or study this instance alone made goes with it.
+            let (partner, series, study, sop_instance): (String, String, String, String) = (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+            );
+            // A version left alone under its SOP Instance UID is no longer
+            // in conflict with anything. A series or study this instance
+            // alone made goes with it.
             for (statement, uid) in [
+                (
+                    "UPDATE instances SET conflict = 0
+                     WHERE partner = ?1 AND sop_instance_uid = ?2 AND conflict = 1
+                     AND (SELECT COUNT(*) FROM instances WHERE partner = ?1 AND sop_instance_uid = ?2) = 1",
+                    &sop_instance,
+                ),
                 (
                     "DELETE FROM series WHERE partner = ?1 AND series_uid = ?2
                      AND NOT EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND series_uid = ?2)",
