@@ -36,6 +36,7 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         // The other oncologist on the roster, not assigned.
         "other_specialist": gw.staff_token_as("specialist", "dr-other"),
         "approver": gw.staff_token_as("approver", "approver-1"),
+        "admin": gw.staff_token_as("admin", "admin-1"),
         "auditor": tokens.auditor,
     });
     let tokens_file = work.path().join("tokens.json");

@@ -477,7 +477,7 @@ impl ResourceTx for CaseTx {
 
     async fn write(&mut self, write: &ResourceWrite) -> Result<(), MetaError> {
         let resource = &write.resource;
-        let previous = if resource.resource_type == "Task" {
+        let previous = if matches!(resource.resource_type.as_str(), "Task" | "DiagnosticReport") {
             self.records
                 .tx
                 .current(&resource.resource_type, &resource.id)

@@ -180,6 +180,9 @@ pub enum Event {
     Assigned { specialist: String },
     /// The specialist submitted a draft opinion.
     DraftSubmitted,
+    /// The specialist took the submitted draft back (marked it entered in
+    /// error, or deleted it) before approval.
+    DraftWithdrawn,
     /// Staff approved the draft: it is delivered.
     Approved,
     /// Staff sent the draft back with a note.
@@ -219,6 +222,7 @@ impl Event {
             Event::StalePeriodPassed => "the stale period",
             Event::Assigned { .. } => "assigning a specialist",
             Event::DraftSubmitted => "submitting a draft opinion",
+            Event::DraftWithdrawn => "withdrawing the draft opinion",
             Event::Approved => "approving the opinion",
             Event::Returned { .. } => "returning the draft",
             Event::Inactive => "closing for inactivity",
@@ -298,6 +302,15 @@ pub fn apply(case: &Case, event: &Event) -> Result<Case, Refusal> {
         (_, Event::DraftSubmitted) => {
             return Err(refuse(
                 "only the assigned specialist's review produces a draft",
+            ))
+        }
+        // Work in progress may be withdrawn while under review; a submitted
+        // draft taken back returns the case to review.
+        (UnderReview, Event::DraftWithdrawn) => {}
+        (AwaitingApproval, Event::DraftWithdrawn) => next.stage = UnderReview,
+        (_, Event::DraftWithdrawn) => {
+            return Err(refuse(
+                "only a draft opinion not yet approved can be withdrawn",
             ))
         }
         (AwaitingApproval, Event::Approved) => {
@@ -388,6 +401,7 @@ mod tests {
                 },
             ),
             ("draft", Event::DraftSubmitted),
+            ("take back", Event::DraftWithdrawn),
             ("approve", Event::Approved),
             (
                 "return",
@@ -405,11 +419,12 @@ mod tests {
             ("withdraw", Event::Withdrawn),
         ];
         // Rows: stages in ALL order; columns: events in the order above.
-        let expected: [[Option<Stage>; 10]; 9] = [
-            // complete          incomplete             stale                  assign             draft                   approve          return            inactive      decline         withdraw
+        let expected: [[Option<Stage>; 11]; 9] = [
+            // complete          incomplete             stale                  assign             draft        take back           approve          return            inactive      decline         withdraw
             [
                 Some(ReadyForTriage),
                 Some(AwaitingRecords),
+                None,
                 None,
                 None,
                 None,
@@ -428,6 +443,7 @@ mod tests {
                 None,
                 None,
                 None,
+                None,
                 Some(Declined),
                 Some(Withdrawn),
             ], // AwaitingRecords
@@ -436,6 +452,7 @@ mod tests {
                 Some(AwaitingRecords),
                 None,
                 Some(UnderReview),
+                None,
                 None,
                 None,
                 None,
@@ -449,6 +466,7 @@ mod tests {
                 None,
                 Some(UnderReview),
                 Some(AwaitingApproval),
+                Some(UnderReview),
                 None,
                 None,
                 None,
@@ -461,6 +479,7 @@ mod tests {
                 None,
                 None,
                 None,
+                Some(UnderReview),
                 Some(Delivered),
                 Some(UnderReview),
                 None,
@@ -475,13 +494,14 @@ mod tests {
                 None,
                 None,
                 None,
+                None,
                 Some(Closed),
                 None,
                 None,
             ], // Delivered
-            [None; 10], // Closed
-            [None; 10], // Declined
-            [None; 10], // Withdrawn
+            [None; 11], // Closed
+            [None; 11], // Declined
+            [None; 11], // Withdrawn
         ];
         for (row, stage) in ALL.iter().enumerate() {
             for (col, (name, event)) in events.iter().enumerate() {

@@ -43,7 +43,8 @@ pub struct Written {
     pub resource_type: String,
     pub id: String,
     pub deleted: bool,
-    /// For a Task: the version before this interaction, if there was one.
+    /// For a Task or a DiagnosticReport: the version before this
+    /// interaction, if there was one.
     pub previous: Option<Value>,
 }
 
@@ -206,7 +207,7 @@ impl Workflow {
                         to_check.insert(task);
                     }
                 }
-                "DiagnosticReport" if !w.deleted => {
+                "DiagnosticReport" => {
                     self.report_written(r, caller, w, now_ms).await?;
                 }
                 "Communication" if !w.deleted => {
@@ -823,7 +824,8 @@ impl Workflow {
     }
 
     /// A report on a referral: a preliminary one from the specialist is the
-    /// draft opinion; making it final is `$approve`'s alone.
+    /// draft opinion; making it final is `$approve`'s alone. A draft not yet
+    /// approved may be withdrawn (entered-in-error, cancelled or deleted).
     async fn report_written(
         &self,
         r: &mut dyn Records,
@@ -831,10 +833,16 @@ impl Workflow {
         w: &Written,
         now_ms: i64,
     ) -> Result<(), WorkflowError> {
-        let Some(report) = r.read(&w.reference()).await? else {
+        // The report as written, or as it was before its deletion.
+        let body = if w.deleted {
+            w.previous.clone()
+        } else {
+            r.read(&w.reference()).await?.map(|report| report.body)
+        };
+        let Some(body) = body else {
             return Ok(());
         };
-        let Some(mut file) = self.case_of_report(r, &report).await? else {
+        let Some(mut file) = self.case_of_report(r, &body).await? else {
             return Ok(());
         };
         if let Caller::Partner(_) = caller {
@@ -842,17 +850,30 @@ impl Workflow {
                 "the opinion on a case is written by the service's specialist".into(),
             ));
         }
-        let status = report
-            .body
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        match status {
+        let status_of = |body: &Value| {
+            body.get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let was = w.previous.as_ref().map(status_of);
+        let status = if w.deleted {
+            "deleted".to_owned()
+        } else {
+            status_of(&body)
+        };
+        match status.as_str() {
             "registered" | "partial" | "preliminary" => {
-                let findings = r.profile_findings(&report.body, OPINION_PROFILE).await;
+                if let Some(withdrawn @ ("entered-in-error" | "cancelled")) = was.as_deref() {
+                    return Err(WorkflowError::Invalid(format!(
+                        "{} was withdrawn ('{withdrawn}') and stays so: write a new draft",
+                        w.reference()
+                    )));
+                }
+                let findings = r.profile_findings(&body, OPINION_PROFILE).await;
                 if !findings.is_empty() {
                     return Err(WorkflowError::Unconformant {
-                        what: format!("the draft opinion {}", report.reference()),
+                        what: format!("the draft opinion {}", w.reference()),
                         profile: OPINION_PROFILE,
                         findings,
                     });
@@ -873,19 +894,65 @@ impl Workflow {
                 }
                 Ok(())
             }
+            "entered-in-error" | "cancelled" | "deleted" => match was.as_deref() {
+                Some("registered" | "partial" | "preliminary") => {
+                    self.draft_withdrawn(r, &mut file, now_ms).await
+                }
+                // What was delivered stays the case's record.
+                Some(delivered) if w.deleted => Err(WorkflowError::Conflict(format!(
+                    "{} is the '{delivered}' opinion of the case {}, which keeps it as its record",
+                    w.reference(),
+                    file.task.reference()
+                ))),
+                _ => Err(WorkflowError::Invalid(format!(
+                    "only a draft opinion (registered, partial or preliminary) becomes '{status}'; {} was '{}'",
+                    w.reference(),
+                    was.as_deref().unwrap_or("not there")
+                ))),
+            },
             _ => Err(WorkflowError::Invalid(format!(
                 "a case's opinion becomes '{status}' only through DiagnosticReport/{}/$approve",
-                report.id
+                w.id
             ))),
         }
+    }
+
+    /// A draft opinion was withdrawn: when no submitted draft is left on a
+    /// case waiting for approval, the case returns to review.
+    async fn draft_withdrawn(
+        &self,
+        r: &mut dyn Records,
+        file: &mut CaseFile,
+        now_ms: i64,
+    ) -> Result<(), WorkflowError> {
+        if file.case.stage != Stage::AwaitingApproval {
+            // Work in progress under review just goes; past approval the
+            // state machine refuses with its reason.
+            case::apply(&file.case, &Event::DraftWithdrawn)?;
+            return Ok(());
+        }
+        let Some(request) = reference_of(file.task.body.get("focus")) else {
+            return Ok(());
+        };
+        let submitted = r
+            .search(
+                "DiagnosticReport",
+                &format!("based-on={request}&status=preliminary"),
+            )
+            .await?;
+        if submitted.is_empty() {
+            self.move_case(r, file, &Event::DraftWithdrawn, now_ms)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn case_of_report(
         &self,
         r: &mut dyn Records,
-        report: &Record,
+        report: &Value,
     ) -> Result<Option<CaseFile>, WorkflowError> {
-        for based in items(Some(&report.body), "basedOn") {
+        for based in items(Some(report), "basedOn") {
             let Some(request) =
                 reference_of(Some(based)).filter(|s| s.starts_with("ServiceRequest/"))
             else {
@@ -1046,7 +1113,7 @@ impl Workflow {
             .read(&report_ref)
             .await?
             .ok_or_else(|| WorkflowError::NotFound(report_ref.clone()))?;
-        let mut file = self.case_of_report(r, &report).await?.ok_or_else(|| {
+        let mut file = self.case_of_report(r, &report.body).await?.ok_or_else(|| {
             WorkflowError::Invalid(format!(
                 "{report_ref} is not based on a referral with a case"
             ))
@@ -1150,7 +1217,7 @@ impl Workflow {
         if report.body.get("status").and_then(Value::as_str) != Some("final") {
             return Ok(());
         }
-        let Some(mut file) = self.case_of_report(r, &report).await? else {
+        let Some(mut file) = self.case_of_report(r, &report.body).await? else {
             return Ok(());
         };
         let notified = task::has_output(&file.task.body, PATIENT_NOTIFIED);
@@ -1203,7 +1270,7 @@ impl Workflow {
             .read(&report_ref)
             .await?
             .ok_or_else(|| WorkflowError::NotFound(report_ref.clone()))?;
-        let mut file = self.case_of_report(r, &report).await?.ok_or_else(|| {
+        let mut file = self.case_of_report(r, &report.body).await?.ok_or_else(|| {
             WorkflowError::Invalid(format!(
                 "{report_ref} is not based on a referral with a case"
             ))

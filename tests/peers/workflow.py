@@ -360,8 +360,21 @@ assert "DiagnosticReport.resultsInterpreter" in refused_at(anonymous)
 odd = dict(draft, extension=[section("horoscope", "Favourable.")])
 assert "DiagnosticReport.extension[0].extension[0].value" in refused_at(odd)
 assert stage(case_task(task_id)) == "under-review"
+# A submitted draft the specialist takes back (entered-in-error) returns the
+# case to review, and stays withdrawn; work in progress may be withdrawn too.
+_, first_try = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
+assert stage(case_task(task_id)) == "awaiting-approval"
+_, first_try = call("PUT", f"DiagnosticReport/{first_try['id']}", dict(first_try, status="entered-in-error"), expect=200, role="specialist")
+assert stage(case_task(task_id)) == "under-review"
+call("PUT", f"DiagnosticReport/{first_try['id']}", dict(first_try, status="preliminary"), expect=422, role="specialist")
+call("PUT", f"DiagnosticReport/{wip['id']}", dict(wip, status="cancelled"), expect=200, role="specialist")
+assert stage(case_task(task_id)) == "under-review"
 _, report = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
 report_id = report["id"]
+assert stage(case_task(task_id)) == "awaiting-approval"
+# A second submitted draft withdrawn leaves the first one waiting.
+_, second = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
+call("DELETE", f"DiagnosticReport/{second['id']}", expect=204, role="admin")
 assert stage(case_task(task_id)) == "awaiting-approval"
 status, _ = call("GET", f"DiagnosticReport/{report_id}", partner=True)
 assert status == 404, status
@@ -388,6 +401,8 @@ assert final["status"] == "final" and final["presentedForm"][0]["contentType"] =
 task = case_task(task_id)
 assert task["status"] == "completed" and stage(task) == "delivered", task
 assert task["output"][0]["valueReference"]["reference"] == f"DiagnosticReport/{report_id}"
+# The delivered opinion is the case's record: not even an admin deletes it.
+call("DELETE", f"DiagnosticReport/{report_id}", expect=409, role="admin")
 wait_for("the failed delivery to show", lambda: read(f"Subscription/{subscriptions['report']}", True)[1]["status"] == "error")
 _, failing = read(f"Subscription/{subscriptions['report']}", True)
 keep(failing)
