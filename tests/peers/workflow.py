@@ -311,6 +311,8 @@ assert status == 403, (status, outcome)
 # --- triage ------------------------------------------------------------------------
 step("coordinator: $propose changes nothing")
 _, proposal = call("POST", f"Task/{task_id}/$propose", parameters(), expect=200)
+# Parameters carry no id: kept under the operation's name for the validators.
+emitted["Parameters/$propose"] = proposal
 proposed = {p["name"]: p for p in proposal["parameter"]}
 assert proposed["owner"]["valueReference"]["reference"] == roles["requested"], proposal
 assert proposed["requested"]["valueBoolean"] is True and proposed["openCases"]["valueInteger"] == 0, proposal
