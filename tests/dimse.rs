@@ -523,16 +523,7 @@ fn after_a_crash_a_torn_last_instance_is_withdrawn_and_a_clean_stop_skips_the_ch
         fields[2].parse::<u64>().unwrap(),
     );
     let torn = fields[3].to_owned();
-    {
-        use std::os::unix::fs::FileExt;
-        let segment = std::fs::OpenOptions::new()
-            .write(true)
-            .open(data_dir.join("segments").join(object))
-            .unwrap();
-        segment
-            .write_all_at(&[0u8; 4096], offset + length - 8192)
-            .unwrap();
-    }
+    overwrite_in_segment(&data_dir, object, offset + length - 8192, &[0u8; 4096]);
 
     let gw = Gateway::start_with(work.path(), &data_dir, "");
     assert_eq!(gw.instance_count(), 1, "the torn instance is withdrawn");
@@ -571,6 +562,18 @@ fn after_a_crash_a_torn_last_instance_is_withdrawn_and_a_clean_stop_skips_the_ch
     );
 }
 
+/// Write `bytes` at `at` in a segment file, as a crash that kept only part
+/// of a record would leave it.
+fn overwrite_in_segment(data_dir: &std::path::Path, segment: &str, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(data_dir.join("segments").join(segment))
+        .unwrap()
+        .write_all_at(bytes, at)
+        .unwrap();
+}
+
 #[test]
 fn withdrawing_one_of_two_conflicting_versions_clears_the_other_versions_flag() {
     let work = work();
@@ -599,16 +602,7 @@ fn withdrawing_one_of_two_conflicting_versions_clears_the_other_versions_flag() 
         fields[1].parse::<u64>().unwrap(),
         fields[2].parse::<u64>().unwrap(),
     );
-    {
-        use std::os::unix::fs::FileExt;
-        let segment = std::fs::OpenOptions::new()
-            .write(true)
-            .open(data_dir.join("segments").join(fields[0]))
-            .unwrap();
-        segment
-            .write_all_at(&[0xA5u8; 64], offset + length - 128)
-            .unwrap();
-    }
+    overwrite_in_segment(&data_dir, fields[0], offset + length - 128, &[0xA5u8; 64]);
     let gw = Gateway::start_with(work.path(), &data_dir, "");
     assert_eq!(gw.instance_count(), 1, "the torn version is withdrawn");
     assert_eq!(flags(), "0\n", "the version left alone is no conflict");
