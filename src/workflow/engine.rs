@@ -898,6 +898,8 @@ impl Workflow {
                 Some("registered" | "partial" | "preliminary") => {
                     self.draft_withdrawn(r, &mut file, now_ms).await
                 }
+                // A draft withdrawn before may go.
+                Some("entered-in-error" | "cancelled") if w.deleted => Ok(()),
                 // What was delivered stays the case's record.
                 Some(delivered) if w.deleted => Err(WorkflowError::Conflict(format!(
                     "{} is the '{delivered}' opinion of the case {}, which keeps it as its record",

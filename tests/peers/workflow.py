@@ -371,6 +371,7 @@ assert stage(case_task(task_id)) == "under-review"
 call("PUT", f"DiagnosticReport/{first_try['id']}", dict(first_try, status="preliminary"), expect=422, role="specialist")
 call("PUT", f"DiagnosticReport/{wip['id']}", dict(wip, status="cancelled"), expect=200, role="specialist")
 assert stage(case_task(task_id)) == "under-review"
+call("DELETE", f"DiagnosticReport/{wip['id']}", expect=204, role="admin")
 _, report = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
 report_id = report["id"]
 assert stage(case_task(task_id)) == "awaiting-approval"
