@@ -402,6 +402,22 @@ mod tests {
     /// One defect: what it is, how to make it, where it is reported.
     type Case = (&'static str, Box<dyn Fn(&mut Value)>, &'static str);
 
+    /// Each defect made in a fresh `base()` is the profile's one finding,
+    /// reported at its element.
+    async fn each_reported_once_where_it_is(
+        profile: &Profile,
+        base: fn() -> Value,
+        cases: Vec<Case>,
+    ) {
+        for (what, change, expression) in cases {
+            let mut r = base();
+            change(&mut r);
+            let issues = check(profile, &r).await;
+            assert_eq!(issues.len(), 1, "{what}: {issues:#?}");
+            assert_eq!(issues[0].expression.as_deref(), Some(expression), "{what}");
+        }
+    }
+
     #[tokio::test]
     async fn the_referral_profile_checks_what_it_adds() {
         let profile = &all()["http://konsil.dev/fhir/StructureDefinition/konsil-referral"];
@@ -442,13 +458,7 @@ mod tests {
                 "ServiceRequest",
             ),
         ];
-        for (what, change, expression) in cases {
-            let mut r = referral();
-            change(&mut r);
-            let issues = check(profile, &r).await;
-            assert_eq!(issues.len(), 1, "{what}: {issues:#?}");
-            assert_eq!(issues[0].expression.as_deref(), Some(expression), "{what}");
-        }
+        each_reported_once_where_it_is(profile, referral, cases).await;
     }
 
     fn opinion() -> Value {
@@ -522,12 +532,6 @@ mod tests {
                 "DiagnosticReport",
             ),
         ];
-        for (what, change, expression) in cases {
-            let mut r = opinion();
-            change(&mut r);
-            let issues = check(profile, &r).await;
-            assert_eq!(issues.len(), 1, "{what}: {issues:#?}");
-            assert_eq!(issues[0].expression.as_deref(), Some(expression), "{what}");
-        }
+        each_reported_once_where_it_is(profile, opinion, cases).await;
     }
 }
