@@ -119,6 +119,25 @@ pub enum Entity {
     Study { uid: String, instances: Option<u64> },
     /// A search: the resource type (or DICOM level) and the query string.
     Query { target: String, query: String },
+    /// A FHIR operation (`$assign`, `$approve`, ...) and what it was
+    /// invoked on: `Type/id`, a resource type, or nothing (system level).
+    Operation { target: String, name: String },
+}
+
+impl Entity {
+    /// The entity of an operation request's path below the FHIR base
+    /// (`Task/x/$assign`, `ServiceRequest/$validate`, `$link`).
+    pub fn operation(path: &str) -> Entity {
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let at = segments
+            .iter()
+            .position(|s| s.starts_with('$'))
+            .unwrap_or(segments.len());
+        Entity::Operation {
+            target: segments[..at.min(2)].join("/"),
+            name: segments.get(at).map(|s| s.to_string()).unwrap_or_default(),
+        }
+    }
 }
 
 /// One audit record, before it becomes an AuditEvent.
@@ -255,7 +274,14 @@ impl AuditRecord {
 fn entity_json(entity: &Entity) -> Value {
     use base64::Engine;
     match entity {
-        Entity::Resource(reference) => json!({"what": {"reference": reference}}),
+        Entity::Resource(reference) => object_entity(reference),
+        Entity::Operation { target, name } => {
+            let mut e = object_entity(target);
+            if !name.is_empty() {
+                e["detail"] = json!([{"type": "operation", "valueString": name}]);
+            }
+            e
+        }
         Entity::Study { uid, instances } => {
             let mut e = json!({
                 "what": {"identifier": {"system": UID_SID, "value": format!("urn:oid:{uid}")}},
@@ -267,10 +293,7 @@ fn entity_json(entity: &Entity) -> Value {
             e
         }
         Entity::Query { target, query } => {
-            let mut e = json!({
-                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
-                "description": if target.is_empty() { "(all)" } else { target.as_str() },
-            });
+            let mut e = system_object(target);
             // FHIR has no empty strings: a query without parameters has none.
             if !query.is_empty() {
                 e["query"] =
@@ -279,6 +302,44 @@ fn entity_json(entity: &Entity) -> Value {
             e
         }
     }
+}
+
+/// What a request was about: a literal reference when it names one
+/// (`Type/id`, `Type/id/_history/n`); else (a resource type, the whole
+/// system, or an id no resource can have) a system object described by
+/// the text, so the record stays a valid AuditEvent and is kept.
+fn object_entity(target: &str) -> Value {
+    if is_literal_reference(target) {
+        json!({"what": {"reference": target}})
+    } else {
+        system_object(target)
+    }
+}
+
+/// A system object described by `text` (FHIR has no empty strings: none
+/// is "(all)").
+fn system_object(text: &str) -> Value {
+    json!({
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+        "description": if text.is_empty() { "(all)" } else { text },
+    })
+}
+
+fn is_literal_reference(reference: &str) -> bool {
+    let is_id = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    let parts: Vec<&str> = reference.split('/').collect();
+    let type_ok = parts[0].starts_with(|c: char| c.is_ascii_uppercase())
+        && parts[0].bytes().all(|b| b.is_ascii_alphabetic());
+    type_ok
+        && match parts[1..] {
+            [id] => is_id(id),
+            [id, "_history", version] => is_id(id) && is_id(version),
+            _ => false,
+        }
 }
 
 /// Stores audit records of what changed nothing, in batches, off the
@@ -443,5 +504,67 @@ mod tests {
             e["entity"][0]["what"]["identifier"]["value"],
             "urn:oid:1.2.3"
         );
+    }
+
+    /// Every operation request gets an AuditEvent the validator takes
+    /// (the whole path `Task/x/$assign` as a reference was refused, and
+    /// the event of each `$assign` / `$approve` was lost).
+    #[tokio::test]
+    async fn operation_and_odd_path_events_are_valid_audit_events() {
+        let cases = [
+            (
+                Entity::operation("Task/t1/$assign"),
+                Some("Task/t1"),
+                Some("$assign"),
+            ),
+            (
+                Entity::operation("ServiceRequest/$validate"),
+                None,
+                Some("$validate"),
+            ),
+            (Entity::operation("$link"), None, Some("$link")),
+            (
+                Entity::operation("Task/not an id!/$assign"),
+                None,
+                Some("$assign"),
+            ),
+            (Entity::operation("Patient/p/x/y"), Some("Patient/p"), None),
+            (
+                Entity::Resource("Task/t1/_history/2".into()),
+                Some("Task/t1/_history/2"),
+                None,
+            ),
+            (Entity::Resource("Task/bad id".into()), None, None),
+        ];
+        for (entity, reference, operation) in cases {
+            let what = format!("{entity:?}");
+            let e = AuditRecord::new(
+                Kind::Operation,
+                "E",
+                Actor::Client {
+                    partner: "st-mary".into(),
+                    client_id: "x".into(),
+                },
+            )
+            .entity(entity)
+            .to_resource();
+            let found = crate::fhir::rest::check_valid("AuditEvent", &e).await;
+            assert!(found.is_ok(), "{what}: {found:?}");
+            let entity = &e["entity"][0];
+            assert_eq!(entity["what"]["reference"].as_str(), reference, "{what}");
+            assert_eq!(
+                entity["detail"][0]["valueString"].as_str(),
+                operation,
+                "{what}"
+            );
+            if reference.is_none() {
+                assert!(
+                    entity["description"]
+                        .as_str()
+                        .is_some_and(|d| !d.is_empty()),
+                    "{what}"
+                );
+            }
+        }
     }
 }

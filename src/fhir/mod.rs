@@ -264,7 +264,7 @@ fn read_audit(
         Interaction::HistoryType => (Kind::Rest("history-type"), "E", query()),
         Interaction::HistorySystem => (Kind::Rest("history-system"), "E", query()),
         Interaction::TransactionOrBatch => (Kind::Rest("batch"), "E", query()),
-        Interaction::Other => (Kind::Operation, "E", Entity::Resource(path.to_owned())),
+        Interaction::Other => (Kind::Operation, "E", Entity::operation(path)),
         // A committed write's event is in its transaction.
         _ if status.is_success() => return None,
         Interaction::ConditionalUpdate => (Kind::Rest("update"), "U", query()),

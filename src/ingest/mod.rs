@@ -39,7 +39,8 @@ const CHANNEL_DEPTH: usize = 4;
 /// Smaller pieces (16 KiB PDUs are common) are gathered up to this size
 /// before they cross to the writer thread: each crossing costs a wake-up
 /// (measured: 64 KiB costs more CPU than it saves in latency).
-/// Memory per instance is at most (CHANNEL_DEPTH + 1) chunks of this size.
+/// Pieces of half this size or more cross as they are. Memory per instance
+/// is at most (CHANNEL_DEPTH + 1) chunks of this size or of a piece.
 const CHUNK_BYTES: usize = 256 * 1024;
 
 /// Our Implementation Class UID (under the pydicom-style UUID-derived root
@@ -233,7 +234,15 @@ impl InstanceUpload {
         if chunk.is_empty() {
             return;
         }
-        if self.gathered.is_empty() && chunk.len() >= CHUNK_BYTES {
+        // Never grow the gathered chunk past its size: what is gathered
+        // goes first (a 256 KiB PDU carries a little less than 256 KiB of
+        // data; gathering two of them held a CT slice back from the writer
+        // until its last PDU, so nothing was written or synced early).
+        if !self.gathered.is_empty() && self.gathered.len() + chunk.len() > CHUNK_BYTES {
+            let full = std::mem::take(&mut self.gathered);
+            self.send(full).await;
+        }
+        if self.gathered.is_empty() && chunk.len() >= CHUNK_BYTES / 2 {
             self.send(chunk).await;
             return;
         }

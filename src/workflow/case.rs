@@ -180,8 +180,9 @@ pub enum Event {
     Assigned { specialist: String },
     /// The specialist submitted a draft opinion.
     DraftSubmitted,
-    /// The specialist took the submitted draft back (marked it entered in
-    /// error, or deleted it) before approval.
+    /// The specialist took a draft back (marked it entered in error, or an
+    /// admin deleted it): the submitted one before approval, or one left
+    /// over after delivery.
     DraftWithdrawn,
     /// Staff approved the draft: it is delivered.
     Approved,
@@ -308,9 +309,12 @@ pub fn apply(case: &Case, event: &Event) -> Result<Case, Refusal> {
         // draft taken back returns the case to review.
         (UnderReview, Event::DraftWithdrawn) => {}
         (AwaitingApproval, Event::DraftWithdrawn) => next.stage = UnderReview,
+        // A draft left over when another was approved (work in progress, a
+        // second version) is not the delivered opinion: it may go.
+        (Delivered, Event::DraftWithdrawn) => {}
         (_, Event::DraftWithdrawn) => {
             return Err(refuse(
-                "only a draft opinion not yet approved can be withdrawn",
+                "there is no draft opinion before a specialist reviews the case",
             ))
         }
         (AwaitingApproval, Event::Approved) => {
@@ -492,7 +496,7 @@ mod tests {
                 None,
                 None,
                 None,
-                None,
+                Some(Delivered),
                 None,
                 None,
                 Some(Closed),

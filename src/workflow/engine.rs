@@ -928,8 +928,9 @@ impl Workflow {
         now_ms: i64,
     ) -> Result<(), WorkflowError> {
         if file.case.stage != Stage::AwaitingApproval {
-            // Work in progress under review just goes; past approval the
-            // state machine refuses with its reason.
+            // Work in progress under review, or a draft left over after
+            // delivery, just goes; elsewhere the state machine refuses
+            // with its reason.
             case::apply(&file.case, &Event::DraftWithdrawn)?;
             return Ok(());
         }

@@ -380,6 +380,21 @@ impl Drop for Gateway {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Whatever a test checks, a record the gateway built and its own
+        // validator refused (an AuditEvent of the trail, a workflow
+        // resource) is a defect: it is lost, or the change it belonged to is.
+        if !std::thread::panicking() {
+            let log = self.log();
+            let refused: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("built an invalid"))
+                .collect();
+            assert!(
+                refused.is_empty(),
+                "the gateway built resources its validator refused:\n{}",
+                refused.join("\n")
+            );
+        }
     }
 }
 

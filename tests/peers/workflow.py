@@ -393,6 +393,11 @@ _, report = call("PUT", f"DiagnosticReport/{report_id}", report, expect=200, rol
 assert stage(case_task(task_id)) == "awaiting-approval"
 notes = [c for c in referrer.resources("Communication").fetch_all() if "about" in c.serialize()]
 assert notes == [], "the referrer must not see internal review notes"
+# Work in progress the specialist started while the draft waited: it is
+# left over when the other draft is approved.
+_, leftover = call("POST", "DiagnosticReport", {k: v for k, v in draft.items() if k not in ("conclusion", "extension")}
+                   | {"status": "registered"}, expect=201, role="specialist")
+assert stage(case_task(task_id)) == "awaiting-approval"
 
 # --- delivery while the referrer's endpoint is down, then up again ---------------------
 step("referrer's endpoint goes down; staff $approve")
@@ -406,6 +411,12 @@ assert task["status"] == "completed" and stage(task) == "delivered", task
 assert task["output"][0]["valueReference"]["reference"] == f"DiagnosticReport/{report_id}"
 # The delivered opinion is the case's record: not even an admin deletes it.
 call("DELETE", f"DiagnosticReport/{report_id}", expect=409, role="admin")
+# The draft left over is not the opinion: the specialist withdraws it and
+# an admin removes it; the case stays delivered with its opinion.
+call("PUT", f"DiagnosticReport/{leftover['id']}", dict(leftover, status="entered-in-error"), expect=200, role="specialist")
+call("DELETE", f"DiagnosticReport/{leftover['id']}", expect=204, role="admin")
+task = case_task(task_id)
+assert stage(task) == "delivered" and task["output"][0]["valueReference"]["reference"] == f"DiagnosticReport/{report_id}", task
 wait_for("the failed delivery to show", lambda: read(f"Subscription/{subscriptions['report']}", True)[1]["status"] == "error")
 _, failing = read(f"Subscription/{subscriptions['report']}", True)
 keep(failing)
@@ -457,6 +468,12 @@ keep(answer_read)
 keep(case_task(task_id))
 keep(read(f"ImagingStudy/{study['id']}", True)[1])
 
+# Each operation on the case is in the trail, against the Task or report
+# it acted on, with the operation's name.
+for target, operation in ((f"Task/{task_id}", "$assign"), (f"DiagnosticReport/{report_id}", "$approve")):
+    _, found = call("GET", f"AuditEvent?entity={target}&subtype=operation", role="auditor", expect=200)
+    names = [d.get("valueString") for e in found.get("entry", []) for d in e["resource"]["entity"][0].get("detail", [])]
+    assert operation in names, (target, operation, found)
 _, audits = call("GET", "AuditEvent?_count=100", role="auditor")
 for e in audits.get("entry", []):
     keep(e["resource"])
