@@ -325,19 +325,17 @@ fn system_object(text: &str) -> Value {
     })
 }
 
+/// What the FHIR validator takes as a literal reference to a resource
+/// (the audit trail is validated like every stored resource).
 fn is_literal_reference(reference: &str) -> bool {
-    let is_id = |s: &str| {
-        (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    };
+    use crate::fhir::validate::is_valid_id;
     let parts: Vec<&str> = reference.split('/').collect();
-    let type_ok = parts[0].starts_with(|c: char| c.is_ascii_uppercase())
-        && parts[0].bytes().all(|b| b.is_ascii_alphabetic());
-    type_ok
+    crate::fhir::definitions::Definitions::core()
+        .resource(parts[0])
+        .is_some()
         && match parts[1..] {
-            [id] => is_id(id),
-            [id, "_history", version] => is_id(id) && is_id(version),
+            [id] => is_valid_id(id),
+            [id, "_history", version] => is_valid_id(id) && is_valid_id(version),
             _ => false,
         }
 }
@@ -535,6 +533,7 @@ mod tests {
                 None,
             ),
             (Entity::Resource("Task/bad id".into()), None, None),
+            (Entity::Resource("NotAType/1".into()), None, None),
         ];
         for (entity, reference, operation) in cases {
             let what = format!("{entity:?}");

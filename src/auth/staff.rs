@@ -107,25 +107,8 @@ impl StaffIssuer {
                         "its keys are discovered from it, so it must be an https URL (http only on loopback); or give staff_jwks_file",
                     ));
                 }
-                let http = reqwest::Client::builder()
-                    .timeout(FETCH_TIMEOUT)
-                    // A redirect must stay where a fetch may go.
-                    .redirect(reqwest::redirect::Policy::custom(|attempt| {
-                        if attempt.previous().len() < 5 && fetchable(attempt.url().as_str()) {
-                            attempt.follow()
-                        } else {
-                            attempt.stop()
-                        }
-                    }))
-                    .build()
-                    .map_err(|e| bad(&e.to_string()))?;
-                StaffKeys::Discovered(Arc::new(Discovery {
-                    issuer: issuer.clone(),
-                    http,
-                    keys: std::sync::RwLock::new(None),
-                    fetching: tokio::sync::Mutex::new(Attempts::default()),
-                    refreshing: std::sync::atomic::AtomicBool::new(false),
-                }))
+                let discovery = Discovery::new(issuer).map_err(|e| bad(&e.to_string()))?;
+                StaffKeys::Discovered(Arc::new(discovery))
             }
         };
         Ok(Some(StaffIssuer {
@@ -222,6 +205,28 @@ impl StaffIssuer {
 }
 
 impl Discovery {
+    /// Keys to be discovered from `issuer` (checked fetchable).
+    fn new(issuer: &str) -> Result<Discovery, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            // A redirect must stay where a fetch may go.
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.previous().len() < 5 && fetchable(attempt.url().as_str()) {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }))
+            .build()?;
+        Ok(Discovery {
+            issuer: issuer.to_owned(),
+            http,
+            keys: std::sync::RwLock::new(None),
+            fetching: tokio::sync::Mutex::new(Attempts::default()),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
     /// The issuer's key `kid`. Keys at hand answer at once (old ones are
     /// refreshed in the background); a sign-in waits for a fetch only when
     /// there are no keys yet or `kid` is not among them (the issuer rotated;
@@ -386,5 +391,163 @@ mod tests {
         assert!(!fetchable("http://login.example.org/realms/konsil"));
         assert!(!fetchable("ftp://login.example.org"));
         assert!(!fetchable("not a url"));
+    }
+
+    /// A loopback OpenID Connect issuer whose keys the test rotates or
+    /// takes down; it counts the key fetches asked of it.
+    struct TestIssuer {
+        url: String,
+        kids: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        down: Arc<std::sync::atomic::AtomicBool>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl TestIssuer {
+        async fn start() -> TestIssuer {
+            use axum::http::StatusCode;
+            use axum::response::IntoResponse;
+            use std::sync::atomic::Ordering::SeqCst;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let kids = Arc::new(std::sync::Mutex::new(vec!["k1"]));
+            let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let discovery = serde_json::json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
+            let (k, d, f) = (Arc::clone(&kids), Arc::clone(&down), Arc::clone(&fetches));
+            let (d2, document) = (Arc::clone(&down), discovery.to_string());
+            let app = axum::Router::new()
+                .route(
+                    "/.well-known/openid-configuration",
+                    axum::routing::get(move || {
+                        let up = !d2.load(SeqCst);
+                        let document = document.clone();
+                        async move {
+                            if up {
+                                document.into_response()
+                            } else {
+                                StatusCode::SERVICE_UNAVAILABLE.into_response()
+                            }
+                        }
+                    }),
+                )
+                .route(
+                    "/jwks",
+                    axum::routing::get(move || {
+                        f.fetch_add(1, SeqCst);
+                        let keys: Vec<serde_json::Value> = k
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .map(|kid| {
+                                serde_json::json!({"kty": "RSA", "kid": kid, "alg": "RS384", "use": "sig",
+                                    "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+                                    "e": "AQAB"})
+                            })
+                            .collect();
+                        let up = !d.load(SeqCst);
+                        async move {
+                            if up {
+                                serde_json::json!({"keys": keys}).to_string().into_response()
+                            } else {
+                                StatusCode::SERVICE_UNAVAILABLE.into_response()
+                            }
+                        }
+                    }),
+                );
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            TestIssuer {
+                url,
+                kids,
+                down,
+                fetches,
+            }
+        }
+
+        fn fetches(&self) -> usize {
+            self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl Discovery {
+        /// Make the keys at hand look `by` older, and forget when fetches
+        /// last failed or chased an unknown key (the gaps would make the
+        /// test wait).
+        async fn age(&self, by: Duration) {
+            if let Some((_, at)) = self.keys.write().unwrap().as_mut() {
+                *at = at.checked_sub(by).expect("an instant that far back");
+            }
+            *self.fetching.lock().await = Attempts::default();
+        }
+
+        /// Wait until no background refresh runs.
+        async fn settled(&self) {
+            for _ in 0..500 {
+                if !self.refreshing.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the background refresh did not end");
+        }
+    }
+
+    /// Keys an hour old are fetched again in the background while the old
+    /// ones keep answering; a withdrawn key then stops working; when the
+    /// issuer is down the keys at hand stay in use, for up to a day.
+    #[tokio::test]
+    async fn old_keys_are_refreshed_in_the_background_and_kept_while_the_issuer_is_down() {
+        let issuer = TestIssuer::start().await;
+        let discovery = Arc::new(Discovery::new(&issuer.url).unwrap());
+        let key = |kid: &'static str| {
+            let discovery = Arc::clone(&discovery);
+            async move { Discovery::key(&discovery, kid).await.is_some() }
+        };
+        assert!(key("k1").await, "first use fetches the keys");
+        assert_eq!(issuer.fetches(), 1);
+
+        // The issuer rotates: k1 goes, k2 comes. Fresh keys are not fetched again.
+        *issuer.kids.lock().unwrap() = vec!["k2"];
+        assert!(key("k1").await);
+        assert_eq!(
+            issuer.fetches(),
+            1,
+            "keys under an hour old are not fetched again"
+        );
+
+        // An hour later: the old key still answers at once, and a refresh
+        // runs behind it.
+        discovery
+            .age(KEYS_REFRESH_AGE + Duration::from_secs(1))
+            .await;
+        assert!(key("k1").await, "old keys answer while they are refreshed");
+        discovery.settled().await;
+        assert_eq!(issuer.fetches(), 2, "one background refresh");
+        assert!(key("k2").await, "the refreshed keys are in use");
+        assert!(!key("k1").await, "the withdrawn key stops working");
+
+        // The issuer goes down: keys over an hour old stay in use.
+        issuer.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        discovery
+            .age(KEYS_REFRESH_AGE + Duration::from_secs(1))
+            .await;
+        assert!(key("k2").await);
+        discovery.settled().await;
+        assert!(key("k2").await, "a failed refresh keeps the keys at hand");
+
+        // A day without the issuer: the keys are no longer trusted.
+        discovery.age(KEYS_MAX_AGE).await;
+        assert!(!key("k2").await, "keys a day old are not trusted");
+
+        // The issuer is back: the next sign-in fetches, and works again.
+        issuer
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        discovery.age(Duration::ZERO).await;
+        assert!(
+            key("k2").await,
+            "keys fetched again once the issuer answers"
+        );
     }
 }
