@@ -3,7 +3,7 @@
 //! so memory stays flat whatever the study size. The exact Content-Length
 //! is computed up front from the index's sizes.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -128,8 +128,11 @@ impl Output {
             let mut left = piece.length;
             while left > 0 {
                 let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-                let mut buf = vec![0u8; want];
-                reader.read_exact(&mut buf).map_err(Stop::Failed)?;
+                let mut buf = Vec::with_capacity(want);
+                let got = reader.read_append(&mut buf, want).map_err(Stop::Failed)?;
+                if got < want {
+                    return Err(Stop::Failed(std::io::ErrorKind::UnexpectedEof.into()));
+                }
                 self.send(Bytes::from(buf))?;
                 left -= want as u64;
             }

@@ -87,8 +87,16 @@ pub enum BlobError {
 }
 
 /// A readable, seekable view of an object.
-pub trait ReadSeek: Read + Seek + Send {}
-impl<T: Read + Seek + Send> ReadSeek for T {}
+pub trait ReadSeek: Read + Seek + Send {
+    /// Append up to `n` more bytes of the object to `buf` (fewer only at
+    /// its end); how many. For sending an object on: a store whose reader
+    /// can fill `buf`'s spare capacity as it is (a file can) overrides
+    /// this, so that no buffer is zeroed first only to be overwritten (that
+    /// zeroing was the largest cost of a WADO-RS retrieve).
+    fn read_append(&mut self, buf: &mut Vec<u8>, n: usize) -> io::Result<usize> {
+        self.take(n as u64).read_to_end(buf)
+    }
+}
 
 /// Durable object storage. Called from blocking threads.
 pub trait BlobStore: Send + Sync + 'static {

@@ -646,6 +646,20 @@ impl Read for Window {
     }
 }
 
+impl ReadSeek for Window {
+    fn read_append(&mut self, buf: &mut Vec<u8>, n: usize) -> io::Result<usize> {
+        let left = self.end.saturating_sub(self.pos);
+        let n = n.min(usize::try_from(left).unwrap_or(usize::MAX));
+        // The file's own reads write into `buf`'s spare capacity as it is;
+        // this window's file handle is its own, so its cursor is too.
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(self.pos))?;
+        let got = file.take(n as u64).read_to_end(buf)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
 impl Seek for Window {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         let len = (self.end - self.start) as i128;
