@@ -474,6 +474,12 @@ for target, operation in ((f"Task/{task_id}", "$assign"), (f"DiagnosticReport/{r
     _, found = call("GET", f"AuditEvent?entity={target}&subtype=operation", role="auditor", expect=200)
     names = [d.get("valueString") for e in found.get("entry", []) for d in e["resource"]["entity"][0].get("detail", [])]
     assert operation in names, (target, operation, found)
+# Every delivery attempt to the referrer's endpoint is in the trail: the
+# ones that failed while it was down and the one that got through.
+_, attempts = call("GET", f"AuditEvent?entity=Subscription/{subscriptions['report']}&subtype=rest-hook-notification&_count=1000",
+                   role="auditor", expect=200)
+outcomes = {e["resource"]["outcome"] for e in attempts.get("entry", [])}
+assert {"0", "4"} <= outcomes, ("failed and successful delivery attempts", attempts)
 _, audits = call("GET", "AuditEvent?_count=100", role="auditor")
 for e in audits.get("entry", []):
     keep(e["resource"])
