@@ -309,7 +309,10 @@ fn entity_json(entity: &Entity) -> Value {
 /// system, or an id no resource can have) a system object described by
 /// the text, so the record stays a valid AuditEvent and is kept.
 fn object_entity(target: &str) -> Value {
-    if is_literal_reference(target) {
+    // The trail is validated like every stored resource: a reference is
+    // one only where the validator takes it as one.
+    let defs = crate::fhir::definitions::Definitions::core();
+    if crate::fhir::validate::is_resource_reference(defs, target) {
         json!({"what": {"reference": target}})
     } else {
         system_object(target)
@@ -323,21 +326,6 @@ fn system_object(text: &str) -> Value {
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
         "description": if text.is_empty() { "(all)" } else { text },
     })
-}
-
-/// What the FHIR validator takes as a literal reference to a resource
-/// (the audit trail is validated like every stored resource).
-fn is_literal_reference(reference: &str) -> bool {
-    use crate::fhir::validate::is_valid_id;
-    let parts: Vec<&str> = reference.split('/').collect();
-    crate::fhir::definitions::Definitions::core()
-        .resource(parts[0])
-        .is_some()
-        && match parts[1..] {
-            [id] => is_valid_id(id),
-            [id, "_history", version] => is_valid_id(id) && is_valid_id(version),
-            _ => false,
-        }
 }
 
 /// Stores audit records of what changed nothing, in batches, off the

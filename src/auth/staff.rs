@@ -413,22 +413,20 @@ mod tests {
             let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let discovery = serde_json::json!({"issuer": url, "jwks_uri": format!("{url}/jwks")});
-            let (k, d, f) = (Arc::clone(&kids), Arc::clone(&down), Arc::clone(&fetches));
-            let (d2, document) = (Arc::clone(&down), discovery.to_string());
+            // What the issuer answers: the document, or 503 while it is down.
+            let served = |down: &std::sync::atomic::AtomicBool, body: String| {
+                std::future::ready(if down.load(SeqCst) {
+                    StatusCode::SERVICE_UNAVAILABLE.into_response()
+                } else {
+                    body.into_response()
+                })
+            };
+            let (d, document) = (Arc::clone(&down), discovery.to_string());
+            let (k, d2, f) = (Arc::clone(&kids), Arc::clone(&down), Arc::clone(&fetches));
             let app = axum::Router::new()
                 .route(
                     "/.well-known/openid-configuration",
-                    axum::routing::get(move || {
-                        let up = !d2.load(SeqCst);
-                        let document = document.clone();
-                        async move {
-                            if up {
-                                document.into_response()
-                            } else {
-                                StatusCode::SERVICE_UNAVAILABLE.into_response()
-                            }
-                        }
-                    }),
+                    axum::routing::get(move || served(&d, document.clone())),
                 )
                 .route(
                     "/jwks",
@@ -444,14 +442,7 @@ mod tests {
                                     "e": "AQAB"})
                             })
                             .collect();
-                        let up = !d.load(SeqCst);
-                        async move {
-                            if up {
-                                serde_json::json!({"keys": keys}).to_string().into_response()
-                            } else {
-                                StatusCode::SERVICE_UNAVAILABLE.into_response()
-                            }
-                        }
+                        served(&d2, serde_json::json!({"keys": keys}).to_string())
                     }),
                 );
             tokio::spawn(async move {

@@ -116,6 +116,21 @@ pub fn in_value_set(defs: &Definitions, value_set: &str, value: &Value) -> bool 
 }
 
 /// Whether `id` is a valid logical id (`[A-Za-z0-9\-\.]{1,64}`).
+/// A relative reference to a resource: `Type/id` or `Type/id/_history/v`,
+/// with a type these definitions know.
+pub fn is_resource_reference(defs: &Definitions, reference: &str) -> bool {
+    let mut parts = reference.split('/');
+    let type_ok = parts.next().is_some_and(|t| defs.resource(t).is_some());
+    let id_ok = parts.next().is_some_and(is_valid_id);
+    type_ok
+        && id_ok
+        && match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => true,
+            (Some("_history"), Some(version), None) => is_valid_id(version),
+            _ => false,
+        }
+}
+
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -753,22 +768,11 @@ impl<'d> Walk<'d> {
         {
             return;
         }
-        let (type_name, rest) = match reference.split_once(['/', '?']) {
-            Some((t, _)) => (t, &reference[t.len()..]),
-            None => (reference, ""),
+        let type_name = reference.split(['/', '?']).next().unwrap_or(reference);
+        let well_formed = match reference.split_once('?') {
+            Some((named, query)) => self.defs.resource(named).is_some() && !query.is_empty(),
+            None => is_resource_reference(self.defs, reference),
         };
-        let well_formed = self.defs.resource(type_name).is_some()
-            && if let Some(query) = rest.strip_prefix('?') {
-                !query.is_empty()
-            } else {
-                let mut parts = rest.trim_start_matches('/').split('/');
-                let id_ok = parts.next().is_some_and(is_valid_id);
-                match (parts.next(), parts.next(), parts.next()) {
-                    (None, _, _) => id_ok,
-                    (Some("_history"), Some(v), None) => id_ok && is_valid_id(v),
-                    _ => false,
-                }
-            };
         if !well_formed {
             self.error(
                 "value",
