@@ -633,10 +633,17 @@ struct Window {
     pos: u64,
 }
 
+impl Window {
+    /// `want` bytes, or fewer where the window ends.
+    fn clamp(&self, want: usize) -> usize {
+        let left = self.end.saturating_sub(self.pos);
+        want.min(usize::try_from(left).unwrap_or(usize::MAX))
+    }
+}
+
 impl Read for Window {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.end.saturating_sub(self.pos);
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let want = self.clamp(buf.len());
         if want == 0 {
             return Ok(0);
         }
@@ -648,8 +655,7 @@ impl Read for Window {
 
 impl ReadSeek for Window {
     fn read_append(&mut self, buf: &mut Vec<u8>, n: usize) -> io::Result<usize> {
-        let left = self.end.saturating_sub(self.pos);
-        let n = n.min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.clamp(n);
         // The file's own reads write into `buf`'s spare capacity as it is;
         // this window's file handle is its own, so its cursor is too.
         let mut file = &self.file;
