@@ -253,6 +253,13 @@ impl AuthConfig {
         if let Some(v) = get("staff_roles_claim") {
             self.staff_roles_claim = v.clone();
         }
+        if self.max_assertion_secs > 300 {
+            return Err(value_error(
+                "auth.max_assertion_secs",
+                &self.max_assertion_secs.to_string(),
+                "SMART Backend Services allows a client assertion at most 300 s (five minutes) of life",
+            ));
+        }
         if self.access_token_secs == 0 || self.max_assertion_secs == 0 {
             return Err(value_error(
                 "auth.access_token_secs",
@@ -603,7 +610,8 @@ struct FileServer {
 #[serde(deny_unknown_fields)]
 struct FilePartner {
     id: String,
-    name: String,
+    /// Display name; the id when left out.
+    name: Option<String>,
     #[serde(default)]
     ae_titles: Vec<String>,
     #[serde(default)]
@@ -840,8 +848,8 @@ pub fn load(
             clients.push(client);
         }
         partners.push(Partner {
+            name: p.name.unwrap_or_else(|| id.to_string()),
             id,
-            name: p.name,
             ae_titles,
             clients,
             certificate_subjects,
@@ -1017,6 +1025,51 @@ mod tests {
         assert_eq!(c.server.max_pdu, 65536);
         let ae = AeTitle::parse("STMARY_PACS").unwrap();
         assert_eq!(c.partner_for_ae(&ae).unwrap().id.as_str(), "st-mary");
+    }
+
+    /// Issue 6's configuration contract, key for key as the issue writes
+    /// it (no partner `name`: it defaults to the id).
+    #[test]
+    fn the_security_contract_loads_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let key = serde_json::json!({"keys": [{"kty": "RSA", "kid": "st-mary-ehr-1", "alg": "RS384", "use": "sig",
+            "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw",
+            "e": "AQAB"}]});
+        std::fs::write(
+            dir.path().join("keys/st-mary-ehr.jwks.json"),
+            key.to_string(),
+        )
+        .unwrap();
+        let path = dir.path().join("konsil.toml");
+        std::fs::write(
+            &path,
+            r#"[server]
+http = "127.0.0.1:8080"          # plain HTTP; "" disables it
+https = "127.0.0.1:8443"
+dicom = "127.0.0.1:11112"        # plain DIMSE; "" disables it
+dicom_tls = "127.0.0.1:2762"
+[tls]
+certificate = "certs/server.pem"  # PEM chain
+private_key = "certs/server.key"
+client_ca = "certs/partners-ca.pem"   # optional; enables mutual TLS
+[[partners]]
+id = "st-mary"
+ae_titles = ["STMARY_PACS"]
+certificate_subjects = ["CN=st-mary-pacs"]   # TLS client identities bound to this partner
+[[partners.clients]]
+client_id = "st-mary-ehr"
+jwks_file = "keys/st-mary-ehr.jwks.json"
+scopes = ["system/ServiceRequest.cru", "system/DiagnosticReport.rs"]
+"#,
+        )
+        .unwrap();
+        let c = load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.server.dicom_tls, Some("127.0.0.1:2762".parse().unwrap()));
+        let partner = &c.partners[0];
+        assert_eq!(partner.name, "st-mary", "the name defaults to the id");
+        assert_eq!(partner.certificate_subjects, ["CN=st-mary-pacs"]);
+        assert_eq!(partner.clients[0].client_id, "st-mary-ehr");
     }
 
     #[test]

@@ -62,6 +62,10 @@ fn partners_get_tokens_by_client_assertion_and_see_only_their_own() {
     assert!(refusals["wrong aud"].as_str().unwrap().contains("aud"));
     assert!(refusals["expired"].as_str().unwrap().contains("expired"));
     assert!(refusals["exp too far"].as_str().unwrap().contains("exp"));
+    assert!(refusals["exp 320 s ahead"]
+        .as_str()
+        .unwrap()
+        .contains("more than 300 s ahead"));
     assert!(refusals["no jti"].as_str().unwrap().contains("jti"));
     assert!(refusals["unknown client"]
         .as_str()
@@ -327,7 +331,7 @@ fn access_matrix_of_roles_and_partners() {
         ("POST", "/fhir/Task/no-such-task/$assign".into(), fhir_json(assign.clone()),
                                                                       [404, 403, 403, 403, 404, 403, 403, 401]),
         ("POST", "/fhir/DiagnosticReport/no-such-report/$approve".into(), fhir_json(approve.clone()),
-                                                                      [403, 403, 404, 403, 404, 403, 403, 401]),
+                                                                      [403, 403, 404, 403, 403, 403, 403, 401]),
         ("GET", "/dicomweb/studies".into(), None,                     [200, 200, 200, 403, 200, 200, 200, 401]),
         ("GET", format!("/dicomweb/studies/{study_uid}/metadata"), None,
                                                                       [200, 404, 200, 403, 200, 200, 404, 401]),

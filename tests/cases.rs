@@ -181,6 +181,43 @@ fn a_specialist_sees_only_the_cases_assigned_to_them() {
         "/fhir/DiagnosticReport?_id={report_a}&_include=DiagnosticReport:subject"
     ));
     assert_eq!(included, [report_a.as_str(), patient_a.as_str()]);
+    // History: case A's versions only, at every level.
+    let history = |path: &str| -> Vec<String> {
+        let (status, bundle) = lee.get(path);
+        assert_eq!(status, 200, "{path}: {bundle}");
+        bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let url = e["fullUrl"].as_str().unwrap();
+                let mut parts = url.rsplit('/');
+                let id = parts.next().unwrap();
+                format!("{}/{id}", parts.next().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(
+        history("/fhir/Patient/_history"),
+        [format!("Patient/{patient_a}")]
+    );
+    let everything = history("/fhir/_history?_count=500");
+    for theirs in [
+        format!("Patient/{patient_b}"),
+        format!("Task/{task_b}"),
+        format!("DiagnosticReport/{report_b}"),
+        format!("Binary/{binary_b}"),
+    ] {
+        assert!(!everything.contains(&theirs), "{theirs} in {everything:?}");
+    }
+    for ours in [format!("Patient/{patient_a}"), format!("Task/{task_a}")] {
+        assert!(everything.contains(&ours), "{ours} not in {everything:?}");
+    }
+    assert_eq!(
+        lee.get(&format!("/fhir/DiagnosticReport/{report_b}/_history"))
+            .0,
+        404
+    );
     // Writes: the opinion on case A, not on case B.
     let (status, _) = lee.send(
         reqwest::Method::POST,

@@ -110,6 +110,9 @@ fn role_allows(role: Role, action: Action<'_>) -> bool {
         // Stored images belong to the partner that sent them; staff have
         // none to store under (their studies come from partners).
         (_, Action::StoreImages) => false,
+        // Approval is the approver's alone (issue 6): an administrator
+        // manages the service, it does not release opinions.
+        (Role::Admin, Action::Operation("$approve")) => false,
         (Role::Admin, _) => true,
         (Role::Coordinator, Action::Fhir(p, _)) => p != Delete,
         (Role::Coordinator, Action::Operation(op)) => {
@@ -251,7 +254,8 @@ mod tests {
             (staff(Role::Auditor), Action::Fhir(Read, sr), false),
             (staff(Role::Auditor), Action::RetrieveImages, false),
             (staff(Role::Admin), Action::Fhir(Delete, sr), true),
-            (staff(Role::Admin), Action::Operation("$approve"), true),
+            (staff(Role::Admin), Action::Operation("$approve"), false),
+            (staff(Role::Admin), Action::Operation("$return"), true),
             (staff(Role::Admin), Action::Fhir(Read, audit), false),
             (staff(Role::Admin), Action::Fhir(Delete, audit), false),
         ];

@@ -319,7 +319,9 @@ impl Authority {
             })?
             .claims;
         let now = now_secs();
-        let longest = i64::try_from(self.max_assertion_secs + LEEWAY_SECS).unwrap_or(i64::MAX);
+        // SMART Backend Services: exp "no more than five minutes in the
+        // future". The leeway is for an expired clock, not a longer life.
+        let longest = i64::try_from(self.max_assertion_secs).unwrap_or(i64::MAX);
         if claims.exp - now > longest {
             return Err(OAuthError::client(format!(
                 "the client assertion's exp is more than {} s ahead",
@@ -337,7 +339,12 @@ impl Authority {
             .first_use(
                 &client_id,
                 &jti,
-                claims.exp.saturating_mul(1000),
+                // Remembered while the assertion could still pass the exp
+                // check, leeway included: until then a replay is refused.
+                claims
+                    .exp
+                    .saturating_add(LEEWAY_SECS as i64)
+                    .saturating_mul(1000),
                 now * 1000,
             )
             .await

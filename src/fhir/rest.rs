@@ -1490,12 +1490,13 @@ async fn history(
     }
     let mut bundle = BundleText::new("history", None, &links);
     // A system-wide history spans types some callers may not read (the
-    // audit trail): those versions are left out.
-    for v in page
-        .versions
-        .iter()
-        .filter(|v| ctx.caller.may_read_type(&v.resource_type))
-    {
+    // audit trail), and a type's history spans cases a specialist is not
+    // assigned: those versions are left out.
+    let shown = |v: &&StoredResource| {
+        ctx.caller.may_read_type(&v.resource_type)
+            && ctx.caller.case_scope().is_none_or(|cases| cases.covers(v))
+    };
+    for v in page.versions.iter().filter(shown) {
         let (status, url) = match v.method.as_str() {
             "POST" => ("201 Created", v.resource_type.clone()),
             "DELETE" => ("204 No Content", format!("{}/{}", v.resource_type, v.id)),

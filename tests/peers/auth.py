@@ -194,6 +194,17 @@ def scenario(base, keydir, dicom_file):
     expect_error("replay", request_token(token_url, signed, "system/*.cruds"), 401, "invalid_client")
     st_mary = granted["access_token"]
 
+    step("an assertion just past its exp (within the clock leeway) is good once, and its replay is refused too")
+    late = assertion(keydir, "st-mary-ehr", token_url, exp=int(time.time()) - 5)
+    r = request_token(token_url, late, "system/Patient.rs")
+    assert r.status_code == 200, r.text
+    why = expect_error("late replay", request_token(token_url, late, "system/Patient.rs"), 401, "invalid_client")
+    assert "already used" in why, why
+    step("exp more than 300 s ahead is refused, with no leeway")
+    facts["refusals"]["exp 320 s ahead"] = expect_error(
+        "exp 320 s ahead", request_token(token_url, assertion(keydir, "st-mary-ehr", token_url, exp=int(time.time()) + 320),
+                                         "system/Patient.rs"), 401, "invalid_client")
+
     step("an ES384 client (city-clinic) gets a token")
     city = token(base, keydir, "city-clinic-ehr", "system/*.rs system/Patient.c")
     facts["city_scope"] = city["scope"]
