@@ -100,7 +100,9 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         );
     }
 
+    let second = a_second_referral_of_the_same_patient(&gw, facts, &tokens);
     retention_discards_the_submitted_records_and_keeps_the_opinion(&gw, facts, &tokens);
+    second_referral_keeps_its_records(&gw, &tokens, &second);
     // `konsil retention` ran as its own process, so the gateway still takes
     // the study's series for known: the PACS sending the study again must
     // not trip on that.
@@ -126,6 +128,113 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         })
         .collect();
     assert!(failures.is_empty(), "validator findings: {failures:#?}");
+}
+
+/// POST `body` to `/fhir` (a transaction) as the partner; the response.
+fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> Value {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("http://127.0.0.1:{}/fhir", gw.http))
+        .bearer_auth(&tokens.partner)
+        .header("Content-Type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Later, St Mary's refers the same patient again: a second case, still
+/// waiting for records when the first one's retention runs. Returns the
+/// second case's documents and their Binaries (`Type/id`): one filed for
+/// the new referral, one filed for the patient only.
+fn a_second_referral_of_the_same_patient(
+    gw: &Gateway,
+    facts: &Value,
+    tokens: &Tokens,
+) -> Vec<String> {
+    let bearer = format!("Bearer {}", tokens.partner);
+    let partner = [("Authorization", bearer.as_str())];
+    let (status, first) = gw.get_with(
+        &format!(
+            "/fhir/ServiceRequest/{}",
+            facts["request_id"].as_str().unwrap()
+        ),
+        &partner,
+    );
+    assert_eq!(status, 200, "{first}");
+    let first: Value = serde_json::from_str(&first).unwrap();
+    let mut request = first.clone();
+    let request = request.as_object_mut().unwrap();
+    for element in ["id", "meta", "supportingInfo", "identifier"] {
+        request.remove(element);
+    }
+    let note = |uuid: &str, binary: &str, related: bool| {
+        let mut document = serde_json::json!({"resourceType": "DocumentReference", "status": "current",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "11506-3", "display": "Progress note"}]},
+            "subject": first["subject"].clone(),
+            "date": "2026-11-23T10:00:00Z",
+            "content": [{"attachment": {"contentType": "text/plain", "url": binary, "title": "Progress note"}}]});
+        if related {
+            document["context"] = serde_json::json!({"related": [{"reference": "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000001"}]});
+        }
+        serde_json::json!({"fullUrl": uuid, "resource": document,
+            "request": {"method": "POST", "url": "DocumentReference"}})
+    };
+    let binary = |uuid: &str, text: &str| {
+        use base64::Engine as _;
+        serde_json::json!({"fullUrl": uuid, "resource": {"resourceType": "Binary", "contentType": "text/plain",
+            "data": base64::engine::general_purpose::STANDARD.encode(text)},
+            "request": {"method": "POST", "url": "Binary"}})
+    };
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000001", "resource": request,
+         "request": {"method": "POST", "url": "ServiceRequest"}},
+        binary("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000002", "Seen again in November."),
+        note("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000003", "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000002", true),
+        binary("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000004", "Filed for the patient."),
+        note("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000005", "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000004", false),
+    ]});
+    let response = post_transaction(gw, tokens, &bundle);
+    let locations: Vec<String> = response["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let location = e["response"]["location"].as_str().unwrap();
+            let mut parts = location.split('/');
+            format!("{}/{}", parts.next().unwrap(), parts.next().unwrap())
+        })
+        .collect();
+    // The second referral is a case of its own, waiting for records.
+    let (status, tasks) = gw.get_with(&format!("/fhir/Task?focus={}", locations[0]), &partner);
+    assert_eq!(status, 200);
+    let tasks: Value = serde_json::from_str(&tasks).unwrap();
+    assert_eq!(tasks["total"], 1, "{tasks}");
+    locations[1..].to_vec()
+}
+
+/// The first case's retention left the second case's records alone: the
+/// document filed for the second referral and the one filed for the
+/// patient keep their content, and their Binaries stay.
+fn second_referral_keeps_its_records(gw: &Gateway, tokens: &Tokens, records: &[String]) {
+    let bearer = format!("Bearer {}", tokens.partner);
+    let partner = [("Authorization", bearer.as_str())];
+    assert_eq!(records.len(), 4, "{records:?}");
+    for record in records {
+        let (status, body) = gw.get_with(&format!("/fhir/{record}"), &partner);
+        assert_eq!(status, 200, "{record}: {body}");
+        if record.starts_with("DocumentReference/") {
+            let document: Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                document["content"][0]["attachment"]["url"]
+                    .as_str()
+                    .is_some_and(|url| url.starts_with("Binary/")),
+                "{document}"
+            );
+        }
+    }
 }
 
 /// `konsil retention` with a shifted clock (seven months on): the study,

@@ -7,7 +7,8 @@
 //! Patient, Consent, ImagingStudy without endpoints) and the audit trail
 //! stay. Inactivity is `Task.lastModified`; only cases that are over
 //! (delivered, closed, declined, withdrawn) or on hold for missing records
-//! are eligible.
+//! are eligible. The patient's documents not filed for the case's referral
+//! go only when no other case of the patient still needs them.
 
 use std::sync::Arc;
 
@@ -146,12 +147,7 @@ impl Retention {
         let Some(mut task) = r.read(task_ref).await? else {
             return Ok(None);
         };
-        let last = task
-            .body
-            .get("lastModified")
-            .and_then(Value::as_str)
-            .and_then(|t| crate::fhir::search::date_range(t).map(|r| r.1));
-        if !eligible(&task.body) || last.is_none_or(|t| t >= cutoff) {
+        if !expired(&task.body, cutoff) {
             return Ok(None);
         }
         let Some(request_ref) = reference_of(task.body.get("focus")).map(str::to_owned) else {
@@ -177,19 +173,24 @@ impl Retention {
         let mut documents = r
             .search("DocumentReference", &format!("related={request_ref}"))
             .await?;
+        // The patient's other documents too, unless another case of the
+        // patient still needs them.
         if let Some(patient) =
             reference_of(request.body.get("subject")).filter(|p| p.starts_with("Patient/"))
         {
-            documents.extend(
-                r.search("DocumentReference", &format!("patient={patient}"))
-                    .await?,
-            );
+            if !patient_has_live_case(r, patient, &request_ref, cutoff).await? {
+                documents.extend(
+                    r.search("DocumentReference", &format!("patient={patient}"))
+                        .await?,
+                );
+            }
         }
         documents.sort_by(|a, b| a.id.cmp(&b.id));
         documents.dedup_by(|a, b| a.id == b.id);
         for mut document in documents {
             if document.partner != request.partner
                 || reference_of(document.body.get("custodian")) == Some(SERVICE_ORGANIZATION)
+                || of_another_case(&document.body, &request_ref)
             {
                 continue;
             }
@@ -353,6 +354,50 @@ impl Retention {
 }
 
 /// Whether a case Task's records may be discarded at all (its age aside).
+/// Whether the case `task` is due for retention at `cutoff`: eligible,
+/// and last active before it.
+fn expired(task: &Value, cutoff: i64) -> bool {
+    let last = task
+        .get("lastModified")
+        .and_then(Value::as_str)
+        .and_then(|t| crate::fhir::search::date_range(t).map(|r| r.1));
+    eligible(task) && last.is_some_and(|t| t < cutoff)
+}
+
+/// Whether a case of `patient` other than the one of `request_ref` still
+/// keeps its records: open, on legal hold, or active within the period.
+/// (A later referral of the same patient reuses the records on file.)
+async fn patient_has_live_case(
+    r: &mut dyn super::records::Records,
+    patient: &str,
+    request_ref: &str,
+    cutoff: i64,
+) -> Result<bool, WorkflowError> {
+    for other in r.search("Task", &format!("patient={patient}")).await? {
+        let is_other_case = other.body.get("partOf").is_none()
+            && case_of(&other.body).is_some()
+            && reference_of(other.body.get("focus")) != Some(request_ref);
+        if is_other_case
+            && !task::has_output(&other.body, RECORDS_DISCARDED)
+            && !expired(&other.body, cutoff)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a document was submitted for another referral than
+/// `request_ref` (its `context.related` names only other ServiceRequests):
+/// that case's retention decides about it.
+fn of_another_case(document: &Value, request_ref: &str) -> bool {
+    let requests: Vec<&str> = items(document.get("context"), "related")
+        .filter_map(|related| reference_of(Some(related)))
+        .filter(|reference| reference.starts_with("ServiceRequest/"))
+        .collect();
+    !requests.is_empty() && !requests.contains(&request_ref)
+}
+
 fn eligible(task: &Value) -> bool {
     if task.get("partOf").is_some() {
         return false;
