@@ -212,7 +212,41 @@ fn a_second_referral_of_the_same_patient(
     assert_eq!(status, 200);
     let tasks: Value = serde_json::from_str(&tasks).unwrap();
     assert_eq!(tasks["total"], 1, "{tasks}");
+    the_referrer_cannot_steer_retention(gw, tokens, &tasks["entry"][0]["resource"]);
     locations[1..].to_vec()
+}
+
+/// PUT `task` as the holder of `token`; the status and body.
+fn put_task(gw: &Gateway, token: &str, task: &Value) -> (u16, String) {
+    let response = reqwest::blocking::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{}/fhir/Task/{}",
+            gw.http,
+            task["id"].as_str().unwrap()
+        ))
+        .bearer_auth(token)
+        .header("Content-Type", "application/fhir+json")
+        .body(task.to_string())
+        .send()
+        .unwrap();
+    (response.status().as_u16(), response.text().unwrap())
+}
+
+/// Inactivity (`Task.lastModified`) and the legal hold decide what
+/// retention discards: the referrer can change neither; staff set the hold.
+fn the_referrer_cannot_steer_retention(gw: &Gateway, tokens: &Tokens, task: &Value) {
+    let mut backdated = task.clone();
+    backdated["lastModified"] = serde_json::json!("2020-01-01T00:00:00Z");
+    let (status, body) = put_task(gw, &tokens.partner, &backdated);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("lastModified"), "{body}");
+    let mut held = task.clone();
+    held["meta"]["tag"] = serde_json::json!([{"system": "http://konsil.dev/fhir/CodeSystem/case-flag", "code": "legal-hold"}]);
+    let (status, body) = put_task(gw, &tokens.partner, &held);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("legal-hold"), "{body}");
+    let (status, body) = put_task(gw, &gw.staff_token_as("coordinator", "coord-1"), &held);
+    assert_eq!(status, 200, "staff set the hold: {body}");
 }
 
 /// The first case's retention left the second case's records alone: the

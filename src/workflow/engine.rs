@@ -16,6 +16,7 @@ use super::imaging::StudySummary;
 use super::records::{
     codes, extensions, has_coding, items, reference_of, Record, Records, WorkflowError,
 };
+use super::retention;
 use super::task::{self, case_of, write_case, SPECIALTY_KIND};
 use crate::auth::Caller;
 use crate::config::WorkflowConfig;
@@ -761,6 +762,16 @@ impl Workflow {
         let Some(before) = case_of(previous) else {
             return Ok(());
         };
+        // Whether records are kept past retention is the service's call.
+        if matches!(caller, Caller::Partner(_))
+            && retention::on_legal_hold(previous) != retention::on_legal_hold(&task.body)
+        {
+            return Err(WorkflowError::Invalid(format!(
+                "the {}|{} tag of a case Task is set and removed by the service's staff",
+                retention::CASE_FLAG,
+                retention::LEGAL_HOLD
+            )));
+        }
         if task::workflow_owned(previous) == task::workflow_owned(&task.body) {
             return Ok(());
         }
@@ -782,7 +793,7 @@ impl Workflow {
             },
             _ => {
                 return Err(WorkflowError::Invalid(
-                    "Task.status, businessStatus, statusReason, owner, focus, for, output and the missing-record inputs are kept by the workflow: withdraw with status 'cancelled', or use $assign, $approve and $return".into(),
+                    "Task.status, businessStatus, statusReason, owner, focus, for, output, lastModified and the missing-record inputs are kept by the workflow: withdraw with status 'cancelled', or use $assign, $approve and $return".into(),
                 ))
             }
         };

@@ -398,14 +398,19 @@ fn of_another_case(document: &Value, request_ref: &str) -> bool {
     !requests.is_empty() && !requests.contains(&request_ref)
 }
 
+/// Whether the case Task carries the legal-hold tag.
+pub fn on_legal_hold(task: &Value) -> bool {
+    items(task.get("meta"), "tag").any(|t| {
+        t.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
+            && t.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
+    })
+}
+
 fn eligible(task: &Value) -> bool {
     if task.get("partOf").is_some() {
         return false;
     }
-    let held = items(task.get("meta"), "tag").any(|t| {
-        t.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
-            && t.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
-    });
+    let held = on_legal_hold(task);
     let discarded = task::has_output(task, RECORDS_DISCARDED);
     let Some(case) = case_of(task) else {
         return false;
