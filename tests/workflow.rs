@@ -130,8 +130,9 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
     assert!(failures.is_empty(), "validator findings: {failures:#?}");
 }
 
-/// POST `body` to `/fhir` (a transaction) as the partner; the response.
-fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> Value {
+/// POST `body` to `/fhir` (a transaction) as the partner; the status and
+/// the response body.
+fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> (u16, String) {
     let response = reqwest::blocking::Client::new()
         .post(format!("http://127.0.0.1:{}/fhir", gw.http))
         .bearer_auth(&tokens.partner)
@@ -139,10 +140,7 @@ fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> Value {
         .body(body.to_string())
         .send()
         .unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().unwrap();
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).unwrap()
+    (response.status().as_u16(), response.text().unwrap())
 }
 
 /// Later, St Mary's refers the same patient again: a second case, still
@@ -196,7 +194,9 @@ fn a_second_referral_of_the_same_patient(
         binary("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000004", "Filed for the patient."),
         note("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000005", "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000004", false),
     ]});
-    let response = post_transaction(gw, tokens, &bundle);
+    let (status, response) = post_transaction(gw, tokens, &bundle);
+    assert_eq!(status, 200, "{response}");
+    let response: Value = serde_json::from_str(&response).unwrap();
     let locations: Vec<String> = response["entry"]
         .as_array()
         .unwrap()
@@ -213,6 +213,19 @@ fn a_second_referral_of_the_same_patient(
     let tasks: Value = serde_json::from_str(&tasks).unwrap();
     assert_eq!(tasks["total"], 1, "{tasks}");
     the_referrer_cannot_steer_retention(gw, tokens, &tasks["entry"][0]["resource"]);
+    // Nor claim imaging that never arrived: what Konsil derives from the
+    // DICOM it received is its own.
+    let claimed = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000006", "resource": {
+            "resourceType": "ImagingStudy", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.826.0.1.3680043.8.498.999"}],
+            "subject": first["subject"].clone(), "basedOn": [{"reference": locations[0]}],
+            "endpoint": [{"reference": "Endpoint/konsil-dicomweb"}],
+            "numberOfSeries": 1, "numberOfInstances": 1},
+         "request": {"method": "POST", "url": "ImagingStudy"}}]});
+    let (status, outcome) = post_transaction(gw, tokens, &claimed);
+    assert_eq!(status, 422, "{outcome}");
+    assert!(outcome.contains("kept by Konsil"), "{outcome}");
     locations[1..].to_vec()
 }
 

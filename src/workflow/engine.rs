@@ -203,6 +203,12 @@ impl Workflow {
                 "Task" if !w.deleted && !adopted.contains(&w.reference()) => {
                     self.task_written(r, caller, w, now_ms).await?;
                 }
+                "ImagingStudy" if !w.deleted => {
+                    self.imaging_study_written(r, w).await?;
+                    for task in self.cases_touched_by(r, w).await? {
+                        to_check.insert(task);
+                    }
+                }
                 "DocumentReference" | "Consent" | "ImagingStudy" | "List" => {
                     for task in self.cases_touched_by(r, w).await? {
                         to_check.insert(task);
@@ -223,6 +229,43 @@ impl Workflow {
             }
         }
         Ok(notices)
+    }
+
+    /// A client wrote an ImagingStudy. What Konsil derives from the DICOM
+    /// it received (its DICOMweb endpoint, the series and instance counts)
+    /// is not a client's to write: an ImagingStudy claiming it would count
+    /// as imaging that never arrived.
+    async fn imaging_study_written(
+        &self,
+        r: &mut dyn Records,
+        w: &Written,
+    ) -> Result<(), WorkflowError> {
+        let Some(study) = r.read(&w.reference()).await? else {
+            return Ok(());
+        };
+        if !has_our_endpoint(&study.body) {
+            return Ok(());
+        }
+        let derived = |body: &Value| {
+            json!({
+                "endpoint": body.get("endpoint"),
+                "numberOfSeries": body.get("numberOfSeries"),
+                "numberOfInstances": body.get("numberOfInstances"),
+                "series": body.get("series"),
+            })
+        };
+        let kept = w
+            .previous
+            .as_ref()
+            .is_some_and(|previous| derived(previous) == derived(&study.body));
+        if kept {
+            return Ok(());
+        }
+        Err(WorkflowError::Invalid(format!(
+            "ImagingStudy.endpoint {SERVICE_ENDPOINT}, series, numberOfSeries and numberOfInstances are kept by \
+             Konsil from the DICOM it received: send the images (C-STORE or STOW-RS); announce a study in a \
+             manifest without that endpoint"
+        )))
     }
 
     /// The case Task of a referral (the Task whose focus it is and that
@@ -491,6 +534,17 @@ impl Workflow {
                 continue;
             }
             if doc.body.get("status").and_then(Value::as_str) != Some("current") {
+                continue;
+            }
+            // Our own filings (an earlier opinion) are not the referrer's
+            // records, and a document whose content retention discarded
+            // is no record any more.
+            let has_content = items(Some(&doc.body), "content").any(|c| {
+                c.get("attachment")
+                    .is_some_and(|a| a.get("url").is_some() || a.get("data").is_some())
+            });
+            if reference_of(doc.body.get("custodian")) == Some(SERVICE_ORGANIZATION) || !has_content
+            {
                 continue;
             }
             documents.push(Document {
