@@ -1507,13 +1507,48 @@ fn the_worked_referral_example_posts_as_one_transaction() {
         expected.push("consent".to_owned());
     }
     assert_eq!(case_missing(&fhir), expected);
-    // The PACS sends the study under the referral's accession number.
+    // Another study under the referral's accession number is linked, but
+    // the manifest announced a study of three instances: imaging still
+    // waits for it, past the quiet period.
+    let other = dicom_files(&[
+        "ct",
+        work.path().join("other").to_str().unwrap(),
+        "1",
+        "GW-TEST-0001",
+        "ACC0001",
+    ]);
+    let out = storescu(&gw, ST_MARY_AE, &[other[0].path.as_path()]);
+    assert!(out.status.success(), "storescu: {}", stderr(&out));
+    let linked = || {
+        fhir.get(&format!(
+            "/ImagingStudy?basedon=ServiceRequest/{}",
+            sr["id"].as_str().unwrap()
+        ))
+        .json()["total"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while linked() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(linked(), 2, "the manifest and the other study");
+    // Quiet period (1 s) and two checks (1 s each) over.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(
+        case_missing(&fhir),
+        expected,
+        "the announced study is awaited"
+    );
+    // The PACS sends the announced study.
     let files = dicom_files(&[
         "ct",
         work.path().join("ct").to_str().unwrap(),
         "3",
         "GW-TEST-0001",
         "ACC0001",
+        "--study",
+        "1.2.826.0.1.3680043.8.498.1",
     ]);
     let paths: Vec<&Path> = files.iter().map(|f| f.path.as_path()).collect();
     let out = storescu(&gw, ST_MARY_AE, &paths);
@@ -1526,7 +1561,7 @@ fn the_worked_referral_example_posts_as_one_transaction() {
     assert_eq!(
         case_missing(&fhir),
         expected,
-        "imaging counts once the study is quiet"
+        "imaging counts once the announced study is in"
     );
     if expected.is_empty() {
         let task = fhir.get(&format!("/Task/{task_id}")).json();

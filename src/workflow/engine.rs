@@ -558,6 +558,7 @@ impl Workflow {
             });
         }
         let mut complete_studies = 0;
+        let mut awaited = 0;
         for study in r
             .search(
                 "ImagingStudy",
@@ -565,9 +566,20 @@ impl Workflow {
             )
             .await?
         {
-            if study.partner == file.partner && self.imaging_complete(&study, now_ms) {
-                complete_studies += 1;
+            if study.partner != file.partner {
+                continue;
             }
+            if self.imaging_complete(&study, now_ms) {
+                complete_studies += 1;
+            } else if announces_instances(&study.body) {
+                awaited += 1;
+            }
+        }
+        // A study the referral announced with its instance count is awaited
+        // until all of it arrived, whatever else came (IHE IRWF: the
+        // manifest says what the case needs).
+        if awaited > 0 {
+            complete_studies = 0;
         }
         Ok(Submitted {
             documents,
@@ -1749,6 +1761,19 @@ fn announced(study: &Value) -> Option<u64> {
         .next()?
         .get("valueUnsignedInt")?
         .as_u64()
+}
+
+/// Whether an ImagingStudy says how many instances to expect: a manifest
+/// not yet matched by DICOM (its `numberOfInstances`), or a received study
+/// that keeps the manifest's count (`announced-instances`).
+fn announces_instances(study: &Value) -> bool {
+    if has_our_endpoint(study) {
+        return announced(study).is_some();
+    }
+    study
+        .get("numberOfInstances")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 0)
 }
 
 fn has_our_endpoint(study: &Value) -> bool {
