@@ -8,9 +8,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dicom_core::value::PrimitiveValue;
-use dicom_core::DataDictionary;
 use dicom_core::{DataElement, Tag, VR};
-use dicom_dictionary_std::{tags, StandardDataDictionary};
+use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::dataset::{self, text_element};
@@ -21,7 +20,6 @@ use crate::auth::{Caller, CallerError};
 use crate::ids::Uid;
 use crate::store::query::{
     attribute_by_keyword, attribute_by_tag, Attribute, Condition, Level, Matcher, Search,
-    ATTRIBUTES,
 };
 
 // One handler per level; the path parameters (`study`, `series`) narrow
@@ -227,7 +225,7 @@ fn parse_query(query: &str, level: Level) -> Result<Parsed, WebError> {
                 for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     if name == "all" {
                         parsed.include_all = true;
-                    } else if let Some(a) = lookup(name)? {
+                    } else if let Some(a) = lookup(name) {
                         parsed.include.push(a);
                     }
                     // Attributes the index does not hold cannot be returned
@@ -236,23 +234,22 @@ fn parse_query(query: &str, level: Level) -> Result<Parsed, WebError> {
             }
             // Viewers add cache busters and the like; they are not DICOM keys.
             "_" => {}
-            name => {
-                if name.contains('.') {
+            // PS3.18 8.3.4: a query key the server does not support is
+            // ignored (and the Warning header says so), not refused:
+            // matching inside sequences, emptyvaluematching,
+            // multiplevaluematching, attributes the index does not hold,
+            // names that are no attribute at all.
+            name if name.contains('.') => parsed.ignored.push(name.to_owned()),
+            name => match lookup(name) {
+                Some(a) if a.level > level => {
                     return Err(WebError::BadRequest(format!(
-                        "{name}: matching inside sequences is not supported"
-                    )));
-                }
-                match lookup(name)? {
-                    Some(a) if a.level > level => {
-                        return Err(WebError::BadRequest(format!(
                         "{} is a {:?}-level attribute; it cannot be matched in a {:?}-level search",
                         a.keyword, a.level, level
                     )))
-                    }
-                    Some(a) => matches.push((a, value)),
-                    None => parsed.ignored.push(name.to_owned()),
                 }
-            }
+                Some(a) => matches.push((a, value)),
+                None => parsed.ignored.push(name.to_owned()),
+            },
         }
     }
     // Repeated keys (StudyInstanceUID=a&StudyInstanceUID=b) are one list.
@@ -286,28 +283,14 @@ fn number(name: &str, value: &str) -> Result<u32, WebError> {
     })
 }
 
-/// An attribute by keyword or by tag (`0020000D`). `Ok(None)`: a DICOM
-/// attribute the index does not hold. Neither: 400.
-fn lookup(name: &str) -> Result<Option<&'static Attribute>, WebError> {
+/// An index attribute by keyword or by tag (`0020000D`); `None` for
+/// anything else (another attribute, or no attribute at all).
+fn lookup(name: &str) -> Option<&'static Attribute> {
     if name.len() == 8 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let raw = u32::from_str_radix(name, 16)
-            .map_err(|_| WebError::BadRequest(format!("{name} is not a tag")))?;
-        return Ok(attribute_by_tag(Tag((raw >> 16) as u16, raw as u16)));
+        let raw = u32::from_str_radix(name, 16).ok()?;
+        return attribute_by_tag(Tag((raw >> 16) as u16, raw as u16));
     }
-    if let Some(a) = attribute_by_keyword(name) {
-        return Ok(Some(a));
-    }
-    if StandardDataDictionary.by_name(name).is_some() {
-        return Ok(None);
-    }
-    Err(WebError::BadRequest(format!(
-        "{name} is neither a DICOM keyword nor a tag; searchable here: {}",
-        ATTRIBUTES
-            .iter()
-            .map(|a| a.keyword)
-            .collect::<Vec<_>>()
-            .join(", ")
-    )))
+    attribute_by_keyword(name)
 }
 
 /// How to match `value` (PS3.18 8.3.4); `None` for universal matching.
@@ -385,7 +368,6 @@ mod tests {
     #[test]
     fn bad_keys_and_values_are_400() {
         for q in [
-            "NoSuchKeyword=1",
             "StudyInstanceUID=1.02",
             "StudyDate=yesterday",
             "limit=-1",
@@ -398,5 +380,24 @@ mod tests {
         }
         let p = parse_query("InstitutionName=X", Level::Study).unwrap();
         assert_eq!(p.ignored, vec!["InstitutionName".to_owned()]);
+    }
+
+    #[test]
+    fn unsupported_keys_are_ignored_not_refused() {
+        let p = parse_query(
+            "NoSuchKeyword=1&RequestAttributesSequence.RequestedProcedureID=7&emptyvaluematching=true\
+             &PatientID=P1",
+            Level::Series,
+        )
+        .unwrap();
+        assert_eq!(
+            p.ignored,
+            [
+                "NoSuchKeyword",
+                "RequestAttributesSequence.RequestedProcedureID",
+                "emptyvaluematching"
+            ]
+        );
+        assert_eq!(p.conditions.len(), 1, "PatientID still matches");
     }
 }
