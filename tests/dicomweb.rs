@@ -310,7 +310,8 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
     let one = format!("SOPInstanceUID={}", ct0.sop_instance);
     let by_sop = dicomweb(&gw, PARTNER, "search", &["instances", &one]);
     assert_eq!(by_sop.as_array().unwrap().len(), 1);
-    // includefield, comma-separated: a non-default attribute comes back.
+    // includefield (dicomweb-client repeats the parameter per field): a
+    // non-default attribute comes back.
     let with_desc = dicomweb(
         &gw,
         PARTNER,
@@ -322,6 +323,78 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
         ],
     );
     assert!(with_desc[0].get("00081030").is_some(), "{with_desc}");
+
+    // The same searches as a viewer writes them by hand (curl sends the
+    // query exactly as written): each matching rule through the index.
+    let qido = |query: &str| -> Reply {
+        curl(&[
+            "-H",
+            "X-Konsil-Partner: st-mary",
+            &format!("{}/{query}", base(&gw)),
+        ])
+    };
+    let uids = |reply: &Reply, tag: &str| -> Vec<String> {
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[tag]["Value"][0].as_str().unwrap().to_owned())
+            .collect()
+    };
+    const STUDY_UID: &str = "0020000D";
+    // The generated CT is dated 2026-01-01.
+    for (query, found) in [
+        ("studies?StudyDate=20251201-20260131", true),
+        ("studies?StudyDate=20260101", true),
+        ("studies?StudyDate=-20251231", false),
+        ("studies?StudyDate=20260102-", false),
+        ("studies?AccessionNumber=ACC-WEB-1", true),
+        ("studies?AccessionNumber=ACC-WEB-2", false),
+    ] {
+        let got = uids(&qido(query), STUDY_UID);
+        assert_eq!(got.contains(&study), found, "{query}: {got:?}");
+    }
+    let listed = uids(
+        &qido(&format!(
+            "studies?StudyInstanceUID={study},1.2.826.0.1.3680043.8.498.999"
+        )),
+        STUDY_UID,
+    );
+    assert_eq!(
+        listed,
+        [study.clone()],
+        "a UID list matches any of its UIDs"
+    );
+    let series_everywhere = uids(&qido("series?Modality=CT"), "0020000E");
+    assert!(series_everywhere.contains(&series), "{series_everywhere:?}");
+    let in_study = qido(&format!("studies/{study}/instances"));
+    assert_eq!(uids(&in_study, "00080018").len(), 4);
+    let everything = qido("studies?PatientID=PID-WEB-1&includefield=all").json();
+    let comma = qido("studies?PatientID=PID-WEB-1&includefield=StudyDescription,00100021").json();
+    for (answer, name) in [(&everything, "all"), (&comma, "comma-separated")] {
+        assert!(
+            answer[0].get("00081030").is_some(),
+            "includefield {name}: {answer}"
+        );
+    }
+    let ignored =
+        qido("studies?PatientID=PID-WEB-1&RequestAttributesSequence.RequestedProcedureID=7");
+    assert_eq!(uids(&ignored, STUDY_UID), [study.clone()]);
+    assert!(
+        ignored
+            .all("warning")
+            .iter()
+            .any(|w| w.contains("RequestAttributesSequence.RequestedProcedureID")),
+        "{:?}",
+        ignored.headers
+    );
 
     // Another partner sees nothing of it.
     let theirs = dicomweb(&gw, OTHER, "search", &["studies"]);
