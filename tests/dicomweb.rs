@@ -369,7 +369,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
     );
     assert_eq!(
         listed,
-        [study.clone()],
+        [study.as_str()],
         "a UID list matches any of its UIDs"
     );
     let series_everywhere = uids(&qido("series?Modality=CT"), "0020000E");
@@ -386,7 +386,7 @@ fn dicomweb_client_stores_searches_and_retrieves_unchanged() {
     }
     let ignored =
         qido("studies?PatientID=PID-WEB-1&RequestAttributesSequence.RequestedProcedureID=7");
-    assert_eq!(uids(&ignored, STUDY_UID), [study.clone()]);
+    assert_eq!(uids(&ignored, STUDY_UID), [study.as_str()]);
     assert!(
         ignored
             .all("warning")
