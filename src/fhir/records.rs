@@ -477,7 +477,11 @@ impl ResourceTx for CaseTx {
 
     async fn write(&mut self, write: &ResourceWrite) -> Result<(), MetaError> {
         let resource = &write.resource;
-        let previous = if matches!(resource.resource_type.as_str(), "Task" | "DiagnosticReport") {
+        // What the workflow compares (a Task, a report) or, for a deletion,
+        // what it needs to find the cases the record belonged to.
+        let previous = if matches!(resource.resource_type.as_str(), "Task" | "DiagnosticReport")
+            || resource.body.is_none()
+        {
             self.records
                 .tx
                 .current(&resource.resource_type, &resource.id)

@@ -258,6 +258,14 @@ pub fn apply(case: &Case, event: &Event) -> Result<Case, Refusal> {
                         next.hold = None;
                     }
                 }
+                // Once a specialist works on the case, the consent that
+                // let it through triage is gone (deleted): the case holds
+                // and the opinion is not delivered until one is on file.
+                ConsentState::Absent if matches!(case.stage, UnderReview | AwaitingApproval) => {
+                    next.hold = Some(Hold::Consent(
+                        "the patient's consent is no longer on file".to_owned(),
+                    ));
+                }
                 ConsentState::Absent => missing.push("consent".to_owned()),
                 ConsentState::Refused(why) => next.hold = Some(Hold::Consent(why.clone())),
             }
@@ -591,6 +599,25 @@ mod tests {
             waiting.status_reason().as_deref(),
             Some("missing: imaging, consent")
         );
+        // Past triage, a consent that is gone (deleted) holds the case and
+        // blocks delivery, until one permits again.
+        let gone = Event::Checked {
+            missing: vec![],
+            consent: ConsentState::Absent,
+        };
+        for stage in [UnderReview, AwaitingApproval] {
+            let held = apply(&at(stage), &gone).unwrap();
+            assert_eq!(held.stage, stage);
+            assert_eq!(held.task_status(), "on-hold", "{stage:?}");
+            assert!(held.status_reason().unwrap().contains("no longer on file"));
+            if stage == AwaitingApproval {
+                assert!(apply(&held, &Event::Approved)
+                    .unwrap_err()
+                    .why
+                    .contains("consent"));
+            }
+            assert_eq!(apply(&held, &complete()).unwrap().hold, None);
+        }
     }
 
     #[test]

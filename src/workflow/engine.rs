@@ -44,8 +44,8 @@ pub struct Written {
     pub resource_type: String,
     pub id: String,
     pub deleted: bool,
-    /// For a Task or a DiagnosticReport: the version before this
-    /// interaction, if there was one.
+    /// For a Task or a DiagnosticReport, and for any deletion: the
+    /// version before this interaction, if there was one.
     pub previous: Option<Value>,
 }
 
@@ -760,10 +760,15 @@ impl Workflow {
         r: &mut dyn Records,
         w: &Written,
     ) -> Result<Vec<String>, WorkflowError> {
-        let Some(record) = r.read(&w.reference()).await? else {
-            return Ok(Vec::new());
+        // A deleted record is found by what it was.
+        let (body, partner) = match r.read(&w.reference()).await? {
+            Some(record) => (record.body, Some(record.partner)),
+            None => match &w.previous {
+                Some(previous) => (previous.clone(), None),
+                None => return Ok(Vec::new()),
+            },
         };
-        let body = &record.body;
+        let body = &body;
         let mut requests = BTreeSet::new();
         let mut patients = BTreeSet::new();
         for key in ["subject", "patient"] {
@@ -785,7 +790,7 @@ impl Workflow {
         }
         for patient in &patients {
             for task in r.search("Task", &format!("patient={patient}")).await? {
-                if task.partner == record.partner
+                if partner.as_ref().is_none_or(|p| *p == task.partner)
                     && case_of(&task.body).is_some_and(|c| !c.stage.is_final())
                     && task.body.get("partOf").is_none()
                 {

@@ -399,6 +399,19 @@ _, leftover = call("POST", "DiagnosticReport", {k: v for k, v in draft.items() i
                    | {"status": "registered"}, expect=201, role="specialist")
 assert stage(case_task(task_id)) == "awaiting-approval"
 
+step("EHR: the consent is deleted -> the case holds and approval is refused; a new consent releases it")
+call("DELETE", f"Consent/{consent.id}", partner=True, expect=204)
+task = case_task(task_id)
+assert stage(task) == "awaiting-approval" and task["status"] == "on-hold", task
+assert "no longer on file" in task["statusReason"]["text"], task
+status, outcome = call("POST", f"DiagnosticReport/{report_id}/$approve", role="approver")
+assert status in (409, 422) and "consent" in json.dumps(outcome), (status, outcome)
+consent = referrer.resource("Consent", **{k: v for k, v in consent.serialize().items()
+                                          if k not in ("id", "meta")})
+consent.save()
+task = case_task(task_id)
+assert stage(task) == "awaiting-approval" and task["status"] != "on-hold", task
+
 # --- delivery while the referrer's endpoint is down, then up again ---------------------
 step("referrer's endpoint goes down; staff $approve")
 hook.shutdown()
