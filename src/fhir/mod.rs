@@ -235,6 +235,13 @@ async fn gate(
     let uri = request.uri().clone();
     request.extensions_mut().insert(caller.clone());
     let response = next.run(request).await;
+    if response
+        .extensions()
+        .get::<operations::AuditedInTransaction>()
+        .is_some()
+    {
+        return response;
+    }
     if let Some(record) = read_audit(interaction, &uri, caller, response.status()) {
         app.auditor.record(record).await;
     }

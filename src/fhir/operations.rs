@@ -18,6 +18,7 @@ use super::outcome::Issue;
 use super::rest::{self, collect, json_response, now, query_format};
 use super::{negotiate, parse_json, require_json_body, FhirError};
 use crate::app::App;
+use crate::audit::{Actor, AuditRecord, Entity, Kind, Outcome};
 use crate::auth::{Caller, CallerError};
 use crate::workflow::records::Record;
 
@@ -90,6 +91,11 @@ fn string_parameter(parameters: &Value, name: &str) -> Option<String> {
         .as_str()
         .map(str::to_owned)
 }
+
+/// Marks a response whose AuditEvent its transaction stored: the gate does
+/// not record another.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditedInTransaction;
 
 /// `POST /fhir/{type}/{id}/${operation}`.
 pub async fn instance_operation(
@@ -176,8 +182,19 @@ pub async fn instance_operation(
             }
             _ => unreachable_operation()?,
         };
+        // The operation's event is stored with the change it made.
+        let event = AuditRecord::new(Kind::Operation, "E", Actor::Caller(caller.clone()))
+            .outcome(Outcome::Success, None)
+            .entity(Entity::operation(&format!(
+                "{resource_type}/{id}/{operation}"
+            )));
+        tx.records()
+            .create("AuditEvent", None, event.to_resource())
+            .await?;
         tx.commit().await?;
-        Ok(json_response(StatusCode::OK, changed.body.to_string()))
+        let mut response = json_response(StatusCode::OK, changed.body.to_string());
+        response.extensions_mut().insert(AuditedInTransaction);
+        Ok(response)
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)

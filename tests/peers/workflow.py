@@ -487,6 +487,11 @@ for target, operation in ((f"Task/{task_id}", "$assign"), (f"DiagnosticReport/{r
     _, found = call("GET", f"AuditEvent?entity={target}&subtype=operation", role="auditor", expect=200)
     names = [d.get("valueString") for e in found.get("entry", []) for d in e["resource"]["entity"][0].get("detail", [])]
     assert operation in names, (target, operation, found)
+    # The successful one once: stored in the operation's own transaction,
+    # not again by the request log.
+    done = [e for e in found.get("entry", []) if e["resource"].get("outcome") == "0"
+            and any(d.get("valueString") == operation for d in e["resource"]["entity"][0].get("detail", []))]
+    assert len(done) == 1, (target, operation, found)
 # Every delivery attempt to the referrer's endpoint is in the trail: the
 # ones that failed while it was down and the one that got through.
 _, attempts = call("GET", f"AuditEvent?entity=Subscription/{subscriptions['report']}&subtype=rest-hook-notification&_count=1000",
