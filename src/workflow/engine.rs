@@ -1165,9 +1165,12 @@ impl Workflow {
                 )
                 .await?
                 .len();
+            // The referrer may name the role or the doctor who holds it.
+            let practitioner = reference_of(role.body.get("practitioner"));
             let candidate = Proposal {
                 owner: role.reference(),
-                requested: requested.contains(&role.reference().as_str()),
+                requested: requested.contains(&role.reference().as_str())
+                    || practitioner.is_some_and(|p| requested.contains(&p)),
                 open_cases,
             };
             if candidate.requested {

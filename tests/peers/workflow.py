@@ -159,7 +159,7 @@ def start_hook(port):
 
 # --- the service's roster --------------------------------------------------------
 step("staff: roster of oncology specialists")
-roles = {}
+roles, practitioners = {}, {}
 for key, family in (("requested", "Requested"), ("other", "Other")):
     _, practitioner = call("POST", "Practitioner", {
         "resourceType": "Practitioner", "active": True,
@@ -171,6 +171,7 @@ for key, family in (("requested", "Requested"), ("other", "Other")):
         "organization": {"reference": "Organization/konsil"},
         "specialty": [{"coding": [{"system": SPECIALTY, "code": "oncology"}]}]}, expect=201)
     roles[key] = f"PractitionerRole/{role['id']}"
+    practitioners[key] = f"Practitioner/{practitioner['id']}"
 # An oncologist on leave is never proposed.
 call("POST", "PractitionerRole", {
     "resourceType": "PractitionerRole", "active": True,
@@ -208,7 +209,8 @@ bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         "code": {"coding": [{"system": SPECIALTY, "code": "oncology", "display": "Oncology"}]},
         "subject": {"reference": U["patient"]},
         "requester": {"reference": U["org"]},
-        "performer": [{"reference": roles["requested"]}],
+        # The referrer names the doctor; the proposal finds their role.
+        "performer": [{"reference": practitioners["requested"]}],
         "reasonCode": [{"text": "Staging and treatment plan for a lung nodule"}]},
      "request": {"method": "POST", "url": "ServiceRequest"}},
     {"fullUrl": U["task"], "resource": {
@@ -319,6 +321,17 @@ assert proposed["requested"]["valueBoolean"] is True and proposed["openCases"]["
 assert stage(case_task(task_id)) == "ready-for-triage"
 status, _ = call("POST", f"Task/{task_id}/$propose", parameters(), partner=True)
 assert status == 403, status
+# While the requested doctor is away, the proposal falls back to the
+# available oncologist with the fewest open cases.
+_, away = call("GET", roles["requested"], expect=200)
+on_leave = dict(away, notAvailable=[{"description": "congress", "during": {"start": "2020-01-01", "end": "2099-12-31"}}])
+call("PUT", roles["requested"], on_leave, expect=200)
+_, proposal = call("POST", f"Task/{task_id}/$propose", parameters(), expect=200)
+proposed = {p["name"]: p for p in proposal["parameter"]}
+assert proposed["owner"]["valueReference"]["reference"] == roles["other"], proposal
+assert proposed["requested"]["valueBoolean"] is False, proposal
+back = {k: v for k, v in on_leave.items() if k not in ("notAvailable", "meta")}
+call("PUT", roles["requested"], back, expect=200)
 step("staff: $assign (no owner: the requested specialist is proposed)")
 _, task = call("POST", f"Task/{task_id}/$assign", parameters(), expect=200)
 keep(task)
