@@ -150,6 +150,12 @@ fn partners_get_tokens_by_client_assertion_and_see_only_their_own() {
                 .is_some_and(|d| d.contains("unidentified"))
             && e.to_string().contains("request to /dicomweb/studies")
     });
+    has("a token request naming no registered client", &|e| {
+        subtype(e) == "110122"
+            && e["outcome"] == "4"
+            && e.to_string().contains("unknown client_id")
+            && e.to_string().contains("request to /auth/token")
+    });
     has("the WADO-RS", &|e| {
         subtype(e) == "110104" && e["action"] == "R"
     });

@@ -634,15 +634,22 @@ async fn token(
     }
 }
 
-/// The audit record of a token request by a known client (a request naming
-/// no registered client has no one to record).
+/// The audit record of a token request: by its client when the assertion
+/// names a registered one, else a failed login of an unidentified caller.
 fn login_audit(
     config: &Config,
     form: &TokenRequest,
     result: &Result<TokenResponse, OAuthError>,
 ) -> Option<AuditRecord> {
-    let client_id = assertion_client_id(form)?;
-    let (partner, _) = config.client(&client_id)?;
+    let known = assertion_client_id(form)
+        .and_then(|id| config.client(&id).map(|(partner, _)| (partner, id)));
+    let Some((partner, client_id)) = known else {
+        let e = result.as_ref().err()?;
+        return Some(AuditRecord::refused_credentials(
+            &format!("token request refused, {}: {}", e.code, e.description),
+            "/auth/token",
+        ));
+    };
     let record = AuditRecord::new(
         Kind::Login,
         "E",
