@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use common::{
     dicom_files, partner_token, python, python_json, stderr, storescu, test_clients, Gateway,
-    ST_MARY_AE,
+    KillOnDrop, ST_MARY_AE,
 };
 
 fn start(work: &Path) -> Gateway {
@@ -376,17 +376,6 @@ fn access_matrix_of_roles_and_partners() {
     assert_eq!(status, 401);
 }
 
-/// The loopback OpenID Connect issuer of `auth.py idp-serve`, stopped when
-/// dropped.
-struct Issuer(std::process::Child);
-
-impl Drop for Issuer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn staff_keys_come_from_the_issuers_discovery_and_follow_its_rotation() {
     let work = tempfile::tempdir().unwrap();
@@ -414,7 +403,8 @@ fn staff_keys_come_from_the_issuers_discovery_and_follow_its_rotation() {
     };
     serve(vec![jwks("idp")["keys"][0].clone()]);
     let port_file = work.path().join("issuer.port");
-    let _issuer = Issuer(
+    // The loopback OpenID Connect issuer of `auth.py idp-serve`.
+    let _issuer = KillOnDrop(
         std::process::Command::new("python3")
             .arg(common::peers_dir().join("auth.py"))
             .args(["idp-serve", dir, port_file.to_str().unwrap()])

@@ -50,14 +50,20 @@ impl Api<'_> {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// The ids of the resources a search answers with.
     fn ids(&self, path: &str) -> Vec<String> {
+        self.each_entry(path, |e| e["resource"]["id"].as_str().unwrap().to_owned())
+    }
+
+    /// `each` of every entry of the Bundle `path` answers with.
+    fn each_entry(&self, path: &str, each: impl Fn(&Value) -> String) -> Vec<String> {
         let (status, bundle) = self.get(path);
         assert_eq!(status, 200, "{path}: {bundle}");
         bundle["entry"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+            .map(each)
             .collect()
     }
 }
@@ -182,20 +188,14 @@ fn a_specialist_sees_only_the_cases_assigned_to_them() {
     ));
     assert_eq!(included, [report_a.as_str(), patient_a.as_str()]);
     // History: case A's versions only, at every level.
+    // History entries by `Type/id` (a deletion has no resource).
     let history = |path: &str| -> Vec<String> {
-        let (status, bundle) = lee.get(path);
-        assert_eq!(status, 200, "{path}: {bundle}");
-        bundle["entry"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| {
-                let url = e["fullUrl"].as_str().unwrap();
-                let mut parts = url.rsplit('/');
-                let id = parts.next().unwrap();
-                format!("{}/{id}", parts.next().unwrap())
-            })
-            .collect()
+        lee.each_entry(path, |e| {
+            let url = e["fullUrl"].as_str().unwrap();
+            let mut parts = url.rsplit('/');
+            let id = parts.next().unwrap();
+            format!("{}/{id}", parts.next().unwrap())
+        })
     };
     assert_eq!(
         history("/fhir/Patient/_history"),

@@ -12,9 +12,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
-use common::free_port;
+use common::{free_port, KillOnDrop};
 
 const WALK_THROUGH: &str = "<!-- tests/readme.rs runs the next block -->";
 const QUICK_START: &str = "<!-- tests/readme.rs: quick start -->";
@@ -90,16 +90,6 @@ fn run_script(dir: &Path, script: &str) -> Output {
         .unwrap()
 }
 
-/// The gateway the README's first command starts; stopped when dropped.
-struct FirstCommand(Child);
-
-impl Drop for FirstCommand {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_readme_quick_start_runs_against_the_first_command() {
     let readme = readme();
@@ -126,7 +116,8 @@ fn the_readme_quick_start_runs_against_the_first_command() {
     .unwrap();
     let log_path = work.path().join("konsil.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let _gateway = FirstCommand(
+    // The gateway the README's first command starts, stopped at the end.
+    let _gateway = KillOnDrop(
         Command::new(konsil_binary())
             .args(&args)
             .current_dir(work.path())

@@ -455,6 +455,17 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(status.success());
 }
 
+/// A child process (a peer, a second server) killed when dropped, also
+/// when the test fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
