@@ -186,9 +186,17 @@ fn a_second_referral_of_the_same_patient(
             "data": base64::engine::general_purpose::STANDARD.encode(text)},
             "request": {"method": "POST", "url": "Binary"}})
     };
+    // St Mary's sends its own Task, tagged with a legal hold: the case
+    // adopts the Task, not the hold (staff set that).
+    let their_task = serde_json::json!({"resourceType": "Task", "status": "requested", "intent": "order",
+        "meta": {"tag": [{"system": "http://konsil.dev/fhir/CodeSystem/case-flag", "code": "legal-hold"}]},
+        "focus": {"reference": "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000001"},
+        "for": first["subject"].clone(), "requester": first["requester"].clone()});
     let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000001", "resource": request,
          "request": {"method": "POST", "url": "ServiceRequest"}},
+        {"fullUrl": "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000007", "resource": their_task,
+         "request": {"method": "POST", "url": "Task"}},
         binary("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000002", "Seen again in November."),
         note("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000003", "urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000002", true),
         binary("urn:uuid:2d0e0c52-4f4c-4b8e-9d7e-000000000004", "Filed for the patient."),
@@ -207,12 +215,24 @@ fn a_second_referral_of_the_same_patient(
             format!("{}/{}", parts.next().unwrap(), parts.next().unwrap())
         })
         .collect();
-    // The second referral is a case of its own, waiting for records.
+    // The second referral is a case of its own (their Task, adopted),
+    // waiting for records, with no legal hold.
     let (status, tasks) = gw.get_with(&format!("/fhir/Task?focus={}", locations[0]), &partner);
     assert_eq!(status, 200);
     let tasks: Value = serde_json::from_str(&tasks).unwrap();
     assert_eq!(tasks["total"], 1, "{tasks}");
-    the_referrer_cannot_steer_retention(gw, tokens, &tasks["entry"][0]["resource"]);
+    let case = &tasks["entry"][0]["resource"];
+    assert_eq!(
+        format!("Task/{}", case["id"].as_str().unwrap()),
+        locations[1]
+    );
+    assert!(!case.to_string().contains("legal-hold"), "{case}");
+    let (_, delivered) = gw.get_with(
+        &format!("/fhir/Task/{}", facts["task_id"].as_str().unwrap()),
+        &partner,
+    );
+    let delivered: Value = serde_json::from_str(&delivered).unwrap();
+    the_referrer_cannot_steer_retention(gw, tokens, &delivered, case);
     // Nor claim imaging that never arrived: what Konsil derives from the
     // DICOM it received is its own.
     let claimed = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -226,7 +246,52 @@ fn a_second_referral_of_the_same_patient(
     let (status, outcome) = post_transaction(gw, tokens, &claimed);
     assert_eq!(status, 422, "{outcome}");
     assert!(outcome.contains("kept by Konsil"), "{outcome}");
-    locations[1..].to_vec()
+    // The received study of the first case: the referrer may annotate it,
+    // not change what Konsil derived from the images.
+    let (status, studies) = gw.get_with(
+        &format!(
+            "/fhir/ImagingStudy?basedon=ServiceRequest/{}",
+            facts["request_id"].as_str().unwrap()
+        ),
+        &partner,
+    );
+    assert_eq!(status, 200, "{studies}");
+    let studies: Value = serde_json::from_str(&studies).unwrap();
+    let received = studies["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|s| s["endpoint"].is_array())
+        .expect("the received study")
+        .clone();
+    let put = |study: &Value| {
+        reqwest::blocking::Client::new()
+            .put(format!(
+                "http://127.0.0.1:{}/fhir/ImagingStudy/{}",
+                gw.http,
+                study["id"].as_str().unwrap()
+            ))
+            .bearer_auth(&tokens.partner)
+            .header("Content-Type", "application/fhir+json")
+            .body(study.to_string())
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let mut annotated = received.clone();
+    annotated["description"] = serde_json::json!("CT chest, as sent by St Mary's");
+    assert_eq!(
+        put(&annotated),
+        200,
+        "a note on the study is the referrer's"
+    );
+    let mut inflated = annotated.clone();
+    inflated["numberOfInstances"] = serde_json::json!(400);
+    assert_eq!(put(&inflated), 422, "the counts are Konsil's");
+    // The records of the second case: its documents and Binaries.
+    locations[2..].to_vec()
 }
 
 /// PUT `task` as the holder of `token`; the status and body.
@@ -247,12 +312,26 @@ fn put_task(gw: &Gateway, token: &str, task: &Value) -> (u16, String) {
 
 /// Inactivity (`Task.lastModified`) and the legal hold decide what
 /// retention discards: the referrer can change neither; staff set the hold.
-fn the_referrer_cannot_steer_retention(gw: &Gateway, tokens: &Tokens, task: &Value) {
-    let mut backdated = task.clone();
-    backdated["lastModified"] = serde_json::json!("2020-01-01T00:00:00Z");
+fn the_referrer_cannot_steer_retention(
+    gw: &Gateway,
+    tokens: &Tokens,
+    delivered: &Value,
+    task: &Value,
+) {
+    // A write is activity; backdating is not: the delivered case keeps its
+    // time (back to when it was authored would make it due sooner).
+    let mut backdated = delivered.clone();
+    backdated["lastModified"] = delivered["authoredOn"].clone();
+    assert_ne!(backdated["lastModified"], delivered["lastModified"]);
     let (status, body) = put_task(gw, &tokens.partner, &backdated);
-    assert_eq!(status, 422, "{body}");
-    assert!(body.contains("lastModified"), "{body}");
+    assert_eq!(status, 200, "{body}");
+    let bearer = format!("Bearer {}", tokens.partner);
+    let (_, now) = gw.get_with(
+        &format!("/fhir/Task/{}", delivered["id"].as_str().unwrap()),
+        &[("Authorization", bearer.as_str())],
+    );
+    let now: Value = serde_json::from_str(&now).unwrap();
+    assert_eq!(now["lastModified"], delivered["lastModified"], "{now}");
     let mut held = task.clone();
     held["meta"]["tag"] = serde_json::json!([{"system": "http://konsil.dev/fhir/CodeSystem/case-flag", "code": "legal-hold"}]);
     let (status, body) = put_task(gw, &tokens.partner, &held);

@@ -320,8 +320,9 @@ impl Authority {
             .claims;
         let now = now_secs();
         // SMART Backend Services: exp "no more than five minutes in the
-        // future". The leeway is for an expired clock, not a longer life.
-        let longest = i64::try_from(self.max_assertion_secs).unwrap_or(i64::MAX);
+        // future" (max_assertion_secs, at most 300), by the client's clock:
+        // the leeway absorbs a client clock a little ahead of ours.
+        let longest = i64::try_from(self.max_assertion_secs + LEEWAY_SECS).unwrap_or(i64::MAX);
         if claims.exp - now > longest {
             return Err(OAuthError::client(format!(
                 "the client assertion's exp is more than {} s ahead",

@@ -187,9 +187,24 @@ async fn search(
     if let Some(asked) = parsed.limit.filter(|l| *l > max) {
         warnings.push(format!("limit {asked} lowered to the maximum of {max}"));
     }
+    // One Warning per ignored key, each named once, at most ten; the key
+    // is the client's text: no quote may end the warn-text early.
+    let mut ignored: Vec<&String> = Vec::new();
     for key in &parsed.ignored {
+        if !ignored.contains(&key) {
+            ignored.push(key);
+        }
+    }
+    for key in ignored.iter().take(10) {
         warnings.push(format!(
-            "matching on {key} is not supported; the key was ignored"
+            "matching on {} is not supported; the key was ignored",
+            key.replace(['"', '\\'], "'")
+        ));
+    }
+    if ignored.len() > 10 {
+        warnings.push(format!(
+            "{} more unsupported keys were ignored",
+            ignored.len() - 10
         ));
     }
     for w in warnings {

@@ -479,8 +479,10 @@ impl ResourceTx for CaseTx {
         let resource = &write.resource;
         // What the workflow compares (a Task, a report) or, for a deletion,
         // what it needs to find the cases the record belonged to.
-        let previous = if matches!(resource.resource_type.as_str(), "Task" | "DiagnosticReport")
-            || resource.body.is_none()
+        let previous = if matches!(
+            resource.resource_type.as_str(),
+            "Task" | "DiagnosticReport" | "ImagingStudy"
+        ) || resource.body.is_none()
         {
             self.records
                 .tx

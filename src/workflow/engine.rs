@@ -44,8 +44,8 @@ pub struct Written {
     pub resource_type: String,
     pub id: String,
     pub deleted: bool,
-    /// For a Task or a DiagnosticReport, and for any deletion: the
-    /// version before this interaction, if there was one.
+    /// For a Task, a DiagnosticReport or an ImagingStudy, and for any
+    /// deletion: the version before this interaction, if there was one.
     pub previous: Option<Value>,
 }
 
@@ -248,6 +248,10 @@ impl Workflow {
         }
         let derived = |body: &Value| {
             json!({
+                // Which case and patient the received images belong to
+                // is Konsil's reconciliation too ($link for staff).
+                "basedOn": body.get("basedOn"),
+                "subject": body.get("subject"),
                 "endpoint": body.get("endpoint"),
                 "numberOfSeries": body.get("numberOfSeries"),
                 "numberOfInstances": body.get("numberOfInstances"),
@@ -262,9 +266,9 @@ impl Workflow {
             return Ok(());
         }
         Err(WorkflowError::Invalid(format!(
-            "ImagingStudy.endpoint {SERVICE_ENDPOINT}, series, numberOfSeries and numberOfInstances are kept by \
-             Konsil from the DICOM it received: send the images (C-STORE or STOW-RS); announce a study in a \
-             manifest without that endpoint"
+            "ImagingStudy.endpoint {SERVICE_ENDPOINT}, series, numberOfSeries, numberOfInstances, basedOn and \
+             subject are kept by Konsil from the DICOM it received: send the images (C-STORE or STOW-RS); \
+             announce a study in a manifest without that endpoint; staff link a study with $link"
         )))
     }
 
@@ -354,7 +358,9 @@ impl Workflow {
                 r.create("Task", request.partner.clone(), fresh).await?
             }
         };
-        // An adopted Task gets the case's shape (its other elements stay).
+        // An adopted Task gets the case's shape (its other elements stay,
+        // but a legal hold is staff's to set on the case, not the sender's).
+        retention::lift_legal_hold(&mut task.body);
         if let Some(obj) = task.body.as_object_mut() {
             obj.insert("intent".into(), json!("order"));
             if let Some(subject) = body.get("subject") {
@@ -543,7 +549,11 @@ impl Workflow {
                 c.get("attachment")
                     .is_some_and(|a| a.get("url").is_some() || a.get("data").is_some())
             });
-            if reference_of(doc.body.get("custodian")) == Some(SERVICE_ORGANIZATION) || !has_content
+            // A document filed for another referral of the patient is that
+            // case's (its retention discards it on that case's clock).
+            if reference_of(doc.body.get("custodian")) == Some(SERVICE_ORGANIZATION)
+                || !has_content
+                || retention::of_another_case(&doc.body, &file.request.reference())
             {
                 continue;
             }
@@ -843,6 +853,15 @@ impl Workflow {
                 retention::LEGAL_HOLD
             )));
         }
+        // Retention counts inactivity from lastModified: a client's write
+        // is activity and may move it up to now, never back or ahead.
+        let mut task = task;
+        if let Some(kept) = kept_last_modified(previous, &task.body, now_ms) {
+            if let Some(obj) = task.body.as_object_mut() {
+                obj.insert("lastModified".into(), kept);
+            }
+            task = r.update(&task).await?;
+        }
         if task::workflow_owned(previous) == task::workflow_owned(&task.body) {
             return Ok(());
         }
@@ -864,13 +883,12 @@ impl Workflow {
             },
             _ => {
                 return Err(WorkflowError::Invalid(
-                    "Task.status, businessStatus, statusReason, owner, focus, for, output, lastModified and the missing-record inputs are kept by the workflow: withdraw with status 'cancelled', or use $assign, $approve and $return".into(),
+                    "Task.status, businessStatus, statusReason, owner, focus, for, output and the missing-record inputs are kept by the workflow: withdraw with status 'cancelled', or use $assign, $approve and $return".into(),
                 ))
             }
         };
         let next = case::apply(&before, &event)?;
         // Restore what the workflow owns, then write the new state.
-        let mut task = task;
         for key in [
             "businessStatus",
             "owner",
@@ -1769,6 +1787,24 @@ fn announced(study: &Value) -> Option<u64> {
         .next()?
         .get("valueUnsignedInt")?
         .as_u64()
+}
+
+/// The `lastModified` a client's Task write must keep, if its own is not
+/// acceptable: missing or earlier than before (the previous value stays),
+/// or more than a minute ahead of now (now).
+fn kept_last_modified(previous: &Value, written: &Value, now_ms: i64) -> Option<Value> {
+    let at = |task: &Value| {
+        task.get("lastModified")
+            .and_then(Value::as_str)
+            .and_then(start_ms)
+    };
+    let before = previous.get("lastModified").cloned();
+    match (at(previous), at(written)) {
+        (_, Some(new)) if new > now_ms + 60_000 => Some(json!(instant_text(now_ms))),
+        (Some(old), Some(new)) if new < old => before,
+        (Some(_), None) => before,
+        _ => None,
+    }
 }
 
 /// Whether an ImagingStudy says how many instances to expect: a manifest

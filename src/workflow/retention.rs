@@ -353,7 +353,6 @@ impl Retention {
     }
 }
 
-/// Whether a case Task's records may be discarded at all (its age aside).
 /// Whether the case `task` is due for retention at `cutoff`: eligible,
 /// and last active before it.
 fn expired(task: &Value, cutoff: i64) -> bool {
@@ -366,7 +365,8 @@ fn expired(task: &Value, cutoff: i64) -> bool {
 
 /// Whether a case of `patient` other than the one of `request_ref` still
 /// keeps its records: open, on legal hold, or active within the period.
-/// (A later referral of the same patient reuses the records on file.)
+/// (Such a case counts the patient's documents not filed for another
+/// referral among its records.)
 async fn patient_has_live_case(
     r: &mut dyn super::records::Records,
     patient: &str,
@@ -390,7 +390,7 @@ async fn patient_has_live_case(
 /// Whether a document was submitted for another referral than
 /// `request_ref` (its `context.related` names only other ServiceRequests):
 /// that case's retention decides about it.
-fn of_another_case(document: &Value, request_ref: &str) -> bool {
+pub(super) fn of_another_case(document: &Value, request_ref: &str) -> bool {
     let requests: Vec<&str> = items(document.get("context"), "related")
         .filter_map(|related| reference_of(Some(related)))
         .filter(|reference| reference.starts_with("ServiceRequest/"))
@@ -398,14 +398,34 @@ fn of_another_case(document: &Value, request_ref: &str) -> bool {
     !requests.is_empty() && !requests.contains(&request_ref)
 }
 
-/// Whether the case Task carries the legal-hold tag.
-pub fn on_legal_hold(task: &Value) -> bool {
-    items(task.get("meta"), "tag").any(|t| {
-        t.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
-            && t.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
-    })
+/// Whether `tag` (a Coding of `meta.tag`) is the legal hold.
+fn is_legal_hold(tag: &Value) -> bool {
+    tag.get("system").and_then(Value::as_str) == Some(CASE_FLAG)
+        && tag.get("code").and_then(Value::as_str) == Some(LEGAL_HOLD)
 }
 
+/// Whether the case Task carries the legal-hold tag.
+pub fn on_legal_hold(task: &Value) -> bool {
+    items(task.get("meta"), "tag").any(is_legal_hold)
+}
+
+/// Remove the legal-hold tag from a Task (and `meta.tag` when it held
+/// nothing else: FHIR has no empty arrays).
+pub fn lift_legal_hold(task: &mut Value) {
+    let Some(meta) = task.get_mut("meta").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if let Some(tags) = meta.get_mut("tag").and_then(Value::as_array_mut) {
+        tags.retain(|t| !is_legal_hold(t));
+        if tags.is_empty() {
+            meta.shift_remove("tag");
+        }
+    }
+}
+
+/// Whether a case Task's records may be discarded at all (its age aside):
+/// the case is over (delivered, closed, declined, withdrawn) or stale, not
+/// on legal hold, not discarded yet.
 fn eligible(task: &Value) -> bool {
     if task.get("partOf").is_some() {
         return false;

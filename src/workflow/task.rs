@@ -168,8 +168,6 @@ pub fn workflow_owned(task: &Value) -> Value {
         "partOf": task.get("partOf"),
         "output": task.get("output"),
         "input": inputs,
-        // Retention counts inactivity from it: nobody backdates a case.
-        "lastModified": task.get("lastModified"),
     })
 }
 
