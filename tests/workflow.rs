@@ -130,17 +130,38 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
     assert!(failures.is_empty(), "validator findings: {failures:#?}");
 }
 
-/// POST `body` to `/fhir` (a transaction) as the partner; the status and
-/// the response body.
-fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> (u16, String) {
+/// `method` `body` to `/fhir{path}` with `token`; the status and the
+/// response body.
+fn send_fhir(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: &Value,
+) -> (u16, String) {
     let response = reqwest::blocking::Client::new()
-        .post(format!("http://127.0.0.1:{}/fhir", gw.http))
-        .bearer_auth(&tokens.partner)
+        .request(method, format!("http://127.0.0.1:{}/fhir{path}", gw.http))
+        .bearer_auth(token)
         .header("Content-Type", "application/fhir+json")
         .body(body.to_string())
         .send()
         .unwrap();
     (response.status().as_u16(), response.text().unwrap())
+}
+
+/// POST a transaction Bundle as the partner.
+fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> (u16, String) {
+    send_fhir(gw, reqwest::Method::POST, "", &tokens.partner, body)
+}
+
+/// PUT `resource` (it has its type and id) with `token`.
+fn put(gw: &Gateway, token: &str, resource: &Value) -> (u16, String) {
+    let path = format!(
+        "/{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    send_fhir(gw, reqwest::Method::PUT, &path, token, resource)
 }
 
 /// Later, St Mary's refers the same patient again: a second case, still
@@ -265,49 +286,16 @@ fn a_second_referral_of_the_same_patient(
         .find(|s| s["endpoint"].is_array())
         .expect("the received study")
         .clone();
-    let put = |study: &Value| {
-        reqwest::blocking::Client::new()
-            .put(format!(
-                "http://127.0.0.1:{}/fhir/ImagingStudy/{}",
-                gw.http,
-                study["id"].as_str().unwrap()
-            ))
-            .bearer_auth(&tokens.partner)
-            .header("Content-Type", "application/fhir+json")
-            .body(study.to_string())
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    };
     let mut annotated = received.clone();
     annotated["description"] = serde_json::json!("CT chest, as sent by St Mary's");
-    assert_eq!(
-        put(&annotated),
-        200,
-        "a note on the study is the referrer's"
-    );
+    let (status, body) = put(gw, &tokens.partner, &annotated);
+    assert_eq!(status, 200, "a note on the study is the referrer's: {body}");
     let mut inflated = annotated.clone();
     inflated["numberOfInstances"] = serde_json::json!(400);
-    assert_eq!(put(&inflated), 422, "the counts are Konsil's");
+    let (status, body) = put(gw, &tokens.partner, &inflated);
+    assert_eq!(status, 422, "the counts are Konsil's: {body}");
     // The records of the second case: its documents and Binaries.
     locations[2..].to_vec()
-}
-
-/// PUT `task` as the holder of `token`; the status and body.
-fn put_task(gw: &Gateway, token: &str, task: &Value) -> (u16, String) {
-    let response = reqwest::blocking::Client::new()
-        .put(format!(
-            "http://127.0.0.1:{}/fhir/Task/{}",
-            gw.http,
-            task["id"].as_str().unwrap()
-        ))
-        .bearer_auth(token)
-        .header("Content-Type", "application/fhir+json")
-        .body(task.to_string())
-        .send()
-        .unwrap();
-    (response.status().as_u16(), response.text().unwrap())
 }
 
 /// Inactivity (`Task.lastModified`) and the legal hold decide what
@@ -323,7 +311,7 @@ fn the_referrer_cannot_steer_retention(
     let mut backdated = delivered.clone();
     backdated["lastModified"] = delivered["authoredOn"].clone();
     assert_ne!(backdated["lastModified"], delivered["lastModified"]);
-    let (status, body) = put_task(gw, &tokens.partner, &backdated);
+    let (status, body) = put(gw, &tokens.partner, &backdated);
     assert_eq!(status, 200, "{body}");
     let bearer = format!("Bearer {}", tokens.partner);
     let (_, now) = gw.get_with(
@@ -334,10 +322,10 @@ fn the_referrer_cannot_steer_retention(
     assert_eq!(now["lastModified"], delivered["lastModified"], "{now}");
     let mut held = task.clone();
     held["meta"]["tag"] = serde_json::json!([{"system": "http://konsil.dev/fhir/CodeSystem/case-flag", "code": "legal-hold"}]);
-    let (status, body) = put_task(gw, &tokens.partner, &held);
+    let (status, body) = put(gw, &tokens.partner, &held);
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("legal-hold"), "{body}");
-    let (status, body) = put_task(gw, &gw.staff_token_as("coordinator", "coord-1"), &held);
+    let (status, body) = put(gw, &gw.staff_token_as("coordinator", "coord-1"), &held);
     assert_eq!(status, 200, "staff set the hold: {body}");
 }
 
