@@ -149,6 +149,14 @@ fn send_fhir(
     (response.status().as_u16(), response.text().unwrap())
 }
 
+/// GET `path` as the partner: it must answer 200 with JSON.
+fn read_as_partner(gw: &Gateway, tokens: &Tokens, path: &str) -> Value {
+    let bearer = format!("Bearer {}", tokens.partner);
+    let (status, body) = gw.get_with(path, &[("Authorization", bearer.as_str())]);
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// POST a transaction Bundle as the partner.
 fn post_transaction(gw: &Gateway, tokens: &Tokens, body: &Value) -> (u16, String) {
     send_fhir(gw, reqwest::Method::POST, "", &tokens.partner, body)
@@ -173,17 +181,14 @@ fn a_second_referral_of_the_same_patient(
     facts: &Value,
     tokens: &Tokens,
 ) -> Vec<String> {
-    let bearer = format!("Bearer {}", tokens.partner);
-    let partner = [("Authorization", bearer.as_str())];
-    let (status, first) = gw.get_with(
+    let first = read_as_partner(
+        gw,
+        tokens,
         &format!(
             "/fhir/ServiceRequest/{}",
             facts["request_id"].as_str().unwrap()
         ),
-        &partner,
     );
-    assert_eq!(status, 200, "{first}");
-    let first: Value = serde_json::from_str(&first).unwrap();
     let mut request = first.clone();
     let request = request.as_object_mut().unwrap();
     for element in ["id", "meta", "supportingInfo", "identifier"] {
@@ -238,9 +243,7 @@ fn a_second_referral_of_the_same_patient(
         .collect();
     // The second referral is a case of its own (their Task, adopted),
     // waiting for records, with no legal hold.
-    let (status, tasks) = gw.get_with(&format!("/fhir/Task?focus={}", locations[0]), &partner);
-    assert_eq!(status, 200);
-    let tasks: Value = serde_json::from_str(&tasks).unwrap();
+    let tasks = read_as_partner(gw, tokens, &format!("/fhir/Task?focus={}", locations[0]));
     assert_eq!(tasks["total"], 1, "{tasks}");
     let case = &tasks["entry"][0]["resource"];
     assert_eq!(
@@ -248,11 +251,11 @@ fn a_second_referral_of_the_same_patient(
         locations[1]
     );
     assert!(!case.to_string().contains("legal-hold"), "{case}");
-    let (_, delivered) = gw.get_with(
+    let delivered = read_as_partner(
+        gw,
+        tokens,
         &format!("/fhir/Task/{}", facts["task_id"].as_str().unwrap()),
-        &partner,
     );
-    let delivered: Value = serde_json::from_str(&delivered).unwrap();
     the_referrer_cannot_steer_retention(gw, tokens, &delivered, case);
     // Nor claim imaging that never arrived: what Konsil derives from the
     // DICOM it received is its own.
@@ -269,15 +272,14 @@ fn a_second_referral_of_the_same_patient(
     assert!(outcome.contains("kept by Konsil"), "{outcome}");
     // The received study of the first case: the referrer may annotate it,
     // not change what Konsil derived from the images.
-    let (status, studies) = gw.get_with(
+    let studies = read_as_partner(
+        gw,
+        tokens,
         &format!(
             "/fhir/ImagingStudy?basedon=ServiceRequest/{}",
             facts["request_id"].as_str().unwrap()
         ),
-        &partner,
     );
-    assert_eq!(status, 200, "{studies}");
-    let studies: Value = serde_json::from_str(&studies).unwrap();
     let received = studies["entry"]
         .as_array()
         .unwrap()
@@ -313,12 +315,11 @@ fn the_referrer_cannot_steer_retention(
     assert_ne!(backdated["lastModified"], delivered["lastModified"]);
     let (status, body) = put(gw, &tokens.partner, &backdated);
     assert_eq!(status, 200, "{body}");
-    let bearer = format!("Bearer {}", tokens.partner);
-    let (_, now) = gw.get_with(
+    let now = read_as_partner(
+        gw,
+        tokens,
         &format!("/fhir/Task/{}", delivered["id"].as_str().unwrap()),
-        &[("Authorization", bearer.as_str())],
     );
-    let now: Value = serde_json::from_str(&now).unwrap();
     assert_eq!(now["lastModified"], delivered["lastModified"], "{now}");
     let mut held = task.clone();
     held["meta"]["tag"] = serde_json::json!([{"system": "http://konsil.dev/fhir/CodeSystem/case-flag", "code": "legal-hold"}]);
