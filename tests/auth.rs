@@ -317,33 +317,156 @@ fn access_matrix_of_roles_and_partners() {
         .unwrap()
         .to_owned();
 
+    let (series_uid, sop_uid) = {
+        let parts: Vec<&str> = retrieve.rsplit('/').collect();
+        (parts[2].to_owned(), parts[0].to_owned())
+    };
+    let instance_path =
+        format!("/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}");
+
+    // The partner's own case: the worked referral, posted as a transaction.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("conformance/examples/referral-transaction.json");
+    let (status, body) = send(
+        "POST",
+        "/fhir",
+        own,
+        Some(("application/fhir+json", std::fs::read(example).unwrap())),
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    // The first id of each type, from `response.location` (Type/id/_history/n).
+    let id_of = |resource_type: &str| -> String {
+        answer["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["response"]["location"].as_str())
+            .find_map(|location| {
+                let mut parts = location.split('/');
+                (parts.next() == Some(resource_type)).then(|| parts.next().unwrap().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no {resource_type} in {answer}"))
+    };
+    let [sr, task, consent, binary, document, imaging] = [
+        "ServiceRequest",
+        "Task",
+        "Consent",
+        "Binary",
+        "DocumentReference",
+        "ImagingStudy",
+    ]
+    .map(id_of);
+
     let assign = json!({"resourceType": "Parameters", "parameter": [
         {"name": "owner", "valueReference": {"reference": "PractitionerRole/nobody"}}]});
-    let approve = json!({"resourceType": "Parameters"});
+    let link = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "task", "valueReference": {"reference": format!("Task/{task}")}}]});
+    let empty = json!({"resourceType": "Parameters"});
+    let new_patient = fhir_json(json!({"resourceType": "Patient", "active": true}));
+    let same_patient = fhir_json(json!({"resourceType": "Patient", "id": patient_id,
+        "identifier": [{"system": "urn:oid:1.2.3", "value": "M-1"}]}));
+    let one_patient_transaction =
+        fhir_json(json!({"resourceType": "Bundle", "type": "transaction",
+        "entry": [{"fullUrl": "urn:uuid:0b7f6c1e-7a55-4c4e-9d1a-2f1e0c3b4a59",
+                   "resource": {"resourceType": "Patient", "active": true},
+                   "request": {"method": "POST", "url": "Patient"}}]}));
+    let search_form = Some((
+        "application/x-www-form-urlencoded",
+        b"identifier=M-1".to_vec(),
+    ));
+    let audit_event = fhir_json(json!({"resourceType": "AuditEvent"}));
+    let token_form = Some((
+        "application/x-www-form-urlencoded",
+        b"grant_type=client_credentials&scope=system%2FPatient.rs".to_vec(),
+    ));
     type Row<'a> = (&'a str, String, Option<(&'a str, Vec<u8>)>, [u16; 8]);
+    // What each caller may do, by kind of endpoint: a read of one of the
+    // own partner's resources is 200 to whoever may read that type and 404
+    // to the other partner and to a specialist with no case (no existence
+    // leak); a search is 200 to every reader, and answers only what the
+    // caller may see (tests/cases.rs, the fhirpy scenario above).
+    const READ: [u16; 8] = [200, 404, 200, 403, 200, 200, 404, 401];
+    const SEARCH: [u16; 8] = [200, 200, 200, 403, 200, 200, 200, 401];
+    const STAFF_ONLY_SEARCH: [u16; 8] = [200, 200, 200, 403, 200, 403, 403, 401];
+    const ANYONE: [u16; 8] = [200; 8];
+    // The audit trail takes no writes from anybody: the interaction is not
+    // allowed on the type (405), once the caller is known.
+    const NOBODY_WRITES_AUDIT: [u16; 8] = [405, 405, 405, 405, 405, 405, 405, 401];
     #[rustfmt::skip]
     let rows: Vec<Row> = vec![
         // spec: a specialist with no case assigned, who sees no patient's
         // records (tests/cases.rs has one with a case).
         //                                                            coord spec appr audit admin own other anon
-        ("GET", format!("/fhir/Patient/{patient_id}"), None,          [200, 404, 200, 403, 200, 200, 404, 401]),
-        ("GET", "/fhir/Patient?identifier=M-1".into(), None,          [200, 200, 200, 403, 200, 200, 200, 401]),
-        ("GET", format!("/fhir/Patient/{patient_id}/_history"), None, [200, 404, 200, 403, 200, 200, 404, 401]),
-        ("POST", "/fhir/Patient".into(), fhir_json(json!({"resourceType": "Patient", "active": true})),
-                                                                      [201, 403, 403, 403, 201, 201, 201, 401]),
+        // FHIR reads of each kind of record of the own partner's case.
+        ("GET", format!("/fhir/Patient/{patient_id}"), None,          READ),
+        ("GET", format!("/fhir/ServiceRequest/{sr}"), None,           READ),
+        ("GET", format!("/fhir/Task/{task}"), None,                   READ),
+        ("GET", format!("/fhir/Consent/{consent}"), None,             READ),
+        ("GET", format!("/fhir/DocumentReference/{document}"), None,  READ),
+        ("GET", format!("/fhir/Binary/{binary}"), None,               READ),
+        ("GET", format!("/fhir/ImagingStudy/{imaging}"), None,        READ),
+        // History: instance, version, type, system.
+        ("GET", format!("/fhir/Patient/{patient_id}/_history"), None, READ),
+        ("GET", format!("/fhir/Task/{task}/_history/1"), None,        READ),
+        ("GET", "/fhir/Patient/_history".into(), None,                SEARCH),
+        ("GET", "/fhir/_history".into(), None,                        STAFF_ONLY_SEARCH),
+        // Searches, by GET and by POST.
+        ("GET", "/fhir/Patient?identifier=M-1".into(), None,          SEARCH),
+        ("POST", "/fhir/Patient/_search".into(), search_form,         SEARCH),
+        ("GET", format!("/fhir/Task?focus=ServiceRequest/{sr}"), None, SEARCH),
+        ("GET", format!("/fhir/DiagnosticReport?based-on=ServiceRequest/{sr}"), None,
+                                                                      SEARCH),
+        // A specialist searches by patient only, and a Subscription has none.
+        ("GET", "/fhir/Subscription".into(), None,                    [200, 403, 200, 403, 200, 200, 200, 401]),
+        // Writes.
+        ("POST", "/fhir/Patient".into(), new_patient.clone(),         [201, 403, 403, 403, 201, 201, 201, 401]),
+        ("PUT", format!("/fhir/Patient/{patient_id}"), same_patient,  [200, 403, 403, 403, 200, 200, 403, 401]),
+        ("POST", "/fhir".into(), one_patient_transaction,             [200, 403, 403, 403, 200, 200, 200, 401]),
         ("DELETE", "/fhir/Patient/no-such-patient".into(), None,      [403, 403, 403, 403, 204, 204, 403, 401]),
+        // Validation reads and writes no record: open to every caller known.
+        ("POST", "/fhir/Patient/$validate".into(), new_patient,       [200, 200, 200, 200, 200, 200, 200, 401]),
+        // The audit trail: read by the auditor alone, written by nobody.
         ("GET", "/fhir/AuditEvent".into(), None,                      [403, 403, 403, 200, 403, 403, 403, 401]),
-        ("GET", "/fhir/_history".into(), None,                        [200, 200, 200, 403, 200, 403, 403, 401]),
-        ("POST", "/fhir/Task/no-such-task/$assign".into(), fhir_json(assign.clone()),
+        ("POST", "/fhir/AuditEvent".into(), audit_event,              NOBODY_WRITES_AUDIT),
+        ("DELETE", "/fhir/AuditEvent/any".into(), None,               NOBODY_WRITES_AUDIT),
+        // The workflow operations, each by its role alone.
+        ("POST", "/fhir/Task/no-such-task/$assign".into(), fhir_json(assign),
                                                                       [404, 403, 403, 403, 404, 403, 403, 401]),
-        ("POST", "/fhir/DiagnosticReport/no-such-report/$approve".into(), fhir_json(approve.clone()),
+        ("POST", "/fhir/Task/no-such-task/$propose".into(), fhir_json(empty.clone()),
+                                                                      [404, 403, 403, 403, 404, 403, 403, 401]),
+        ("POST", "/fhir/DiagnosticReport/no-such-report/$approve".into(), fhir_json(empty.clone()),
                                                                       [403, 403, 404, 403, 403, 403, 403, 401]),
-        ("GET", "/dicomweb/studies".into(), None,                     [200, 200, 200, 403, 200, 200, 200, 401]),
+        ("POST", "/fhir/DiagnosticReport/no-such-report/$return".into(), fhir_json(empty),
+                                                                      [403, 403, 404, 403, 404, 403, 403, 401]),
+        ("POST", "/fhir/ImagingStudy/no-such-study/$link".into(), fhir_json(link),
+                                                                      [404, 403, 403, 403, 404, 403, 403, 401]),
+        // Discovery, open to all.
+        ("GET", "/fhir/metadata".into(), None,                        ANYONE),
+        ("GET", "/fhir/.well-known/smart-configuration".into(), None, ANYONE),
+        // DICOMweb: search at each level, retrieve each kind, store.
+        ("GET", "/dicomweb/studies".into(), None,                     SEARCH),
+        ("GET", "/dicomweb/series".into(), None,                      SEARCH),
+        ("GET", "/dicomweb/instances".into(), None,                   SEARCH),
+        ("GET", format!("/dicomweb/studies/{study_uid}/series"), None, SEARCH),
+        ("GET", format!("/dicomweb/studies/{study_uid}"), None,       READ),
         ("GET", format!("/dicomweb/studies/{study_uid}/metadata"), None,
-                                                                      [200, 404, 200, 403, 200, 200, 404, 401]),
+                                                                      READ),
+        ("GET", format!("/dicomweb/studies/{study_uid}/series/{series_uid}/metadata"), None,
+                                                                      READ),
+        ("GET", instance_path.clone(), None,                          READ),
+        ("GET", format!("{instance_path}/frames/1"), None,            READ),
+        ("GET", format!("{instance_path}/bulkdata/7FE00010"), None,   READ),
         ("POST", "/dicomweb/studies".into(), Some((&stow_type, stow.clone())),
                                                                       [403, 403, 403, 403, 403, 200, 403, 401]),
-        ("GET", "/fhir/metadata".into(), None,                        [200, 200, 200, 200, 200, 200, 200, 200]),
+        ("POST", format!("/dicomweb/studies/{study_uid}"), Some((&stow_type, stow.clone())),
+                                                                      [403, 403, 403, 403, 403, 200, 403, 401]),
+        // Operational endpoints carry no PHI and need no token; the token
+        // endpoint authenticates by client assertion, never by bearer.
+        ("GET", "/healthz".into(), None,                              ANYONE),
+        ("GET", "/readyz".into(), None,                               ANYONE),
+        ("GET", "/auth/jwks.json".into(), None,                       ANYONE),
+        ("POST", "/auth/token".into(), token_form,                    [400; 8]),
     ];
     let mut wrong = Vec::new();
     for (method, path, body, expected) in &rows {
@@ -356,12 +479,16 @@ fn access_matrix_of_roles_and_partners() {
                     text.chars().take(200).collect::<String>()
                 ));
             }
-            if status == 403 && path.starts_with("/fhir") {
+            // A refusal of the caller is an OperationOutcome, on DICOMweb
+            // as on FHIR (the token endpoint answers in OAuth's terms).
+            let refused = status == 403 || status == 401;
+            if refused && !path.starts_with("/auth/") {
                 let outcome: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                assert_eq!(
-                    outcome["resourceType"], "OperationOutcome",
-                    "{method} {path} as {caller}"
-                );
+                if outcome["resourceType"] != "OperationOutcome" {
+                    wrong.push(format!(
+                        "{method} {path} as {caller}: {status} without an OperationOutcome"
+                    ));
+                }
             }
         }
     }

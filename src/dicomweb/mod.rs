@@ -23,7 +23,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::app::App;
 use crate::audit::{Actor, AuditRecord, Entity, Kind, Outcome};
-use crate::auth::{authorize, Action, CallerError};
+use crate::auth::{authorize, Action, CallerError, Denied};
 use crate::ids::Uid;
 use crate::metrics::label;
 use crate::store::{BlobError, MetaError};
@@ -252,7 +252,8 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// A failed DICOMweb request. The body is a plain-text reason a client's
-/// operator can act on; storage internals go to our log only.
+/// operator can act on (an OperationOutcome when the caller is refused);
+/// storage internals go to our log only.
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
     #[error("{0}")]
@@ -280,18 +281,13 @@ pub enum WebError {
 impl IntoResponse for WebError {
     fn into_response(self) -> Response {
         let (status, text) = match &self {
-            WebError::Unauthenticated(e) => {
-                return e.challenged(
-                    (
-                        e.status(),
-                        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                        format!("{e}\n"),
-                    )
-                        .into_response(),
-                );
+            // Refusals of the caller read as they do on the FHIR side (one
+            // token, one answer): an OperationOutcome.
+            WebError::Unauthenticated(e) => return crate::fhir::unauthenticated(e),
+            WebError::Forbidden(m) => {
+                return crate::fhir::forbidden(Denied(m.clone())).into_response()
             }
             WebError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
-            WebError::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),
             WebError::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()),
             WebError::NotAcceptable(m) => (StatusCode::NOT_ACCEPTABLE, m.clone()),
             WebError::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m.clone()),

@@ -291,7 +291,7 @@ fn read_audit(
 }
 
 /// 401 with the bearer challenge and an OperationOutcome.
-fn unauthenticated(e: &CallerError) -> Response {
+pub(crate) fn unauthenticated(e: &CallerError) -> Response {
     e.challenged(unauthenticated_error(e).into_response())
 }
 
