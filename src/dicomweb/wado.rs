@@ -105,8 +105,10 @@ async fn locate(
 
 /// Cheap validators: an instance's content hash; for a study or series the
 /// newest row and the count, which change whenever an instance arrives.
-fn validators(found: &[StoredInstance]) -> (String, Option<String>) {
-    let etag = match found {
+/// `weak` for multipart bodies: their boundary differs per response, so the
+/// bytes are equivalent, not identical (RFC 9110 8.8.1).
+fn validators(found: &[StoredInstance], weak: bool) -> (String, Option<String>) {
+    let opaque = match found {
         [one] => format!("\"{}\"", one.dataset_sha256),
         many => format!(
             "\"{}-{}\"",
@@ -114,6 +116,7 @@ fn validators(found: &[StoredInstance]) -> (String, Option<String>) {
             many.iter().map(|i| i.id).max().unwrap_or(0)
         ),
     };
+    let etag = if weak { format!("W/{opaque}") } else { opaque };
     let newest = found.iter().map(|i| i.received_at_ms).max().unwrap_or(0);
     let last_modified = u64::try_from(newest).ok().map(|ms| {
         httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
@@ -121,15 +124,22 @@ fn validators(found: &[StoredInstance]) -> (String, Option<String>) {
     (etag, last_modified)
 }
 
-/// Set ETag and Last-Modified; `Some(304)` when the client's copy is current.
-fn conditional(headers: &HeaderMap, found: &[StoredInstance], response: &mut HeaderMap) -> bool {
-    let (etag, last_modified) = validators(found);
+/// Set ETag and Last-Modified; true when the client's copy is current
+/// (If-None-Match compares weakly, RFC 9110 13.1.2).
+fn conditional(
+    headers: &HeaderMap,
+    found: &[StoredInstance],
+    weak: bool,
+    response: &mut HeaderMap,
+) -> bool {
+    let (etag, last_modified) = validators(found, weak);
+    let opaque = etag.trim_start_matches("W/");
     let current = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
             v.split(',')
-                .any(|t| t.trim().trim_start_matches("W/") == etag)
+                .any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == opaque)
         });
     if let Ok(v) = HeaderValue::from_str(&etag) {
         response.insert(header::ETAG, v);
@@ -150,7 +160,8 @@ async fn retrieve(
     let syntaxes: Vec<&str> = found.iter().map(|i| i.transfer_syntax.as_str()).collect();
     let packaging = media::instances(headers, &syntaxes, found.len())?;
     let mut response_headers = HeaderMap::new();
-    if conditional(headers, &found, &mut response_headers) {
+    let weak = packaging == media::Packaging::Multipart;
+    if conditional(headers, &found, weak, &mut response_headers) {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
     }
     let parts: Vec<Part> = found
@@ -207,7 +218,7 @@ async fn metadata_json(
     media::dataset_format(headers, false)?;
     let found = locate(app, caller, target).await?;
     let mut response_headers = HeaderMap::new();
-    if conditional(headers, &found, &mut response_headers) {
+    if conditional(headers, &found, false, &mut response_headers) {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
     }
     let body = super::metadata::json_array(app, &found, &base_url(app, headers)).await?;
@@ -250,6 +261,16 @@ async fn pixels(
     } else {
         media::OCTET_STREAM.to_owned()
     };
+    // A viewer re-fetching frames it holds gets a 304 without a read.
+    let mut response_headers = HeaderMap::new();
+    if conditional(
+        headers,
+        std::slice::from_ref(&instance),
+        true,
+        &mut response_headers,
+    ) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
     let opened = match opened_instances().get(&instance.id) {
         Some(opened) => opened,
         None => {
@@ -281,7 +302,6 @@ async fn pixels(
     let boundary = multipart::boundary();
     let (body, length) = multipart::body(Arc::clone(&app.blobs), parts, boundary.clone());
     let part_essence = part_type.split(';').next().unwrap_or(media::OCTET_STREAM);
-    let mut response_headers = HeaderMap::new();
     insert(
         &mut response_headers,
         header::CONTENT_TYPE,
