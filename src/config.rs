@@ -267,6 +267,16 @@ impl AuthConfig {
                 "token lifetimes must be at least 1 second",
             ));
         }
+        if self.staff_issuer.is_some() && self.staff_audience.is_none() {
+            // An identity provider issues tokens for many applications;
+            // without the audience, a token meant for any of them would
+            // open Konsil.
+            return Err(ConfigError::Conflict(
+                "auth.staff_issuer needs auth.staff_audience: the aud its tokens for Konsil \
+                 carry (tokens the issuer made for other applications must not open Konsil)"
+                    .into(),
+            ));
+        }
         if self.staff_jwks_file.is_some() && self.staff_issuer.is_none() {
             return Err(ConfigError::Conflict(
                 "auth.staff_jwks_file holds the keys of auth.staff_issuer: set that too".into(),
@@ -1025,6 +1035,20 @@ mod tests {
         assert_eq!(c.server.max_pdu, 65536);
         let ae = AeTitle::parse("STMARY_PACS").unwrap();
         assert_eq!(c.partner_for_ae(&ae).unwrap().id.as_str(), "st-mary");
+    }
+
+    #[test]
+    fn a_staff_issuer_needs_the_audience_its_tokens_for_konsil_carry() {
+        let issuer = "[auth]\nstaff_issuer = \"https://login.example.org/realms/konsil\"\n";
+        let file = write_config(issuer);
+        let refused = load(Some(file.path()), &HashMap::new(), &Overrides::default());
+        assert!(
+            matches!(&refused, Err(ConfigError::Conflict(why)) if why.contains("staff_audience")),
+            "{refused:?}"
+        );
+        let file = write_config(&format!("{issuer}staff_audience = \"konsil\"\n"));
+        let c = load(Some(file.path()), &HashMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.auth.staff_audience.as_deref(), Some("konsil"));
     }
 
     /// Issue 6's configuration contract, key for key as the issue writes
