@@ -376,6 +376,8 @@ pub struct FhirConfig {
     /// inline base64 attachments included). Raw `Binary` uploads stream and
     /// are not bound by it.
     pub max_resource_bytes: u64,
+    /// Largest raw `Binary` upload in bytes; none by default (it streams).
+    pub max_binary_bytes: Option<u64>,
 }
 
 impl Default for FhirConfig {
@@ -385,6 +387,7 @@ impl Default for FhirConfig {
             default_page_size: 50,
             max_page_size: 1000,
             max_resource_bytes: 64 * 1024 * 1024,
+            max_binary_bytes: None,
         }
     }
 }
@@ -404,6 +407,9 @@ impl FhirConfig {
         }
         if let Some(v) = get("max_resource_bytes") {
             self.max_resource_bytes = parse_value("fhir.max_resource_bytes", v)?;
+        }
+        if let Some(v) = get("max_binary_bytes") {
+            self.max_binary_bytes = Some(parse_value("fhir.max_binary_bytes", v)?);
         }
         if self.default_page_size == 0 || self.max_page_size == 0 {
             return Err(value_error(

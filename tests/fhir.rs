@@ -1395,14 +1395,17 @@ fn committed_profiles_are_reproducible() {
 }
 
 #[test]
-fn fhir_json_bodies_are_capped_raw_binaries_are_not() {
+fn fhir_json_bodies_and_raw_binaries_have_their_own_caps() {
     let work = tempfile::tempdir().unwrap();
     let data_dir = work.path().join("data");
     let gw = Gateway::start_full(
         work.path(),
         &data_dir,
         "",
-        &[("KONSIL_FHIR_MAX_RESOURCE_BYTES", "2000")],
+        &[
+            ("KONSIL_FHIR_MAX_RESOURCE_BYTES", "2000"),
+            ("KONSIL_FHIR_MAX_BINARY_BYTES", "100000"),
+        ],
     );
     let fhir = Fhir::new(&gw, Some("st-mary"));
     let long = "x".repeat(3000);
@@ -1425,6 +1428,22 @@ fn fhir_json_bodies_are_capped_raw_binaries_are_not() {
             .body(vec![7u8; 64 * 1024]),
     );
     assert_eq!(raw.status, 201, "{}", raw.text);
+    // Over fhir.max_binary_bytes: 413, and nothing of it stays stored.
+    let kept = common::segment_bytes(&data_dir.join("fhir"));
+    let refused = fhir.send(
+        fhir.client
+            .post(fhir.url("/Binary"))
+            .header("Content-Type", "application/pdf")
+            .body(vec![7u8; 200 * 1024]),
+    );
+    assert_eq!(refused.status, 413, "{}", refused.text);
+    assert_eq!(refused.json()["resourceType"], "OperationOutcome");
+    assert!(
+        refused.text.contains("max_binary_bytes"),
+        "{}",
+        refused.text
+    );
+    assert_eq!(common::segment_bytes(&data_dir.join("fhir")), kept);
     fhir.validate_returned();
 }
 

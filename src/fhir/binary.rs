@@ -50,8 +50,13 @@ enum Chunk {
     End,
 }
 
-/// Stream a request body into a new blob. Returns once it is durable.
-pub async fn store_stream(blobs: Arc<dyn BlobStore>, body: Body) -> Result<StoredBlob, FhirError> {
+/// Stream a request body into a new blob. Returns once it is durable. A
+/// body over `limit` bytes is refused (413) and nothing of it is kept.
+pub async fn store_stream(
+    blobs: Arc<dyn BlobStore>,
+    body: Body,
+    limit: Option<u64>,
+) -> Result<StoredBlob, FhirError> {
     let (tx, mut rx) = mpsc::channel::<Chunk>(DEPTH);
     let writer = tokio::task::spawn_blocking(move || -> Result<Option<StoredBlob>, BlobError> {
         let mut blob = blobs.begin()?;
@@ -72,9 +77,17 @@ pub async fn store_stream(blobs: Arc<dyn BlobStore>, body: Body) -> Result<Store
     });
     let mut stream = body.into_data_stream();
     let mut failed = None;
+    let mut over_limit = None;
+    let mut received: u64 = 0;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(bytes) => {
+                received = received.saturating_add(bytes.len() as u64);
+                if let Some(limit) = limit.filter(|limit| received > *limit) {
+                    // Dropping the sender below discards what was written.
+                    over_limit = Some(limit);
+                    break;
+                }
                 if tx.send(Chunk::Data(bytes)).await.is_err() {
                     break; // the writer failed; it says why
                 }
@@ -85,11 +98,20 @@ pub async fn store_stream(blobs: Arc<dyn BlobStore>, body: Body) -> Result<Store
             }
         }
     }
-    if failed.is_none() {
+    if failed.is_none() && over_limit.is_none() {
         let _ = tx.send(Chunk::End).await;
     }
     drop(tx);
     let written = writer.await.map_err(|_| internal())??;
+    if let Some(limit) = over_limit {
+        return Err(FhirError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Issue::error(
+                "too-long",
+                format!("the Binary upload is over fhir.max_binary_bytes ({limit} bytes); nothing was stored"),
+            ),
+        ));
+    }
     match (written, failed) {
         (Some(stored), None) => Ok(stored),
         (_, Some(e)) => Err(FhirError::bad_request(format!(

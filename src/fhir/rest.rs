@@ -846,7 +846,12 @@ async fn create_raw_binary(
         .to_owned();
     let mut value = json!({"resourceType": "Binary", "contentType": content_type});
     check_valid("Binary", &value).await?;
-    let blob = binary::store_stream(Arc::clone(&ctx.app.fhir_blobs), body).await?;
+    let blob = binary::store_stream(
+        Arc::clone(&ctx.app.fhir_blobs),
+        body,
+        ctx.app.config.fhir.max_binary_bytes,
+    )
+    .await?;
     let id = uuid::Uuid::new_v4().to_string();
     let mut tx = ctx.begin().await?;
     let stored = write(
