@@ -1421,21 +1421,19 @@ fn fhir_json_bodies_and_raw_binaries_have_their_own_caps() {
         assert_eq!(refused.status, 413, "{path}: {}", refused.text);
         assert_eq!(refused.json()["resourceType"], "OperationOutcome");
     }
-    let raw = fhir.send(
-        fhir.client
-            .post(fhir.url("/Binary"))
-            .header("Content-Type", "application/pdf")
-            .body(vec![7u8; 64 * 1024]),
-    );
+    let upload = |size: usize| {
+        fhir.send(
+            fhir.client
+                .post(fhir.url("/Binary"))
+                .header("Content-Type", "application/pdf")
+                .body(vec![7u8; size]),
+        )
+    };
+    let raw = upload(64 * 1024);
     assert_eq!(raw.status, 201, "{}", raw.text);
     // Over fhir.max_binary_bytes: 413, and nothing of it stays stored.
     let kept = common::segment_bytes(&data_dir.join("fhir"));
-    let refused = fhir.send(
-        fhir.client
-            .post(fhir.url("/Binary"))
-            .header("Content-Type", "application/pdf")
-            .body(vec![7u8; 200 * 1024]),
-    );
+    let refused = upload(200 * 1024);
     assert_eq!(refused.status, 413, "{}", refused.text);
     assert_eq!(refused.json()["resourceType"], "OperationOutcome");
     assert!(
