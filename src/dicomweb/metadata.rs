@@ -99,6 +99,7 @@ fn compute(blobs: &dyn BlobStore, instance: &StoredInstance) -> Result<String, W
     let mut json = dicom_json::to_value(&*opened.header)
         .map_err(|e| WebError::Internal(format!("DICOM JSON: {e}")))?;
     let bulk = |tag: &str| format!("{BASE_MARK}{}/bulkdata/{tag}", instance_path(instance));
+    strip_group_lengths(&mut json);
     if let Some(map) = json.as_object_mut() {
         for (tag, element) in map.iter_mut() {
             let large = element
@@ -119,6 +120,24 @@ fn compute(blobs: &dyn BlobStore, instance: &StoredInstance) -> Result<String, W
         }
     }
     Ok(json.to_string())
+}
+
+/// Drop Group Length elements (gggg,0000), in nested items too: they are
+/// retired, describe an encoding the JSON does not have, and DICOM JSON
+/// clients expect them absent.
+fn strip_group_lengths(json: &mut serde_json::Value) {
+    let Some(map) = json.as_object_mut() else {
+        return;
+    };
+    map.retain(|tag, _| !(tag.len() == 8 && tag.ends_with("0000")));
+    for element in map.values_mut() {
+        if element.get("vr").and_then(|vr| vr.as_str()) != Some("SQ") {
+            continue;
+        }
+        if let Some(items) = element.get_mut("Value").and_then(|v| v.as_array_mut()) {
+            items.iter_mut().for_each(strip_group_lengths);
+        }
+    }
 }
 
 /// The metadata of `instances`, as one JSON array, for a client that
@@ -163,4 +182,31 @@ pub async fn json_array(
     }
     out.push(']');
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_group_lengths;
+
+    #[test]
+    fn group_lengths_go_at_every_level() {
+        let mut json = serde_json::json!({
+            "00080000": {"vr": "UL", "Value": [42]},
+            "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+            "00081140": {"vr": "SQ", "Value": [{
+                "00080000": {"vr": "UL", "Value": [7]},
+                "00081150": {"vr": "UI", "Value": ["1.2"]}
+            }]}
+        });
+        strip_group_lengths(&mut json);
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00081140": {"vr": "SQ", "Value": [{
+                    "00081150": {"vr": "UI", "Value": ["1.2"]}
+                }]}
+            })
+        );
+    }
 }
