@@ -823,6 +823,17 @@ fn hand_built_multipart_bodies_get_ps3_18_answers() {
         let etag = r.header("etag").expect("ETag").to_owned();
         assert!(etag.starts_with("W/\""), "{part}: {etag}");
         assert_eq!(get(&etag).status, 304, "{part}");
+        if part == "/frames/1" {
+            // A malformed frame list is a 400, whatever the client holds.
+            let bad = curl(&[
+                "-H",
+                "X-Konsil-Partner: st-mary",
+                "-H",
+                &format!("If-None-Match: {etag}"),
+                &format!("{instance}/frames/0"),
+            ]);
+            assert_eq!(bad.status, 400);
+        }
     }
 
     // QIDO limit truncation is announced.

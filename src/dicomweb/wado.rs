@@ -55,8 +55,14 @@ pub async fn frames(
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
 ) -> Response {
-    let list = p.get("frames").cloned().unwrap_or_default();
-    reply(pixels(&app, caller, &headers, target(&p), Wanted::Frames(list)).await)
+    // The list is checked first: a malformed one is a 400 even when the
+    // client's cached copy would otherwise get a 304.
+    let list = p.get("frames").map(String::as_str).unwrap_or_default();
+    let frames = match parse_frames(list) {
+        Ok(frames) => frames,
+        Err(e) => return reply(Err(e)),
+    };
+    reply(pixels(&app, caller, &headers, target(&p), Wanted::Frames(frames)).await)
 }
 
 pub async fn bulkdata(
@@ -232,8 +238,8 @@ async fn metadata_json(
 
 /// What part of the pixel data or other bulk data is asked for.
 enum Wanted {
-    /// A comma-separated list of 1-based frame numbers.
-    Frames(String),
+    /// 1-based frame numbers.
+    Frames(Vec<u32>),
     /// A top-level attribute by tag (`7FE00010`), as our BulkDataURIs name it.
     Bulk(String),
 }
@@ -288,7 +294,7 @@ async fn pixels(
         }
     };
     let pieces = match wanted {
-        Wanted::Frames(list) => frame_pieces(&opened, &parse_frames(&list)?)?,
+        Wanted::Frames(frames) => frame_pieces(&opened, &frames)?,
         Wanted::Bulk(tag) => bulk_pieces(&opened, &tag)?,
     };
     let parts = pieces
