@@ -136,7 +136,15 @@ impl App {
             .clone()
             .unwrap_or_else(|| format!("{}/dicomweb", config.server.own_url()));
         let workflow = Arc::new(
-            Workflow::new(config.workflow.clone(), dicomweb_url).map_err(StartError::Workflow)?,
+            Workflow::new(config.workflow.clone(), dicomweb_url)
+                .map_err(StartError::Workflow)?
+                .with_patient_id_systems(
+                    config
+                        .partners
+                        .iter()
+                        .filter_map(|p| Some((p.id.clone(), p.patient_id_system.clone()?)))
+                        .collect(),
+                ),
         );
         let cases: Arc<dyn RecordStore> = Arc::new(ResourceRecordStore {
             resources: Arc::clone(&resources),

@@ -113,6 +113,10 @@ pub struct Partner {
     /// Associations this partner may have open at once (within
     /// `server.max_associations`); `None`: no limit of its own.
     pub max_associations: Option<usize>,
+    /// The identifier system of the patient IDs its PACS sends without an
+    /// Issuer of Patient ID (its local record numbers); `None`: such a
+    /// study is never matched to a case by its patient.
+    pub patient_id_system: Option<String>,
 }
 
 /// The `[tls]` section: the server's certificate and key, and the CA of the
@@ -636,6 +640,7 @@ struct FilePartner {
     certificate_subjects: Vec<String>,
     requests_per_minute: Option<u32>,
     max_associations: Option<usize>,
+    patient_id_system: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -871,6 +876,7 @@ pub fn load(
             certificate_subjects,
             requests_per_minute: p.requests_per_minute,
             max_associations: p.max_associations,
+            patient_id_system: p.patient_id_system.filter(|s| !s.trim().is_empty()),
         });
     }
     let mut dicomweb = parsed.dicomweb;

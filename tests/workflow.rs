@@ -12,7 +12,8 @@ use std::process::Command;
 use serde_json::Value;
 
 use common::{
-    partner_token, python_json, stderr, stdout, storescu, test_clients, Gateway, ST_MARY_AE,
+    dicom_files, partner_token, python_json, stderr, stdout, storescu, test_clients, Gateway,
+    ST_MARY_AE,
 };
 
 #[test]
@@ -709,4 +710,148 @@ fn a_case_that_cannot_be_checked_does_not_hold_up_the_time_driven_checks() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     assert!(gw.log().contains("time-driven check of a case failed"));
+}
+
+/// Reconciliation by patient, end to end: St Mary's PACS sends studies
+/// without the referral's accession number. One whose PatientID is the
+/// case patient's record number (in St Mary's configured
+/// `patient_id_system`, or naming its issuer) joins the case; one naming
+/// another issuer, one without an issuer whose number the patient has in
+/// another system, and one City Clinic sends for a patient with the same
+/// number, wait unlinked. Staff `$link` the first to the case; the second
+/// cannot be linked across partners.
+#[test]
+fn studies_join_cases_by_patient_id_and_issuer_or_wait_for_link() {
+    let work = tempfile::tempdir().unwrap();
+    let [st_mary, city] = test_clients(&work.path().join("keys"));
+    // The worked example's patient is GW-TEST-0001 in urn:oid:1.2.3.4.5.6.7.
+    let st_mary = format!("patient_id_system = \"urn:oid:1.2.3.4.5.6.7\"\n{st_mary}");
+    let gw = Gateway::start_secure(
+        work.path(),
+        "[workflow]\nimaging_quiet_secs = 1\ncheck_interval_secs = 1",
+        [&st_mary, &city],
+    );
+    let tokens = Tokens {
+        partner: partner_token(&gw, work.path(), "st-mary-ehr", "system/*.cruds"),
+        auditor: gw.staff_token_as("auditor", "audit-1"),
+    };
+    let coordinator = gw.staff_token_as("coordinator", "coord-1");
+    // The worked referral without its manifest: only the patient can match.
+    let mut bundle: Value = serde_json::from_str(
+        &std::fs::read_to_string("conformance/examples/referral-transaction.json").unwrap(),
+    )
+    .unwrap();
+    let entries = bundle["entry"].as_array_mut().unwrap();
+    entries.retain(|e| e["resource"]["resourceType"] != "ImagingStudy");
+    // The patient also has a number of another of St Mary's schemes.
+    let patient = entries
+        .iter_mut()
+        .find(|e| e["resource"]["resourceType"] == "Patient")
+        .unwrap();
+    patient["resource"]["identifier"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"system": "urn:oid:7.7.7", "value": "LAB-77"}));
+    let (status, response) = post_transaction(&gw, &tokens, &bundle);
+    assert_eq!(status, 200, "{response}");
+    let response: Value = serde_json::from_str(&response).unwrap();
+    let created = |kind: &str| -> String {
+        response["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["response"]["location"].as_str())
+            .find(|l| l.starts_with(&format!("{kind}/")))
+            .map(|l| l.split('/').take(2).collect::<Vec<_>>().join("/"))
+            .unwrap_or_else(|| panic!("no {kind} in {response}"))
+    };
+    let request = created("ServiceRequest");
+    let task = created("Task");
+
+    let send = |name: &str, ae: &str, patient_id: &str, study: &str, extra: &[&str]| {
+        let out = work.path().join(name);
+        let mut args = vec!["ct", out.to_str().unwrap(), "1", patient_id, "-"];
+        args.extend(["--study", study]);
+        args.extend(extra);
+        let files = dicom_files(&args);
+        let sent = storescu(&gw, ae, &[files[0].path.as_path()]);
+        assert!(sent.status.success(), "{}", stderr(&sent));
+    };
+    let root = "1.2.826.0.1.3680043.8.498.4242";
+    let by_system = format!("{root}.1");
+    let by_issuer = format!("{root}.2");
+    let other_issuer = format!("{root}.3");
+    let other_partner = format!("{root}.4");
+    let other_system = format!("{root}.5");
+    let mrn = "GW-TEST-0001";
+    send("by-system", ST_MARY_AE, mrn, &by_system, &[]);
+    send(
+        "by-issuer",
+        ST_MARY_AE,
+        mrn,
+        &by_issuer,
+        &["--issuer", "1.2.3.4.5.6.7"],
+    );
+    send(
+        "other-issuer",
+        ST_MARY_AE,
+        mrn,
+        &other_issuer,
+        &["--issuer", "9.9.9"],
+    );
+    send("other-partner", "CITYPACS", mrn, &other_partner, &[]);
+    send("other-system", ST_MARY_AE, "LAB-77", &other_system, &[]);
+
+    // The ImagingStudy Konsil keeps for a study, once it is there.
+    let imaging_study = |uid: &str| -> Value {
+        let path = format!("/fhir/ImagingStudy?identifier=urn:dicom:uid%7Curn:oid:{uid}");
+        let bearer = format!("Bearer {coordinator}");
+        for _ in 0..100 {
+            let (status, body) = gw.get_with(&path, &[("Authorization", bearer.as_str())]);
+            assert_eq!(status, 200, "{body}");
+            let bundle: Value = serde_json::from_str(&body).unwrap();
+            if let Some(study) = bundle["entry"][0]["resource"].as_object() {
+                return Value::Object(study.clone());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("no ImagingStudy for {uid}");
+    };
+    let based_on = |study: &Value| study["basedOn"][0]["reference"].as_str().map(str::to_owned);
+    assert_eq!(based_on(&imaging_study(&by_system)), Some(request.clone()));
+    assert_eq!(based_on(&imaging_study(&by_issuer)), Some(request.clone()));
+    let waiting = imaging_study(&other_issuer);
+    assert_eq!(based_on(&waiting), None, "{waiting}");
+    let foreign = imaging_study(&other_partner);
+    assert_eq!(based_on(&foreign), None, "{foreign}");
+    let unsure = imaging_study(&other_system);
+    assert_eq!(based_on(&unsure), None, "{unsure}");
+
+    // Staff resolve the reconciliation list.
+    let link = |study: &Value| {
+        let path = format!("/ImagingStudy/{}/$link", study["id"].as_str().unwrap());
+        let parameters = serde_json::json!({"resourceType": "Parameters",
+            "parameter": [{"name": "task", "valueReference": {"reference": task}}]});
+        send_fhir(&gw, reqwest::Method::POST, &path, &coordinator, &parameters)
+    };
+    let (status, body) = link(&waiting);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        based_on(&imaging_study(&other_issuer)),
+        Some(request.clone())
+    );
+    let (status, body) = link(&foreign);
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("different partners"), "{body}");
+    assert_eq!(based_on(&imaging_study(&other_partner)), None);
+    // The referrer sees its case's studies, never City Clinic's.
+    let visible = read_as_partner(&gw, &tokens, "/fhir/ImagingStudy");
+    let ids: Vec<&str> = visible["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4, "{visible}");
+    assert!(!ids.contains(&foreign["id"].as_str().unwrap()));
 }

@@ -5,7 +5,7 @@
 //! half a step. No protocol here: the edges call these functions and map
 //! [`WorkflowError`] to their own error form.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{json, Value};
 
@@ -69,6 +69,9 @@ pub struct Workflow {
     pub rules: &'static Rules,
     /// Base URL of our DICOMweb (the service Endpoint's address).
     pub dicomweb_url: String,
+    /// Per partner, the identifier system its studies' patient IDs belong
+    /// to when they name no issuer (`[[partners]] patient_id_system`).
+    pub patient_id_systems: HashMap<PartnerId, String>,
 }
 
 /// The parts of a case every step needs.
@@ -106,7 +109,14 @@ impl Workflow {
             config,
             rules,
             dicomweb_url,
+            patient_id_systems: HashMap::new(),
         })
+    }
+
+    /// Set each partner's `patient_id_system`.
+    pub fn with_patient_id_systems(mut self, systems: HashMap<PartnerId, String>) -> Workflow {
+        self.patient_id_systems = systems;
+        self
     }
 
     /// Make sure the service's own Organization and DICOMweb Endpoint exist
@@ -1529,6 +1539,22 @@ impl Workflow {
         let Some(patient_id) = &study.patient_id else {
             return Ok(None);
         };
+        // Which identifier system the patient ID is in: the study's issuer,
+        // else the partner's own. Without either, a patient ID alone could
+        // be any of the partner's numbering schemes: no match by patient.
+        let system = match &study.issuer_of_patient_id {
+            Some(issuer) => IdSystem::Issuer(issuer),
+            None => match self.patient_id_systems.get(&study.partner) {
+                Some(system) => IdSystem::Exact(system),
+                None => {
+                    tracing::info!(
+                        partner = %study.partner,
+                        "a study without IssuerOfPatientID is not matched by patient: the partner has no patient_id_system"
+                    );
+                    return Ok(None);
+                }
+            },
+        };
         let patients: Vec<Record> = r
             .search(
                 "Patient",
@@ -1537,7 +1563,7 @@ impl Workflow {
             .await?
             .into_iter()
             .filter(|p| p.partner == partner)
-            .filter(|p| issuer_matches(&p.body, patient_id, study.issuer_of_patient_id.as_deref()))
+            .filter(|p| has_identifier(&p.body, patient_id, system))
             .collect();
         let mut open = Vec::new();
         for patient in &patients {
@@ -1903,17 +1929,27 @@ fn token_escape(value: &str) -> String {
     form_urlencoded::byte_serialize(out.as_bytes()).collect()
 }
 
-/// Whether a Patient's identifier with this value is the one DICOM means:
-/// without an issuer any system will do; with one, the system must name it
-/// (`urn:oid:<issuer>` or the issuer itself).
-fn issuer_matches(patient: &Value, value: &str, issuer: Option<&str>) -> bool {
+/// The identifier system a study's patient ID belongs to.
+#[derive(Debug, Clone, Copy)]
+enum IdSystem<'a> {
+    /// The study's Issuer of Patient ID: the system is it, or
+    /// `urn:oid:<it>` when it is an OID.
+    Issuer(&'a str),
+    /// The partner's configured system, as is.
+    Exact(&'a str),
+}
+
+/// Whether a Patient has the identifier `value` in `system`.
+fn has_identifier(patient: &Value, value: &str, system: IdSystem<'_>) -> bool {
     items(Some(patient), "identifier")
         .filter(|i| i.get("value").and_then(Value::as_str) == Some(value))
-        .any(|i| match issuer {
-            None => true,
-            Some(issuer) => {
-                let system = i.get("system").and_then(Value::as_str).unwrap_or("");
-                system == issuer || system == format!("urn:oid:{issuer}")
+        .any(|i| {
+            let found = i.get("system").and_then(Value::as_str).unwrap_or("");
+            match system {
+                IdSystem::Issuer(issuer) => {
+                    found == issuer || found.strip_prefix("urn:oid:") == Some(issuer)
+                }
+                IdSystem::Exact(wanted) => found == wanted,
             }
         })
 }
@@ -1921,6 +1957,45 @@ fn issuer_matches(patient: &Value, value: &str, issuer: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_patient_id_matches_only_in_its_system() {
+        let patient = serde_json::json!({"resourceType": "Patient", "identifier": [
+            {"system": "urn:oid:1.2.3", "value": "MRN-1"},
+            {"system": "http://lab.example/id", "value": "LAB-9"}]});
+        assert!(has_identifier(&patient, "MRN-1", IdSystem::Issuer("1.2.3")));
+        assert!(has_identifier(
+            &patient,
+            "MRN-1",
+            IdSystem::Issuer("urn:oid:1.2.3")
+        ));
+        assert!(has_identifier(
+            &patient,
+            "LAB-9",
+            IdSystem::Issuer("http://lab.example/id")
+        ));
+        assert!(!has_identifier(
+            &patient,
+            "MRN-1",
+            IdSystem::Issuer("1.2.4")
+        ));
+        assert!(!has_identifier(
+            &patient,
+            "LAB-9",
+            IdSystem::Issuer("1.2.3")
+        ));
+        assert!(has_identifier(
+            &patient,
+            "MRN-1",
+            IdSystem::Exact("urn:oid:1.2.3")
+        ));
+        assert!(!has_identifier(&patient, "MRN-1", IdSystem::Exact("1.2.3")));
+        assert!(!has_identifier(
+            &patient,
+            "LAB-9",
+            IdSystem::Exact("urn:oid:1.2.3")
+        ));
+    }
 
     fn consent(provision: Value) -> Value {
         serde_json::json!({"resourceType": "Consent", "status": "active", "provision": provision})

@@ -2,7 +2,8 @@
 """Test data for the DIMSE integration tests, made with pydicom.
 
   dicom_files.py samples OUTDIR      copy pydicom's sample files across transfer syntaxes
-  dicom_files.py ct OUTDIR N PID ACC [--noext] [--study UID]   synthetic N-slice 512x512 CT study
+  dicom_files.py ct OUTDIR N PID ACC [--noext] [--study UID] [--issuer ISSUER]
+                                     synthetic N-slice 512x512 CT study (ACC "-": none)
   dicom_files.py tiny OUTDIR N       N tiny (8x8) secondary capture instances
   dicom_files.py big PATH MIB        one multiframe instance of about MIB MiB, written in chunks
   dicom_files.py bad OUTDIR          files that must be refused, and a conflicting pair
@@ -73,12 +74,14 @@ def base_dataset(sop_class, sop_uid, study, series, pid="GW-TEST-0001", acc="ACC
     ds.StudyID, ds.SeriesNumber = "1", 1
     return ds
 
-def ct(out, n, pid, acc, noext, study=None):
+def ct(out, n, pid, acc, noext, study=None, issuer=None):
     os.makedirs(out, exist_ok=True)
     study, series, frame = study or generate_uid(ROOT), generate_uid(ROOT), generate_uid(ROOT)
     yy, xx = np.mgrid[0:512, 0:512]
     for i in range(n):
-        ds = base_dataset(CTImageStorage, generate_uid(ROOT), study, series, pid, acc)
+        ds = base_dataset(CTImageStorage, generate_uid(ROOT), study, series, pid, "" if acc == "-" else acc)
+        if issuer:
+            ds.IssuerOfPatientID = issuer
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = i + 1
         ds.FrameOfReferenceUID = frame
@@ -171,8 +174,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "samples": samples(args[0])
     elif cmd == "ct":
-        study = args[args.index("--study") + 1] if "--study" in args else None
-        ct(args[0], int(args[1]), args[2], args[3], "--noext" in args, study)
+        option = lambda name: args[args.index(name) + 1] if name in args else None
+        ct(args[0], int(args[1]), args[2], args[3], "--noext" in args, option("--study"), option("--issuer"))
     elif cmd == "tiny": tiny(args[0], int(args[1]))
     elif cmd == "big": big(args[0], int(args[1]))
     elif cmd == "bad": bad(args[0])
