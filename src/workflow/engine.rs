@@ -1248,6 +1248,8 @@ impl Workflow {
             )));
         }
         let delivered = case::apply(&file.case, &Event::Approved)?;
+        self.check_opinion_imaging(r, &file, &report_ref, &report.body)
+            .await?;
         // What is delivered must meet the profile as a final opinion.
         let mut as_final = report.body.clone();
         as_final["status"] = json!("final");
@@ -1317,6 +1319,43 @@ impl Workflow {
         }
         r.update(&file.task).await?;
         Ok(report)
+    }
+
+    /// An opinion names the imaging it rests on: when studies Konsil
+    /// received are linked to the case, `imagingStudy` names at least one,
+    /// and never a study that is not the case's.
+    async fn check_opinion_imaging(
+        &self,
+        r: &mut dyn Records,
+        file: &CaseFile,
+        report_ref: &str,
+        report: &Value,
+    ) -> Result<(), WorkflowError> {
+        let received: BTreeSet<String> = r
+            .search(
+                "ImagingStudy",
+                &format!("basedon={}", file.request.reference()),
+            )
+            .await?
+            .into_iter()
+            .filter(|s| s.partner == file.partner && has_our_endpoint(&s.body))
+            .map(|s| s.reference())
+            .collect();
+        let named: Vec<&str> = items(Some(report), "imagingStudy")
+            .filter_map(|i| reference_of(Some(i)))
+            .collect();
+        if let Some(foreign) = named.iter().find(|n| !received.contains(**n)) {
+            return Err(WorkflowError::Invalid(format!(
+                "{report_ref}.imagingStudy names {foreign}, which is not a study received for this case"
+            )));
+        }
+        if named.is_empty() && !received.is_empty() {
+            return Err(WorkflowError::Invalid(format!(
+                "{report_ref}.imagingStudy is empty, but the case has received imaging ({}): name the studies the opinion rests on",
+                received.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(())
     }
 
     /// The referring partner read a final opinion: the patient's

@@ -388,6 +388,12 @@ call("DELETE", f"DiagnosticReport/{wip['id']}", expect=204, role="admin")
 _, report = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
 report_id = report["id"]
 assert stage(case_task(task_id)) == "awaiting-approval"
+# An opinion on a case with received imaging names the studies it rests on.
+_, blind = call("POST", "DiagnosticReport", {k: v for k, v in draft.items() if k != "imagingStudy"}, expect=201, role="specialist")
+status, outcome = call("POST", f"DiagnosticReport/{blind['id']}/$approve", role="approver")
+assert status == 422 and "imagingStudy" in json.dumps(outcome), (status, outcome)
+call("DELETE", f"DiagnosticReport/{blind['id']}", expect=204, role="admin")
+assert stage(case_task(task_id)) == "awaiting-approval"
 # A second submitted draft withdrawn leaves the first one waiting.
 _, second = call("POST", "DiagnosticReport", draft, expect=201, role="specialist")
 call("DELETE", f"DiagnosticReport/{second['id']}", expect=204, role="admin")
