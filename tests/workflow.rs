@@ -66,6 +66,10 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         .as_str()
         .unwrap()
         .contains("no case started"));
+    assert!(facts["stray_header"]
+        .as_str()
+        .unwrap()
+        .contains("no case started"));
     assert_eq!(facts["imaging_study_instances"], 4);
     assert_eq!(facts["assigned"], true);
     assert!(facts["subscription_error"]

@@ -688,6 +688,17 @@ pub fn resource_response(ctx: &Ctx, written: &Written, location: bool) -> Respon
         json_response(written.status, body)
     };
     let headers = response.headers_mut();
+    if ctx.prefer.ret != Return::OperationOutcome {
+        // The body is the resource (or nothing): warnings, such as why a
+        // ServiceRequest started no case, go in headers, one per issue, as
+        // HAPI FHIR's request validation does. `Prefer:
+        // return=OperationOutcome` brings them as the body instead.
+        for issue in &written.issues {
+            if let Ok(v) = HeaderValue::from_str(&validation_header(issue)) {
+                headers.append(VALIDATION_HEADER, v);
+            }
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&etag(stored.version)) {
         headers.insert(header::ETAG, v);
     }
@@ -704,6 +715,33 @@ pub fn resource_response(ctx: &Ctx, written: &Written, location: bool) -> Respon
         }
     }
     response
+}
+
+/// The response header that carries a write's warnings when the body does
+/// not.
+pub const VALIDATION_HEADER: &str = "x-fhir-request-validation";
+
+/// `severity code: diagnostics (expression)`, in visible ASCII (a header
+/// value cannot carry more).
+fn validation_header(issue: &Issue) -> String {
+    let mut text = format!(
+        "{} {}: {}",
+        issue.severity.as_str(),
+        issue.code,
+        issue.diagnostics
+    );
+    if let Some(expression) = &issue.expression {
+        text.push_str(&format!(" ({expression})"));
+    }
+    text.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 fn reply(result: Result<Response, FhirError>) -> Response {

@@ -257,6 +257,15 @@ assert warning["severity"] == "warning" and "no case started" in warning["diagno
 stray_id = entry["location"].split("/")[1]
 assert referrer.resources("Task").search(focus=f"ServiceRequest/{stray_id}").fetch_all() == []
 facts["stray_warning"] = warning["diagnostics"]
+# Posted on its own, without Prefer: the body is the resource, and the
+# warning comes in the X-FHIR-Request-Validation header.
+plain = staff.post(f"{BASE}/ServiceRequest", data=json.dumps(stray["entry"][0]["resource"]),
+                   headers={"Content-Type": FHIR, "Accept": FHIR, "Authorization": f"Bearer {TOKENS['partner']}"})
+assert plain.status_code == 201 and plain.json()["resourceType"] == "ServiceRequest", plain.text[:400]
+header = plain.headers.get("X-FHIR-Request-Validation", "")
+assert header.startswith("warning") and "no case started" in header, dict(plain.headers)
+assert referrer.resources("Task").search(focus=f"ServiceRequest/{plain.json()['id']}").fetch_all() == []
+facts["stray_header"] = header
 
 step("EHR: subscribe to the case's Task and opinion (rest-hook, ids only)")
 hook_port = free_port()
