@@ -1341,8 +1341,10 @@ impl Workflow {
             .filter(|s| s.partner == file.partner && has_our_endpoint(&s.body))
             .map(|s| s.reference())
             .collect();
+        // `ImagingStudy/x`, also when written as an absolute URL.
         let named: Vec<&str> = items(Some(report), "imagingStudy")
             .filter_map(|i| reference_of(Some(i)))
+            .map(|r| r.rfind("ImagingStudy/").map_or(r, |at| &r[at..]))
             .collect();
         if let Some(foreign) = named.iter().find(|n| !received.contains(**n)) {
             return Err(WorkflowError::Invalid(format!(
