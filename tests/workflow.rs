@@ -16,19 +16,28 @@ use common::{
     ST_MARY_AE,
 };
 
+/// A gateway with St Mary's and City Clinic as SMART clients (`st_mary`:
+/// more keys of St Mary's partner table) and `workflow` settings, and St
+/// Mary's and the auditor's tokens.
+fn start(work: &std::path::Path, workflow: &str, st_mary: &str) -> (Gateway, Tokens) {
+    let [clients, city] = test_clients(&work.join("keys"));
+    let st_mary = format!("{st_mary}{clients}");
+    let gw = Gateway::start_secure(work, &format!("[workflow]\n{workflow}"), [&st_mary, &city]);
+    let tokens = Tokens {
+        partner: partner_token(&gw, work, "st-mary-ehr", "system/*.cruds"),
+        auditor: gw.staff_token_as("auditor", "audit-1"),
+    };
+    (gw, tokens)
+}
+
 #[test]
 fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
     let work = tempfile::tempdir().unwrap();
-    let [st_mary, city] = test_clients(&work.path().join("keys"));
-    let gw = Gateway::start_secure(
+    let (gw, tokens) = start(
         work.path(),
-        "[workflow]\nimaging_quiet_secs = 2\ncheck_interval_secs = 1\nnotify_first_retry_secs = 1\nnotify_max_backoff_secs = 2",
-        [&st_mary, &city],
+        "imaging_quiet_secs = 2\ncheck_interval_secs = 1\nnotify_first_retry_secs = 1\nnotify_max_backoff_secs = 2",
+        "",
     );
-    let tokens = Tokens {
-        partner: partner_token(&gw, work.path(), "st-mary-ehr", "system/*.cruds"),
-        auditor: gw.staff_token_as("auditor", "audit-1"),
-    };
     let roles = serde_json::json!({
         "partner": tokens.partner,
         "coordinator": gw.staff_token_as("coordinator", "coord-1"),
@@ -157,6 +166,19 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         })
         .collect();
     assert!(failures.is_empty(), "validator findings: {failures:#?}");
+}
+
+/// `Type/id` of what each entry of a transaction response made.
+fn created(response: &Value) -> Vec<String> {
+    response["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let location = e["response"]["location"].as_str().unwrap();
+            location.split('/').take(2).collect::<Vec<_>>().join("/")
+        })
+        .collect()
 }
 
 /// The resources of every page of the Bundle at `path` (a search or a
@@ -290,16 +312,7 @@ fn a_second_referral_of_the_same_patient(
     let (status, response) = post_transaction(gw, tokens, &bundle);
     assert_eq!(status, 200, "{response}");
     let response: Value = serde_json::from_str(&response).unwrap();
-    let locations: Vec<String> = response["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let location = e["response"]["location"].as_str().unwrap();
-            let mut parts = location.split('/');
-            format!("{}/{}", parts.next().unwrap(), parts.next().unwrap())
-        })
-        .collect();
+    let locations = created(&response);
     // The second referral is a case of its own (their Task, adopted),
     // waiting for records, with no legal hold.
     let tasks = read_as_partner(gw, tokens, &format!("/fhir/Task?focus={}", locations[0]));
@@ -727,18 +740,12 @@ fn a_case_that_cannot_be_checked_does_not_hold_up_the_time_driven_checks() {
 #[test]
 fn studies_join_cases_by_patient_id_and_issuer_or_wait_for_link() {
     let work = tempfile::tempdir().unwrap();
-    let [st_mary, city] = test_clients(&work.path().join("keys"));
     // The worked example's patient is GW-TEST-0001 in urn:oid:1.2.3.4.5.6.7.
-    let st_mary = format!("patient_id_system = \"urn:oid:1.2.3.4.5.6.7\"\n{st_mary}");
-    let gw = Gateway::start_secure(
+    let (gw, tokens) = start(
         work.path(),
-        "[workflow]\nimaging_quiet_secs = 1\ncheck_interval_secs = 1",
-        [&st_mary, &city],
+        "imaging_quiet_secs = 1\ncheck_interval_secs = 1",
+        "patient_id_system = \"urn:oid:1.2.3.4.5.6.7\"\n",
     );
-    let tokens = Tokens {
-        partner: partner_token(&gw, work.path(), "st-mary-ehr", "system/*.cruds"),
-        auditor: gw.staff_token_as("auditor", "audit-1"),
-    };
     let coordinator = gw.staff_token_as("coordinator", "coord-1");
     // The worked referral without its manifest: only the patient can match.
     let mut bundle: Value = serde_json::from_str(
@@ -759,18 +766,16 @@ fn studies_join_cases_by_patient_id_and_issuer_or_wait_for_link() {
     let (status, response) = post_transaction(&gw, &tokens, &bundle);
     assert_eq!(status, 200, "{response}");
     let response: Value = serde_json::from_str(&response).unwrap();
-    let created = |kind: &str| -> String {
-        response["entry"]
-            .as_array()
-            .unwrap()
+    let locations = created(&response);
+    let first = |kind: &str| -> String {
+        locations
             .iter()
-            .filter_map(|e| e["response"]["location"].as_str())
             .find(|l| l.starts_with(&format!("{kind}/")))
-            .map(|l| l.split('/').take(2).collect::<Vec<_>>().join("/"))
             .unwrap_or_else(|| panic!("no {kind} in {response}"))
+            .clone()
     };
-    let request = created("ServiceRequest");
-    let task = created("Task");
+    let request = first("ServiceRequest");
+    let task = first("Task");
 
     let send = |name: &str, ae: &str, patient_id: &str, study: &str, extra: &[&str]| {
         let out = work.path().join(name);
