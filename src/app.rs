@@ -183,6 +183,16 @@ impl App {
                     "re-indexed stored instances the index had lost (OS crash?)"
                 );
             }
+            // After the re-indexing, whose rows are noted too. (A `konsil
+            // import` running while the server starts has its notes taken
+            // here as well: its instances are then in two events.)
+            let events = crate::audit::audit_interrupted_transfers(&*cases).await?;
+            if events > 0 {
+                tracing::warn!(
+                    events,
+                    "stored the audit records of DICOM transfers an earlier run stopped in the middle of"
+                );
+            }
         }
         let (auditor, audit_writer) = crate::audit::Auditor::new(Arc::clone(&cases));
         Ok(Arc::new(App {

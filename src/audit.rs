@@ -2,9 +2,17 @@
 //! action, outcome, agent, source, entity) per access to patient data.
 //!
 //! A write's event goes into the transaction of the write
-//! ([`crate::fhir::records::CaseTx`]). Reads, searches, DICOM transfers and
-//! token issues change nothing, so their events go through [`Auditor`], a
-//! background writer that stores them in batches (at shutdown it flushes).
+//! ([`crate::fhir::records::CaseTx`]). Reads, searches and token issues
+//! change nothing, so their events go through [`Auditor`], a background
+//! writer that stores them in batches (at shutdown it flushes).
+//!
+//! A DICOM store (an association, a STOW-RS request, an import) has one
+//! event for all it stored, so it goes through [`Auditor`] too when the
+//! transfer ends; but each instance's index transaction notes it under its
+//! [`TransferId`] in the index, and the transaction that stores the event
+//! takes those notes. Notes a crash leaves behind become events at the next
+//! start ([`audit_interrupted_transfers`]): no stored instance is ever
+//! missing from the trail.
 //! The trail is read by the auditor role only and is never writable or
 //! deletable through the API.
 
@@ -15,12 +23,16 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Caller, Role};
+use crate::ids::TransferId;
+use crate::store::UnauditedTransfer;
 use crate::workflow::engine::{instant_text, SERVICE_ORGANIZATION};
 use crate::workflow::records::RecordStore;
 
 const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
 const EVENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
 const RESTFUL: &str = "http://hl7.org/fhir/restful-interaction";
+/// Konsil's own event subtypes (retention, notification, workflow).
+pub const KONSIL_SUBTYPE: &str = "http://konsil.dev/fhir/CodeSystem/audit-subtype";
 /// Identifier systems of who acted.
 pub const PARTNER_SID: &str = "http://konsil.dev/fhir/sid/partner";
 pub const CLIENT_SID: &str = "http://konsil.dev/fhir/sid/client-id";
@@ -44,6 +56,9 @@ pub enum Kind {
     DicomQuery,
     /// An access token issued (SMART Backend Services).
     Login,
+    /// Records the workflow wrote on its own (a study's arrival, a
+    /// deadline); the code is the `restful-interaction` it amounts to.
+    Workflow(&'static str),
 }
 
 /// How it ended (AuditEvent.outcome).
@@ -95,6 +110,13 @@ pub enum Actor {
     Operator {
         user: String,
     },
+    /// A partner, when no more is known of who acted (a transfer the
+    /// server stopped in the middle of).
+    Partner {
+        partner: String,
+    },
+    /// The service itself (its workflow acting on its own).
+    Service,
 }
 
 impl AuditRecord {
@@ -151,6 +173,10 @@ pub struct AuditRecord {
     pub actor: Actor,
     pub entities: Vec<Entity>,
     pub recorded_ms: i64,
+    /// A DICOM store's transfer: the instances it stored that the record
+    /// does not name yet are added from the index's notes, which the
+    /// transaction storing the record clears.
+    pub transfer: Option<TransferId>,
 }
 
 impl AuditRecord {
@@ -163,6 +189,29 @@ impl AuditRecord {
             actor,
             entities: Vec::new(),
             recorded_ms: chrono::Utc::now().timestamp_millis(),
+            transfer: None,
+        }
+    }
+
+    pub fn transfer(mut self, transfer: TransferId) -> AuditRecord {
+        self.transfer = Some(transfer);
+        self
+    }
+
+    /// Name the studies of `stored` that the record does not name yet,
+    /// with how many instances were stored.
+    fn add_stored(&mut self, stored: &[UnauditedTransfer]) {
+        for note in stored {
+            let named = self
+                .entities
+                .iter()
+                .any(|e| matches!(e, Entity::Study { uid, .. } if *uid == note.study_uid));
+            if !named {
+                self.entities.push(Entity::Study {
+                    uid: note.study_uid.clone(),
+                    instances: Some(note.instances),
+                });
+            }
         }
     }
 
@@ -180,6 +229,10 @@ impl AuditRecord {
     /// The FHIR R4 AuditEvent.
     pub fn to_resource(&self) -> Value {
         let (event_type, subtype) = match self.kind {
+            Kind::Workflow(code) => (
+                json!({"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"}),
+                json!({"system": RESTFUL, "code": code}),
+            ),
             Kind::Rest(code) => (
                 json!({"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"}),
                 json!({"system": RESTFUL, "code": code}),
@@ -201,10 +254,14 @@ impl AuditRecord {
                 json!({"system": DCM, "code": "110122", "display": "Login"}),
             ),
         };
+        let mut subtypes = vec![subtype];
+        if matches!(self.kind, Kind::Workflow(_)) {
+            subtypes.push(json!({"system": KONSIL_SUBTYPE, "code": "workflow", "display": "Workflow update (no client request)"}));
+        }
         let mut event = json!({
             "resourceType": "AuditEvent",
             "type": event_type,
-            "subtype": [subtype],
+            "subtype": subtypes,
             "action": self.action,
             "recorded": instant_text(self.recorded_ms),
             "outcome": self.outcome.code(),
@@ -259,8 +316,18 @@ impl AuditRecord {
                 None,
                 Vec::new(),
             ),
+            Actor::Partner { partner } => (
+                json!({"identifier": {"system": PARTNER_SID, "value": partner}}),
+                None,
+                Vec::new(),
+            ),
+            Actor::Service => (json!({"reference": SERVICE_ORGANIZATION}), None, Vec::new()),
         };
         let mut agent = json!({"who": who, "requestor": true});
+        if self.actor == Actor::Service {
+            agent["type"] =
+                json!({"coding": [{"system": DCM, "code": "110150", "display": "Application"}]});
+        }
         if let Some(alt) = alt {
             agent["altId"] = json!(alt);
         }
@@ -268,6 +335,13 @@ impl AuditRecord {
             agent["role"] = Value::Array(roles.iter().map(|r| json!({"text": r})).collect());
         }
         agent
+    }
+}
+
+impl Entity {
+    /// The `AuditEvent.entity` element.
+    pub fn to_json(&self) -> Value {
+        entity_json(self)
     }
 }
 
@@ -422,11 +496,69 @@ pub async fn store_records(
 ) -> Result<(), crate::workflow::records::WorkflowError> {
     let mut tx = records.begin().await?;
     for record in batch {
+        let mut record = record.clone();
+        if let Some(transfer) = record.transfer {
+            let stored = tx
+                .records()
+                .take_unaudited_transfers(Some(transfer))
+                .await?;
+            record.add_stored(&stored);
+        }
         tx.records()
             .create("AuditEvent", None, record.to_resource())
             .await?;
     }
     tx.commit().await
+}
+
+/// At start-up: store the events of the transfers a stop in the middle
+/// (a crash, a kill) left unaudited, one per transfer, from the index's
+/// notes of what they stored. Returns how many.
+pub async fn audit_interrupted_transfers(
+    records: &dyn RecordStore,
+) -> Result<usize, crate::workflow::records::WorkflowError> {
+    let mut tx = records.begin().await?;
+    let notes = tx.records().take_unaudited_transfers(None).await?;
+    // Sorted by transfer, then partner: one event per run of equal keys.
+    let mut events = 0;
+    for run in notes.chunk_by(|a, b| (a.transfer, &a.partner) == (b.transfer, &b.partner)) {
+        let first = &run[0];
+        let actor = match &first.calling_ae {
+            Some(calling_ae) => Actor::Association {
+                partner: first.partner.clone(),
+                calling_ae: calling_ae.clone(),
+            },
+            None => Actor::Partner {
+                partner: first.partner.clone(),
+            },
+        };
+        let what = match first.source.as_str() {
+            "dimse" => "DICOM association",
+            "stow" => "STOW-RS request",
+            "import" => "konsil import",
+            _ => "transfer",
+        };
+        let description = if first.transfer.is_some() {
+            format!(
+                "{what} stopped by a server stop before its audit record was stored; \
+                 recorded at the next start from what the index holds"
+            )
+        } else {
+            format!(
+                "{what}: index entries rebuilt from the blob store at start-up \
+                 (the original transfer is not known)"
+            )
+        };
+        let mut record = AuditRecord::new(Kind::DicomStore, "C", actor)
+            .outcome(Outcome::Success, Some(description));
+        record.add_stored(run);
+        tx.records()
+            .create("AuditEvent", None, record.to_resource())
+            .await?;
+        events += 1;
+    }
+    tx.commit().await?;
+    Ok(events)
 }
 
 #[cfg(test)]

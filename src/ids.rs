@@ -141,6 +141,43 @@ impl fmt::Display for PartnerId {
     }
 }
 
+/// One transfer of instances into Konsil: a DICOM association, a STOW-RS
+/// request or a `konsil import` run. Its instances' audit record is stored
+/// when it ends, and the index notes what it stored until then (see
+/// [`crate::audit`]). Random, so the ids of a server and of an import
+/// running next to it on the same store never collide; never 0, which the
+/// index uses for "not known".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransferId(i64);
+
+impl TransferId {
+    pub fn new() -> TransferId {
+        loop {
+            let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
+            // 63 bits: SQLite integers are signed.
+            let id = (high >> 1) as i64;
+            if id != 0 {
+                return TransferId(id);
+            }
+        }
+    }
+
+    /// The id as the index stores it (0 is "not known").
+    pub fn from_stored(value: i64) -> Option<TransferId> {
+        (value != 0).then_some(TransferId(value))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl Default for TransferId {
+    fn default() -> Self {
+        TransferId::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

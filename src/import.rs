@@ -10,7 +10,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::ids::PartnerId;
+use crate::ids::{PartnerId, TransferId};
 use crate::ingest::{Declared, Ingest, IngestError, Origin};
 use crate::store::{IndexOutcome, Source};
 
@@ -31,6 +31,8 @@ pub struct Summary {
     pub rejected: Vec<(PathBuf, String)>,
     /// Instances stored (or already there) per StudyInstanceUID.
     pub studies: std::collections::BTreeMap<String, u64>,
+    /// The import run as one transfer, for its audit record.
+    pub transfer: TransferId,
 }
 
 impl Summary {
@@ -85,7 +87,7 @@ pub async fn run(
     );
     let mut summary = Summary::default();
     for file in files {
-        match import_file(ingest, partner, &file).await {
+        match import_file(ingest, partner, summary.transfer, &file).await {
             Ok(FileOutcome::Stored(outcome, study)) => {
                 *summary.studies.entry(study).or_insert(0) += 1;
                 match outcome {
@@ -112,6 +114,7 @@ enum FileOutcome {
 async fn import_file(
     ingest: &Ingest,
     partner: &PartnerId,
+    transfer: TransferId,
     path: &Path,
 ) -> Result<FileOutcome, String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
@@ -158,6 +161,7 @@ async fn import_file(
             partner: partner.clone(),
             source: Source::Import,
             calling_ae: None,
+            transfer: Some(transfer),
         },
         declared,
     );

@@ -238,7 +238,7 @@ async fn import(
             instances: Some(*instances),
         });
     }
-    app.audit_now(record).await;
+    app.audit_now(record.transfer(summary.transfer)).await;
     print!("{}", summary.report());
     Ok(if summary.rejected.is_empty() {
         ExitCode::SUCCESS

@@ -602,6 +602,74 @@ fn python_json(args: &[&str]) -> Value {
     serde_json::from_str(&stdout(&out)).unwrap()
 }
 
+/// A STOW-RS request whose client goes away midway still leaves its
+/// AuditEvent, naming the instance it stored before the cut; no note of an
+/// unaudited transfer is left in the index.
+#[test]
+fn a_stow_request_cut_by_its_client_is_audited_with_what_it_stored() {
+    use std::io::Write;
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let tiny = dicom_files(&["tiny", work.path().join("tiny").to_str().unwrap(), "2"]);
+    let first = std::fs::read(&tiny[0].path).unwrap();
+    let second = std::fs::read(&tiny[1].path).unwrap();
+    let mut body = multipart("cut", &[("application/dicom", first)], false);
+    // Drop the closing delimiter; the second part stops halfway.
+    body.truncate(body.len() - "--cut--\r\n".len());
+    body.extend_from_slice(b"--cut\r\nContent-Type: application/dicom\r\n\r\n");
+    body.extend_from_slice(&second[..second.len() / 2]);
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", gw.http)).unwrap();
+    let head = format!(
+        "POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Konsil-Partner: st-mary\r\n\
+         Content-Type: multipart/related; type=\"application/dicom\"; boundary=cut\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len() + second.len()
+    );
+    socket.write_all(head.as_bytes()).unwrap();
+    socket.write_all(&body).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while gw.instance_count() < 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(gw.instance_count(), 1, "the first part is stored");
+    drop(socket);
+
+    let study = sql(&gw.data_dir, "SELECT study_uid FROM instances");
+    let wanted = format!("urn:oid:{}", study.trim());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let event = loop {
+        let events = sql(
+            &gw.data_dir,
+            "SELECT body FROM fhir_resource WHERE type = 'AuditEvent' AND body LIKE '%\"110104\"%'",
+        );
+        let found = events
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["entity"][0]["what"]["identifier"]["value"] == wanted.as_str());
+        match found {
+            Some(event) => break event,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            None => panic!("no AuditEvent names the stored study: {events}"),
+        }
+    };
+    assert_eq!(event["action"], "C", "{event}");
+    assert_eq!(
+        event["entity"][0]["description"], "1 instance(s)",
+        "{event}"
+    );
+    assert_ne!(
+        event["outcome"], "0",
+        "the request did not succeed: {event}"
+    );
+    assert_eq!(
+        sql(&gw.data_dir, "SELECT count(*) FROM transfers_unaudited").trim(),
+        "0"
+    );
+}
+
 #[test]
 fn hand_built_multipart_bodies_get_ps3_18_answers() {
     let _serial = serial();

@@ -486,6 +486,144 @@ fn kill_9_during_a_transfer_leaves_nothing_and_resend_succeeds() {
     );
 }
 
+/// Every stored instance is in the audit trail, even when the server dies
+/// before the association whose one event names them has ended: each
+/// instance's index transaction notes its transfer, and the next start
+/// turns what a kill left noted into the event. A normal end clears the
+/// notes in the transaction that stores its event.
+#[test]
+fn instances_of_an_association_cut_by_a_kill_are_audited_at_the_next_start() {
+    let work = work();
+    let ct = dicom_files(&[
+        "ct",
+        work.path().join("ct").to_str().unwrap(),
+        "3",
+        "KILL-1",
+        "ACC-1",
+    ]);
+    let gw = Gateway::start(work.path(), "");
+    let data_dir = gw.data_dir.clone();
+    let mut args = vec![
+        peers_dir().join("pyscu.py").to_str().unwrap().to_owned(),
+        "store-hold".into(),
+        "127.0.0.1".into(),
+        gw.dicom.to_string(),
+        PY_AE.into(),
+        "KONSIL".into(),
+        "60".into(),
+    ];
+    args.extend(ct.iter().map(|f| f.path.to_str().unwrap().to_owned()));
+    let mut holder = Command::new("python3")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(holder.stdout.take().unwrap());
+        for line in out.lines() {
+            let line = line.unwrap();
+            if line == "held" {
+                break;
+            }
+            lines.push(line);
+        }
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines.iter().all(|l| l.starts_with("0x0000\t")), "{lines:?}");
+    let audited = |data_dir: &std::path::Path| {
+        sql(
+            data_dir,
+            "SELECT body FROM fhir_resource WHERE type = 'AuditEvent' AND body LIKE '%\"110104\"%'",
+        )
+    };
+    gw.kill9();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // The three instances are indexed and noted; no event names them yet.
+    let study = sql(&data_dir, "SELECT DISTINCT study_uid FROM instances");
+    assert_eq!(
+        sql(
+            &data_dir,
+            "SELECT study_uid, instances, calling_ae FROM transfers_unaudited"
+        )
+        .trim(),
+        format!("{}\t3\t{PY_AE}", study.trim())
+    );
+    assert_eq!(audited(&data_dir).trim(), "");
+
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    assert_eq!(gw.instance_count(), 3);
+    let events = audited(&data_dir);
+    let events: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let event = &events[0];
+    assert_eq!(event["action"], "C", "{event}");
+    assert_eq!(event["agent"][0]["altId"], PY_AE, "{event}");
+    assert_eq!(
+        event["agent"][0]["who"]["identifier"]["value"], "st-mary",
+        "{event}"
+    );
+    assert_eq!(
+        event["entity"][0]["what"]["identifier"]["value"],
+        format!("urn:oid:{}", study.trim()),
+        "{event}"
+    );
+    assert_eq!(
+        event["entity"][0]["description"], "3 instance(s)",
+        "{event}"
+    );
+    assert!(
+        event["outcomeDesc"]
+            .as_str()
+            .is_some_and(|d| d.contains("server stop")),
+        "{event}"
+    );
+    assert_eq!(
+        sql(&data_dir, "SELECT count(*) FROM transfers_unaudited").trim(),
+        "0"
+    );
+    assert!(
+        gw.log()
+            .contains("stored the audit records of DICOM transfers"),
+        "{}",
+        gw.log()
+    );
+
+    // An association that ends normally: its event, and no note left.
+    let more = dicom_files(&[
+        "ct",
+        work.path().join("more").to_str().unwrap(),
+        "2",
+        "KILL-2",
+        "ACC-2",
+    ]);
+    let sent = storescu(&gw, ST_MARY_AE, &[&more[0].path, &more[1].path]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while audited(&data_dir).lines().count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let normal: serde_json::Value = audited(&data_dir)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["agent"][0]["altId"] == ST_MARY_AE)
+        .expect("the normal association's event");
+    assert_eq!(
+        normal["entity"][0]["description"], "2 instance(s)",
+        "{normal}"
+    );
+    assert!(normal.get("outcomeDesc").is_none(), "{normal}");
+    assert_eq!(
+        sql(&data_dir, "SELECT count(*) FROM transfers_unaudited").trim(),
+        "0"
+    );
+}
+
 /// The index records an instance while its object is synced, so an OS
 /// crash can leave a row whose object never fully reached the disk. Such
 /// an instance was never acknowledged; the restart after a crash checks

@@ -154,7 +154,45 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
             "no {kind} in the system history"
         );
     }
-    assert!(!audit.is_empty());
+    // Every version of the case's Task and ImagingStudies is named by the
+    // event stored with it: the client's, an operation's, or (study
+    // arrivals, deadlines) the workflow's own.
+    let named: std::collections::HashSet<&str> = audit
+        .iter()
+        .flat_map(|e| e["entity"].as_array().into_iter().flatten())
+        .filter_map(|e| e["what"]["reference"].as_str())
+        .collect();
+    let unnamed: Vec<String> = held
+        .iter()
+        .filter(|r| r["resourceType"] == "Task" || r["resourceType"] == "ImagingStudy")
+        .map(|r| {
+            format!(
+                "{}/{}/_history/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap(),
+                r["meta"]["versionId"].as_str().unwrap()
+            )
+        })
+        .filter(|v| !named.contains(v.as_str()))
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "versions no AuditEvent names: {unnamed:?}"
+    );
+    assert!(
+        audit.iter().any(|e| {
+            e["subtype"][1]["code"] == "workflow"
+                && e["agent"][0]["who"]["reference"] == "Organization/konsil"
+                && e["entity"].as_array().is_some_and(|es| {
+                    es.iter().any(|x| {
+                        x["what"]["reference"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("ImagingStudy/"))
+                    })
+                })
+        }),
+        "no workflow event for the study's arrival"
+    );
     resources.extend(held);
     resources.extend(audit);
     let report = common::public_validators(&resources);

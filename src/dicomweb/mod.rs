@@ -24,7 +24,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::app::App;
 use crate::audit::{Actor, AuditRecord, Entity, Kind, Outcome};
 use crate::auth::{authorize, Action, CallerError, Denied};
-use crate::ids::Uid;
+use crate::ids::{TransferId, Uid};
 use crate::metrics::label;
 use crate::store::{BlobError, MetaError};
 
@@ -115,8 +115,31 @@ async fn gate(
     }
     let uri = request.uri().clone();
     request.extensions_mut().insert(caller.clone());
+    // A store is one transfer (see crate::audit). Its record is stored even
+    // when the request is dropped before its response (the client went
+    // away): then the index's notes name what it stored.
+    let transfer = (action == Action::StoreImages).then(TransferId::new);
+    let mut unanswered = None;
+    if let Some(transfer) = transfer {
+        request.extensions_mut().insert(transfer);
+        unanswered = Some(UnansweredStore {
+            auditor: app.auditor.clone(),
+            record: Some(
+                transfer_audit(action, &uri, caller.clone(), StatusCode::BAD_REQUEST)
+                    .outcome(
+                        Outcome::MinorFailure,
+                        Some("the request ended before its response (the client went away)".into()),
+                    )
+                    .transfer(transfer),
+            ),
+        });
+    }
     let response = next.run(request).await;
+    if let Some(mut unanswered) = unanswered {
+        unanswered.record = None;
+    }
     let mut record = transfer_audit(action, &uri, caller, response.status());
+    record.transfer = transfer;
     // STOW-RS names what it stored (the URL names at most one study).
     if let Some(stored) = response.extensions().get::<stow::StoredStudies>() {
         record.entities.clear();
@@ -129,6 +152,23 @@ async fn gate(
     }
     app.auditor.record(record).await;
     response
+}
+
+/// The audit record of a store request that is dropped before it answers.
+struct UnansweredStore {
+    auditor: crate::audit::Auditor,
+    record: Option<AuditRecord>,
+}
+
+impl Drop for UnansweredStore {
+    fn drop(&mut self) {
+        if let (Some(record), Ok(runtime)) =
+            (self.record.take(), tokio::runtime::Handle::try_current())
+        {
+            let auditor = self.auditor.clone();
+            runtime.spawn(async move { auditor.record(record).await });
+        }
+    }
 }
 
 /// The audit record of a DICOMweb request: a store, a query or a retrieve,

@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
@@ -19,7 +20,7 @@ use super::media::{self, DatasetFormat, DICOM};
 use super::{base_url, path_uid, reply, WebError};
 use crate::app::App;
 use crate::auth::{Caller, CallerError};
-use crate::ids::Uid;
+use crate::ids::{TransferId, Uid};
 use crate::ingest::{self, status, Declared, IngestError, Origin};
 use crate::store::{IndexOutcome, Source};
 
@@ -30,17 +31,19 @@ use crate::ingest::meta::META_LIMIT;
 /// `POST /dicomweb/studies`
 pub async fn store(
     State(app): State<Arc<App>>,
+    Extension(transfer): Extension<TransferId>,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    reply(run(&app, caller, &headers, None, body).await)
+    reply(run(&app, caller, transfer, &headers, None, body).await)
 }
 
 /// `POST /dicomweb/studies/{study}`: every instance must belong to `study`.
 pub async fn store_in_study(
     State(app): State<Arc<App>>,
     Path(study): Path<String>,
+    Extension(transfer): Extension<TransferId>,
     caller: Result<Caller, CallerError>,
     headers: HeaderMap,
     body: Body,
@@ -49,7 +52,7 @@ pub async fn store_in_study(
         Ok(study) => study,
         Err(e) => return e.into_response(),
     };
-    reply(run(&app, caller, &headers, Some(study), body).await)
+    reply(run(&app, caller, transfer, &headers, Some(study), body).await)
 }
 
 /// The result of one part.
@@ -72,6 +75,7 @@ pub(crate) enum PartResult {
 async fn run(
     app: &Arc<App>,
     caller: Result<Caller, CallerError>,
+    transfer: TransferId,
     headers: &HeaderMap,
     study: Option<Uid>,
     body: Body,
@@ -105,6 +109,8 @@ async fn run(
         partner,
         source: Source::Stow,
         calling_ae: None,
+        // Set by the DICOMweb gate, which stores the request's audit record.
+        transfer: Some(transfer),
     };
 
     let mut results = Vec::new();

@@ -25,7 +25,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::ids::{AeTitle, PartnerId, Uid};
+use crate::ids::{AeTitle, PartnerId, TransferId, Uid};
 use crate::ingest::status;
 use crate::ingest::{Declared, Ingest, InstanceUpload, Origin};
 use crate::limits::{AssociationSlot, PartnerLimits};
@@ -449,7 +449,13 @@ impl Scp {
             let _ = assoc.abort().await;
             return;
         };
-        let calling_ae = AeTitle::parse(&calling).ok();
+        // Every C-STORE of the association is one transfer.
+        let origin = Origin {
+            partner: partner.clone(),
+            source: Source::Dimse,
+            calling_ae: AeTitle::parse(&calling).ok(),
+            transfer: Some(TransferId::new()),
+        };
         self.metrics
             .associations
             .get_or_create(&vec![label("outcome", "accepted")])
@@ -476,6 +482,7 @@ impl Scp {
             auditor: self.auditor.clone(),
             partner: partner.to_string(),
             calling_ae: calling.clone(),
+            transfer: origin.transfer,
             studies: BTreeMap::new(),
             failures: 0,
         };
@@ -514,8 +521,7 @@ impl Scp {
                                 };
                                 match self.on_command(
                                     &assoc,
-                                    &partner,
-                                    &calling_ae,
+                                    &origin,
                                     pdv.presentation_context_id,
                                     request,
                                 ) {
@@ -601,8 +607,7 @@ impl Scp {
     fn on_command<S>(
         &self,
         assoc: &dicom_ul::association::server::AsyncServerAssociation<S>,
-        partner: &PartnerId,
-        calling_ae: &Option<AeTitle>,
+        origin: &Origin,
         pc_id: u8,
         request: Request,
     ) -> CommandAction {
@@ -657,11 +662,7 @@ impl Scp {
                     Err(e) => return refuse(status::INVALID_UID, format!("transfer syntax: {e}")),
                 };
                 let upload = self.ingest.begin(
-                    Origin {
-                        partner: partner.clone(),
-                        source: Source::Dimse,
-                        calling_ae: calling_ae.clone(),
-                    },
+                    origin.clone(),
                     Declared {
                         sop_class,
                         sop_instance,
@@ -741,6 +742,7 @@ struct AssociationAudit {
     auditor: Auditor,
     partner: String,
     calling_ae: String,
+    transfer: Option<TransferId>,
     /// Instances stored, by study.
     studies: BTreeMap<String, u64>,
     /// C-STOREs refused.
@@ -768,6 +770,7 @@ impl Drop for AssociationAudit {
             },
         )
         .outcome(outcome, description);
+        record.transfer = self.transfer;
         for (uid, instances) in std::mem::take(&mut self.studies) {
             record = record.entity(Entity::Study {
                 uid,

@@ -147,6 +147,13 @@ pub async fn instance_operation(
         let workflow = &app.workflow;
         let (_, now_ms) = now();
         let mut tx = app.cases.begin().await?;
+        // The operation's event is stored with the change it made, naming
+        // what it wrote.
+        let event = AuditRecord::new(Kind::Operation, "E", Actor::Caller(caller.clone()))
+            .outcome(Outcome::Success, None)
+            .entity(Entity::operation(&format!(
+                "{resource_type}/{id}/{operation}"
+            )));
         let changed: Record = match name {
             "propose" => {
                 let proposal = workflow.proposal(tx.records(), &id, now_ms).await?;
@@ -156,8 +163,10 @@ pub async fn instance_operation(
                     {"name": "openCases", "valueInteger": proposal.open_cases},
                 ]});
                 // The consent re-check may have moved the case.
-                tx.commit().await?;
-                return Ok(json_response(StatusCode::OK, out.to_string()));
+                tx.commit_audited(event.to_resource()).await?;
+                let mut response = json_response(StatusCode::OK, out.to_string());
+                response.extensions_mut().insert(AuditedInTransaction);
+                return Ok(response);
             }
             "assign" => {
                 let owner = reference_parameter(&parameters, "owner")?;
@@ -182,16 +191,7 @@ pub async fn instance_operation(
             }
             _ => unreachable_operation()?,
         };
-        // The operation's event is stored with the change it made.
-        let event = AuditRecord::new(Kind::Operation, "E", Actor::Caller(caller.clone()))
-            .outcome(Outcome::Success, None)
-            .entity(Entity::operation(&format!(
-                "{resource_type}/{id}/{operation}"
-            )));
-        tx.records()
-            .create("AuditEvent", None, event.to_resource())
-            .await?;
-        tx.commit().await?;
+        tx.commit_audited(event.to_resource()).await?;
         let mut response = json_response(StatusCode::OK, changed.body.to_string());
         response.extensions_mut().insert(AuditedInTransaction);
         Ok(response)

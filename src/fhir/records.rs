@@ -13,13 +13,13 @@ use serde_json::Value;
 use super::outcome::Issue;
 use super::rest::{self, Ctx};
 use super::{search, FhirError};
-use crate::ids::{PartnerId, Uid};
+use crate::ids::{PartnerId, TransferId, Uid};
 use crate::notify::{self, Changed};
 use crate::store::fhir::{
     Clause, ResourcePage, ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort,
     StoredResource,
 };
-use crate::store::MetaError;
+use crate::store::{MetaError, UnauditedTransfer};
 use crate::workflow::engine::{Notice, Written};
 use crate::workflow::records::{Finding, Record, RecordStore, Records, RecordsTx, WorkflowError};
 
@@ -101,6 +101,12 @@ pub struct StoreRecords {
     tx: Box<dyn ResourceTx>,
     /// The latest version the workflow wrote of each resource.
     rewritten: HashMap<(String, String), StoredResource>,
+    /// What the workflow wrote (`Type/id/_history/n`, and the method), for
+    /// the audit trail.
+    written: Vec<(String, String)>,
+    /// Whether the transaction stores an AuditEvent of its own (an
+    /// operation's, a purge's, a delivery's): then that is its record.
+    audited: bool,
 }
 
 impl StoreRecords {
@@ -137,6 +143,12 @@ impl StoreRecords {
         )
         .await
         .map_err(store_error)?;
+        if resource_type == "AuditEvent" {
+            self.audited = true;
+        } else {
+            self.written
+                .push((history_reference(&stored), method.to_owned()));
+        }
         self.rewritten.insert(
             (stored.resource_type.clone(), stored.id.clone()),
             stored.clone(),
@@ -260,10 +272,11 @@ impl Records for StoreRecords {
         else {
             return Ok(());
         };
-        self.tx
-            .write(&rest::deletion_of(current))
-            .await
-            .map_err(store_error)
+        let deletion = rest::deletion_of(current);
+        self.tx.write(&deletion).await.map_err(store_error)?;
+        self.written
+            .push((history_reference(&deletion.resource), "DELETE".to_owned()));
+        Ok(())
     }
 
     async fn purge_history(
@@ -298,6 +311,16 @@ impl Records for StoreRecords {
     ) -> Result<(), WorkflowError> {
         self.tx
             .queue_discards(kind, locations)
+            .await
+            .map_err(store_error)
+    }
+
+    async fn take_unaudited_transfers(
+        &mut self,
+        transfer: Option<TransferId>,
+    ) -> Result<Vec<UnauditedTransfer>, WorkflowError> {
+        self.tx
+            .take_unaudited_transfers(transfer)
             .await
             .map_err(store_error)
     }
@@ -339,6 +362,37 @@ impl RecordsTx for StoreRecords {
     }
 
     async fn commit(self: Box<Self>) -> Result<(), WorkflowError> {
+        // Every change is in the audit trail, stored with it. Work that
+        // stores its own event names who acted; what is left is the
+        // workflow acting on its own (a study's arrival, a deadline).
+        match writes_audit(crate::audit::Actor::Service, &self.written, &[]) {
+            Some(record) if !self.audited => self.commit_audited(record.to_resource()).await,
+            _ => self
+                .announce_and_commit(Vec::new())
+                .await
+                .map_err(store_error),
+        }
+    }
+
+    async fn commit_audited(mut self: Box<Self>, mut event: Value) -> Result<(), WorkflowError> {
+        let named: Vec<Value> = self
+            .written
+            .iter()
+            .map(|(reference, _)| crate::audit::Entity::Resource(reference.clone()).to_json())
+            .collect();
+        if !named.is_empty() {
+            if let Some(entities) = event
+                .as_object_mut()
+                .map(|e| {
+                    e.entry("entity")
+                        .or_insert_with(|| Value::Array(Vec::new()))
+                })
+                .and_then(Value::as_array_mut)
+            {
+                entities.extend(named);
+            }
+        }
+        self.create("AuditEvent", None, event).await?;
         self.announce_and_commit(Vec::new())
             .await
             .map_err(store_error)
@@ -357,6 +411,8 @@ impl RecordStore for ResourceRecordStore {
         Ok(Box::new(StoreRecords {
             tx,
             rewritten: HashMap::new(),
+            written: Vec::new(),
+            audited: false,
         }))
     }
 }
@@ -379,6 +435,8 @@ impl CaseTx {
             records: StoreRecords {
                 tx: resources.begin().await?,
                 rewritten: HashMap::new(),
+                written: Vec::new(),
+                audited: false,
             },
             written: Vec::new(),
             audited: Vec::new(),
@@ -414,8 +472,16 @@ impl CaseTx {
                 .react(&mut self.records, &ctx.caller, &written, now_ms)
                 .await?
         };
-        if let Some(event) = write_audit(&ctx.caller, &self.audited) {
-            self.records.create("AuditEvent", None, event).await?;
+        // The client's writes, then what the workflow wrote in reaction.
+        let reactions = std::mem::take(&mut self.records.written);
+        if let Some(record) = writes_audit(
+            crate::audit::Actor::Caller(ctx.caller.clone()),
+            &self.audited,
+            &reactions,
+        ) {
+            self.records
+                .create("AuditEvent", None, record.to_resource())
+                .await?;
         }
         let rewritten = self.records.rewritten.clone();
         self.records.announce_and_commit(self.changed).await?;
@@ -423,25 +489,44 @@ impl CaseTx {
     }
 }
 
-/// The AuditEvent of a client's writes (one per interaction: a single
-/// create, update, patch or delete, or a transaction), stored with them.
-fn write_audit(caller: &crate::auth::Caller, writes: &[(String, String)]) -> Option<Value> {
+/// The AuditEvent of one interaction's writes (`Type/id/_history/n` and
+/// method), stored with them: a client's (a single create, update, patch
+/// or delete, or a transaction) with the workflow's reactions to it named
+/// after them, or the workflow's own.
+fn writes_audit(
+    actor: crate::audit::Actor,
+    writes: &[(String, String)],
+    reactions: &[(String, String)],
+) -> Option<crate::audit::AuditRecord> {
     use crate::audit::{Actor, AuditRecord, Entity, Kind};
-    let (kind, action) = match writes {
-        [] => return None,
+    let (code, action) = match writes {
+        [] if reactions.is_empty() => return None,
+        [] => ("transaction", "E"),
         [(_, method)] => match method.as_str() {
-            "POST" => (Kind::Rest("create"), "C"),
-            "DELETE" => (Kind::Rest("delete"), "D"),
-            "PATCH" => (Kind::Rest("patch"), "U"),
-            _ => (Kind::Rest("update"), "U"),
+            "POST" => ("create", "C"),
+            "DELETE" => ("delete", "D"),
+            "PATCH" => ("patch", "U"),
+            _ => ("update", "U"),
         },
-        _ => (Kind::Rest("transaction"), "E"),
+        _ => ("transaction", "E"),
     };
-    let mut record = AuditRecord::new(kind, action, Actor::Caller(caller.clone()));
-    for (reference, _) in writes {
+    let kind = match actor {
+        Actor::Service => Kind::Workflow(code),
+        _ => Kind::Rest(code),
+    };
+    let mut record = AuditRecord::new(kind, action, actor);
+    for (reference, _) in writes.iter().chain(reactions) {
         record = record.entity(Entity::Resource(reference.clone()));
     }
-    Some(record.to_resource())
+    Some(record)
+}
+
+/// `Type/id/_history/n` of a stored version.
+fn history_reference(stored: &StoredResource) -> String {
+    format!(
+        "{}/{}/_history/{}",
+        stored.resource_type, stored.id, stored.version
+    )
 }
 
 /// What the workflow made of an interaction.
@@ -494,13 +579,8 @@ impl ResourceTx for CaseTx {
             None
         };
         self.records.tx.write(write).await?;
-        self.audited.push((
-            format!(
-                "{}/{}/_history/{}",
-                resource.resource_type, resource.id, resource.version
-            ),
-            resource.method.clone(),
-        ));
+        self.audited
+            .push((history_reference(resource), resource.method.clone()));
         self.changed.push(Changed {
             resource_type: resource.resource_type.clone(),
             id: resource.id.clone(),
@@ -541,6 +621,13 @@ impl ResourceTx for CaseTx {
         locations: &[crate::store::BlobLocation],
     ) -> Result<(), MetaError> {
         self.records.tx.queue_discards(kind, locations).await
+    }
+
+    async fn take_unaudited_transfers(
+        &mut self,
+        transfer: Option<TransferId>,
+    ) -> Result<Vec<UnauditedTransfer>, MetaError> {
+        self.records.tx.take_unaudited_transfers(transfer).await
     }
 
     async fn enqueue_notification(

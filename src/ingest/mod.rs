@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::ids::{AeTitle, PartnerId, Uid};
+use crate::ids::{AeTitle, PartnerId, TransferId, Uid};
 use crate::metrics::{label, Metrics};
 use crate::store::{
     BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, IndexOutcome, InstanceRecord,
@@ -103,6 +103,9 @@ pub struct Origin {
     pub partner: PartnerId,
     pub source: Source,
     pub calling_ae: Option<AeTitle>,
+    /// The association, request or import run; none for an object the
+    /// index is rebuilt from.
+    pub transfer: Option<TransferId>,
 }
 
 /// What the sender said the instance is, before its bytes arrive (the
@@ -330,6 +333,7 @@ impl Ingest {
             resume_at,
             source: origin.source,
             calling_ae: origin.calling_ae.as_ref().map(|ae| ae.to_string()),
+            transfer: origin.transfer,
         };
         // The index records the object while it is being made durable (the
         // two waits overlap); the acknowledgement waits for both. A row whose
@@ -522,6 +526,7 @@ impl Provenance {
                 Some(ae) => Some(AeTitle::parse(ae).map_err(|_| bad("calling AE title"))?),
                 None => None,
             },
+            transfer: None,
         })
     }
 }

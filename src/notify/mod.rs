@@ -409,7 +409,7 @@ fn audit_event(
     let mut event = json!({
         "resourceType": "AuditEvent",
         "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106", "display": "Export"},
-        "subtype": [{"system": "http://konsil.dev/fhir/CodeSystem/audit-subtype", "code": "rest-hook-notification", "display": "Subscription rest-hook notification"}],
+        "subtype": [{"system": crate::audit::KONSIL_SUBTYPE, "code": "rest-hook-notification", "display": "Subscription rest-hook notification"}],
         "action": "E",
         "recorded": instant_text(now_ms),
         "outcome": outcome,

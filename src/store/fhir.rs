@@ -4,9 +4,9 @@
 //! FHIR rules: the FHIR edge decides versions, extracts index entries and
 //! builds queries; the store keeps and finds rows.
 
-use crate::ids::{PartnerId, Uid};
+use crate::ids::{PartnerId, TransferId, Uid};
 
-use super::{BlobKind, BlobLocation, MetaError, PendingDiscard};
+use super::{BlobKind, BlobLocation, MetaError, PendingDiscard, UnauditedTransfer};
 
 /// One stored version of a resource.
 #[derive(Debug, Clone)]
@@ -284,6 +284,13 @@ pub trait ResourceTx: Send {
         kind: BlobKind,
         locations: &[BlobLocation],
     ) -> Result<(), MetaError>;
+    /// Take the index's notes of instances stored by transfers whose audit
+    /// record is not stored yet (of `transfer`, or of all): they are gone
+    /// once this transaction, which stores that record, commits.
+    async fn take_unaudited_transfers(
+        &mut self,
+        transfer: Option<TransferId>,
+    ) -> Result<Vec<UnauditedTransfer>, MetaError>;
     /// Queue a notification to `subscription_id` about `focus`, committed
     /// with the change it announces.
     async fn enqueue_notification(

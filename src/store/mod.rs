@@ -224,6 +224,22 @@ pub struct InstanceRecord {
     pub resume_at: u64,
     pub source: Source,
     pub calling_ae: Option<String>,
+    pub transfer: Option<crate::ids::TransferId>,
+}
+
+/// Instances of one study that one transfer stored and whose audit record
+/// is not stored yet, as the index noted them when indexing them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnauditedTransfer {
+    /// None: not known (the index rows were rebuilt from the blob store).
+    pub transfer: Option<crate::ids::TransferId>,
+    pub partner: String,
+    pub study_uid: String,
+    pub source: String,
+    pub calling_ae: Option<String>,
+    pub instances: u64,
+    pub first_ms: i64,
+    pub last_ms: i64,
 }
 
 /// An indexed instance's object and what its data set (the object's last

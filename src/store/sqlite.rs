@@ -108,6 +108,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "blob discards",
         include_str!("migrations/0008_blob_discards.sql"),
     ),
+    (
+        9,
+        "transfer audit",
+        include_str!("migrations/0009_transfer_audit.sql"),
+    ),
 ];
 
 /// The index in a SQLite file.
@@ -270,15 +275,16 @@ where
     let partner = r.partner.as_str();
     let sha = hex::encode(r.dataset_sha256);
     // One statement: the unique key says duplicate (no row returned);
-    // the subquery says conflict; triggers flag the other versions and
-    // advance the blob store's recovery point.
+    // the subquery says conflict; triggers flag the other versions,
+    // advance the blob store's recovery point and note the instance's
+    // transfer until its audit record is stored.
     let inserted = sqlx::query(
         "INSERT INTO instances (partner, study_uid, series_uid, sop_instance_uid, sop_class_uid,
             transfer_syntax, instance_number, rows, columns, number_of_frames, received_at_ms,
             size, dataset_sha256, blob_object, blob_offset, blob_length, blob_resume_at,
-            source, calling_ae, conflict)
+            source, calling_ae, transfer_id, conflict)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-            EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND sop_instance_uid = ?4))
+            ?20, EXISTS (SELECT 1 FROM instances WHERE partner = ?1 AND sop_instance_uid = ?4))
          ON CONFLICT (partner, sop_instance_uid, dataset_sha256, transfer_syntax) DO NOTHING
          RETURNING conflict",
     )
@@ -301,6 +307,7 @@ where
     .bind(to_i64(r.resume_at))
     .bind(r.source.as_str())
     .bind(&r.calling_ae)
+    .bind(r.transfer.map(crate::ids::TransferId::get))
     .fetch_optional(executor)
     .await?;
     let Some(row) = inserted else {

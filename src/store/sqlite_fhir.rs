@@ -8,8 +8,8 @@ use super::fhir::{
     ResourceQuery, ResourceStore, ResourceTx, ResourceWrite, Sort, StoredResource, StringMatch,
 };
 use super::sqlite::{discard_study_on, KnownSeries, SqliteStore};
-use super::{BlobKind, BlobLocation, MetaError, PendingDiscard};
-use crate::ids::{PartnerId, Uid};
+use super::{BlobKind, BlobLocation, MetaError, PendingDiscard, UnauditedTransfer};
+use crate::ids::{PartnerId, TransferId, Uid};
 
 /// Sort key of rows without a value for a date sort: after all others.
 const LAST: i64 = i64::MAX;
@@ -749,6 +749,45 @@ impl ResourceTx for SqliteResourceTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+
+    async fn take_unaudited_transfers(
+        &mut self,
+        transfer: Option<TransferId>,
+    ) -> Result<Vec<UnauditedTransfer>, MetaError> {
+        let rows = sqlx::query(
+            "DELETE FROM transfers_unaudited WHERE ?1 IS NULL OR transfer_id = ?1
+             RETURNING transfer_id, partner, study_uid, source, calling_ae, instances,
+                first_ms, last_ms",
+        )
+        .bind(transfer.map(TransferId::get))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut taken = rows
+            .iter()
+            .map(|row| {
+                Ok(UnauditedTransfer {
+                    transfer: TransferId::from_stored(row.try_get("transfer_id")?),
+                    partner: row.try_get("partner")?,
+                    study_uid: row.try_get("study_uid")?,
+                    source: row.try_get("source")?,
+                    calling_ae: row.try_get("calling_ae")?,
+                    instances: u64::try_from(row.try_get::<i64, _>("instances")?).unwrap_or(0),
+                    first_ms: row.try_get("first_ms")?,
+                    last_ms: row.try_get("last_ms")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        // RETURNING gives no order.
+        taken.sort_by(|a, b| {
+            (a.transfer, &a.partner, a.first_ms, &a.study_uid).cmp(&(
+                b.transfer,
+                &b.partner,
+                b.first_ms,
+                &b.study_uid,
+            ))
+        });
+        Ok(taken)
     }
 
     async fn queue_discards(

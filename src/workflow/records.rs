@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::case::Refusal;
-use crate::ids::{PartnerId, Uid};
+use crate::ids::{PartnerId, TransferId, Uid};
 
 /// One current resource.
 #[derive(Debug, Clone)]
@@ -139,6 +139,13 @@ pub trait Records: Send {
         kind: crate::store::BlobKind,
         locations: &[crate::store::BlobLocation],
     ) -> Result<(), WorkflowError>;
+    /// Take the index's notes of instances stored by transfers whose audit
+    /// record is not stored yet (of `transfer`, or of all), for the
+    /// AuditEvent this transaction stores.
+    async fn take_unaudited_transfers(
+        &mut self,
+        transfer: Option<TransferId>,
+    ) -> Result<Vec<crate::store::UnauditedTransfer>, WorkflowError>;
     /// Why `resource` does not meet the profile `profile` (empty: it does).
     async fn profile_findings(&mut self, resource: &Value, profile: &str) -> Vec<Finding>;
 }
@@ -154,7 +161,13 @@ pub trait RecordStore: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait RecordsTx: Records {
     fn records(&mut self) -> &mut dyn Records;
+    /// Commit; what was written without an AuditEvent of its own is
+    /// recorded as the workflow's own work.
     async fn commit(self: Box<Self>) -> Result<(), WorkflowError>;
+    /// Commit with `event`, the AuditEvent of who asked for the work (an
+    /// operation, a purge), stored naming every version the transaction
+    /// wrote.
+    async fn commit_audited(self: Box<Self>, event: Value) -> Result<(), WorkflowError>;
 }
 
 /// The elements of the array `key` of `element` (none when it is absent

@@ -326,12 +326,6 @@ impl Retention {
             }));
         }
         r.update(&task).await?;
-        r.create(
-            "AuditEvent",
-            None,
-            audit_event(&task, &request, &report, as_of_ms),
-        )
-        .await?;
         // The DICOM index forgets the studies in the same transaction, so
         // the case says "discarded" exactly when its images are gone from
         // the index; a failure leaves all of it for the next run. The bytes
@@ -347,7 +341,9 @@ impl Retention {
         // next run, never forgotten.
         r.queue_discards(BlobKind::Dicom, &dicom_blobs).await?;
         r.queue_discards(BlobKind::Fhir, &fhir_blobs).await?;
-        tx.commit().await?;
+        // The purge's event, naming every version it wrote.
+        tx.commit_audited(audit_event(&task, &request, &report, as_of_ms))
+            .await?;
         self.destroy_pending().await;
         Ok(Some(report))
     }
@@ -461,7 +457,7 @@ fn audit_event(task: &Record, request: &Record, report: &CaseReport, as_of_ms: i
     json!({
         "resourceType": "AuditEvent",
         "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110105", "display": "DICOM Study Deleted"},
-        "subtype": [{"system": "http://konsil.dev/fhir/CodeSystem/audit-subtype", "code": "retention", "display": "Retention purge of submitted records"}],
+        "subtype": [{"system": crate::audit::KONSIL_SUBTYPE, "code": "retention", "display": "Retention purge of submitted records"}],
         "action": "D",
         "recorded": instant_text(chrono::Utc::now().timestamp_millis()),
         "outcome": "0",

@@ -4,6 +4,8 @@
   pyscu.py echo HOST PORT AET AEC
   pyscu.py store HOST PORT AET AEC FILE...   one presentation context per (SOP class, transfer syntax)
   pyscu.py hold HOST PORT AET AEC SECONDS    associate, wait, release
+  pyscu.py store-hold HOST PORT AET AEC SECONDS FILE...
+      store as `store` does, print "held", then hold the association SECONDS before releasing
   pyscu.py negotiate HOST PORT AET AEC SOP_CLASS TS...
       one presentation context per transfer syntax; prints "TS<TAB>accepted|rejected"
   pyscu.py raw HOST PORT AET AEC FILE [--instance UID] [--cut N] [--garbage]
@@ -37,8 +39,9 @@ def main():
         status = assoc.send_c_echo()
         print(f"0x{status.Status:04X}")
         assoc.release()
-    elif cmd == "store":
-        files = sys.argv[6:]
+    elif cmd in ("store", "store-hold"):
+        hold = float(sys.argv[6]) if cmd == "store-hold" else 0
+        files = sys.argv[7:] if cmd == "store-hold" else sys.argv[6:]
         contexts = set()
         for f in files:
             meta = pydicom.dcmread(f, stop_before_pixels=True).file_meta
@@ -52,7 +55,10 @@ def main():
                 print(f"none\t{f}\tno response")
                 continue
             comment = status.get("ErrorComment", "")
-            print(f"0x{status.Status:04X}\t{f}\t{comment}")
+            print(f"0x{status.Status:04X}\t{f}\t{comment}", flush=True)
+        if cmd == "store-hold":
+            print("held", flush=True)
+            time.sleep(hold)
         assoc.release()
     elif cmd == "raw":
         path, opts = sys.argv[6], sys.argv[7:]
