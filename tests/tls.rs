@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use common::{
-    dicom_files, python, python_json, signal, stderr, stdout, test_clients, Gateway, ST_MARY_AE,
+    dicom_files, hold_association_on, python, python_json, signal, stderr, stdout, test_clients,
+    Gateway, ST_MARY_AE,
 };
 
 fn make_certs(work: &Path) -> PathBuf {
@@ -417,4 +418,38 @@ fn sighup_reloads_the_certificate_and_a_bad_file_keeps_the_old_one() {
     let tiny = dicom_files(&["tiny", work.path().join("tiny").to_str().unwrap(), "1"]);
     let (ok, out) = storescu_tls(&gw, &certs, Some("st-mary"), ST_MARY_AE, &tiny[0].path);
     assert!(ok, "DICOM TLS after a failed reload: {out}");
+}
+
+/// Over the server's association cap, a DICOM TLS caller gets what a
+/// plain one gets: the TLS handshake completes and the association is
+/// rejected as transient ("local limit exceeded"), so its PACS retries
+/// later; once the slot is free, the same caller gets in.
+#[test]
+fn over_the_association_cap_dicom_tls_gets_a_transient_rejection() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = make_certs(work.path());
+    let [st_mary, city] = test_clients(&work.path().join("keys"));
+    let gw = Gateway::start_tls_with(
+        work.path(),
+        &certs,
+        [&st_mary, &city],
+        "max_associations = 1",
+    );
+    let tiny = dicom_files(&["tiny", work.path().join("tiny").to_str().unwrap(), "1"]);
+    let mut holder = hold_association_on(
+        gw.dicom_tls,
+        Some([
+            &certs.join("st-mary.pem"),
+            &certs.join("st-mary.key"),
+            &certs.join("ca.pem"),
+        ]),
+        6,
+    );
+    let (stored, out) = storescu_tls(&gw, &certs, Some("st-mary"), ST_MARY_AE, &tiny[0].path);
+    assert!(!stored, "stored over the cap: {out}");
+    assert!(out.contains("Rejected Transient"), "{out}");
+    assert!(holder.wait().unwrap().success());
+    let (stored, out) = storescu_tls(&gw, &certs, Some("st-mary"), ST_MARY_AE, &tiny[0].path);
+    assert!(stored, "{out}");
+    assert_eq!(gw.instance_count(), 1);
 }

@@ -231,7 +231,8 @@ pub async fn serve(
                     Err(_) => {
                         scp.metrics.associations.get_or_create(&vec![label("outcome", "busy")]).inc();
                         tracing::warn!(%peer, "association rejected: max_associations reached (transient)");
-                        tasks.spawn(reject_busy(socket));
+                        let scp = Arc::clone(&scp);
+                        tasks.spawn(async move { scp.reject_busy_on(socket, tls).await });
                     }
                 }
             }
@@ -270,7 +271,10 @@ async fn accept_on(
 }
 
 /// Answer an A-ASSOCIATE-RQ with a transient "local limit exceeded" rejection.
-async fn reject_busy(mut socket: TcpStream) {
+async fn reject_busy<S>(mut socket: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let read_rq = async {
         let mut buf = Vec::with_capacity(4096);
         loop {
@@ -317,6 +321,28 @@ struct PendingStore {
 }
 
 impl Scp {
+    /// Over the server's cap: the transient rejection, on the DICOM TLS port
+    /// after the TLS handshake (a plain-text answer would read as a broken
+    /// handshake to the caller, not as "busy, retry later").
+    async fn reject_busy_on(&self, socket: TcpStream, tls: Option<Arc<Tls>>) {
+        let Some(tls) = tls else {
+            return reject_busy(socket).await;
+        };
+        let config = match tls.dimse_config(&CertificateBinding::default()) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(error = %e, "DICOM TLS: cannot build the TLS configuration");
+                return;
+            }
+        };
+        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(socket);
+        match tokio::time::timeout(self.idle, handshake).await {
+            Ok(Ok(stream)) => reject_busy(stream).await,
+            Ok(Err(e)) => tracing::info!(error = %e, "DICOM TLS: handshake failed"),
+            Err(_) => tracing::info!("DICOM TLS: handshake timed out"),
+        }
+    }
+
     /// Negotiate (over TLS when `tls` is given), then serve the association.
     async fn run_association(&self, socket: TcpStream, tls: Option<Arc<Tls>>) {
         // Per connection: the association slot its partner's cap gives it

@@ -117,7 +117,18 @@ impl Gateway {
     /// (the files of `certs.py make certs`: st-mary's client certificate is
     /// `CN=st-mary-pacs`, city-clinic's `CN=city-pacs`), and plain DICOM off.
     pub fn start_tls(work: &Path, certs: &Path, clients: [&str; 2]) -> Gateway {
+        Self::start_tls_with(work, certs, clients, "")
+    }
+
+    /// [`Gateway::start_tls`] with extra `[server]` keys.
+    pub fn start_tls_with(
+        work: &Path,
+        certs: &Path,
+        clients: [&str; 2],
+        extra_server: &str,
+    ) -> Gateway {
         Self::launch(&Launch {
+            extra_server,
             partner_keys: clients,
             dev: false,
             tls: Some(certs),
@@ -712,12 +723,25 @@ pub fn test_clients(keys: &Path) -> [String; 2] {
 /// pynetdicom associates as `PY_AE` (St. Mary's) and holds the association
 /// for `seconds`; returns once it is established (pyscu.py prints "held").
 pub fn hold_association(gw: &Gateway, seconds: u32) -> Child {
-    let mut holder = Command::new("python3")
+    hold_association_on(gw.dicom, None, seconds)
+}
+
+/// [`hold_association`] on `port`, over TLS with a client certificate
+/// when `tls` is given (certificate, key and CA files).
+pub fn hold_association_on(port: u16, tls: Option<[&Path; 3]>, seconds: u32) -> Child {
+    let mut command = Command::new("python3");
+    if let Some([cert, key, ca]) = tls {
+        command.env(
+            "PYSCU_TLS",
+            format!("{}:{}:{}", cert.display(), key.display(), ca.display()),
+        );
+    }
+    let mut holder = command
         .arg(peers_dir().join("pyscu.py"))
         .args([
             "hold",
             "127.0.0.1",
-            &gw.dicom.to_string(),
+            &port.to_string(),
             PY_AE,
             "KONSIL",
             &seconds.to_string(),

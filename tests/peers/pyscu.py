@@ -14,8 +14,10 @@
       real SCUs re-encode what they send, so this is how bad bytes reach the SCP.
 
 store prints "0xSSSS<TAB>FILE<TAB>error comment" per file; exit 0 once every file got a response.
+With PYSCU_TLS=CERT:KEY:CA in the environment, the association runs over TLS with that
+client certificate, trusting CA.
 """
-import os, struct, sys, time
+import os, ssl, struct, sys, time
 from io import BytesIO
 import pydicom
 from pynetdicom.dimse_primitives import C_STORE
@@ -23,7 +25,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 def associate(ae, host, port, aec):
-    assoc = ae.associate(host, int(port), ae_title=aec)
+    tls_args = None
+    if os.environ.get("PYSCU_TLS"):
+        cert, key, ca = os.environ["PYSCU_TLS"].split(":")
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        context.load_cert_chain(cert, key)
+        tls_args = (context, host)
+    assoc = ae.associate(host, int(port), ae_title=aec, tls_args=tls_args)
     if not assoc.is_established:
         print("association not established", file=sys.stderr)
         sys.exit(2)
