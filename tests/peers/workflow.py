@@ -440,6 +440,22 @@ consent.save()
 task = case_task(task_id)
 assert stage(task) == "awaiting-approval" and task["status"] != "on-hold", task
 
+step("EHR: the consent goes inactive, then its provision denies -> on hold each time; active and permitting again releases it")
+for change, why in ((lambda c: c.__setitem__("status", "inactive"), "status is inactive"),
+                    (lambda c: c["provision"].__setitem__("type", "deny"), "does not permit")):
+    change(consent)
+    consent.save()
+    task = case_task(task_id)
+    assert stage(task) == "awaiting-approval" and task["status"] == "on-hold", task
+    assert why in task["statusReason"]["text"], task
+    status, outcome = call("POST", f"DiagnosticReport/{report_id}/$approve", role="approver")
+    assert status in (409, 422) and "consent" in json.dumps(outcome), (status, outcome)
+    consent["status"] = "active"
+    consent["provision"]["type"] = "permit"
+    consent.save()
+    task = case_task(task_id)
+    assert stage(task) == "awaiting-approval" and task["status"] != "on-hold", task
+
 # --- delivery while the referrer's endpoint is down, then up again ---------------------
 step("referrer's endpoint goes down; staff $approve")
 hook.shutdown()
