@@ -229,11 +229,7 @@ impl AuditRecord {
     /// The FHIR R4 AuditEvent.
     pub fn to_resource(&self) -> Value {
         let (event_type, subtype) = match self.kind {
-            Kind::Workflow(code) => (
-                json!({"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"}),
-                json!({"system": RESTFUL, "code": code}),
-            ),
-            Kind::Rest(code) => (
+            Kind::Rest(code) | Kind::Workflow(code) => (
                 json!({"system": EVENT_TYPE, "code": "rest", "display": "RESTful Operation"}),
                 json!({"system": RESTFUL, "code": code}),
             ),
@@ -496,17 +492,19 @@ pub async fn store_records(
 ) -> Result<(), crate::workflow::records::WorkflowError> {
     let mut tx = records.begin().await?;
     for record in batch {
-        let mut record = record.clone();
-        if let Some(transfer) = record.transfer {
-            let stored = tx
-                .records()
-                .take_unaudited_transfers(Some(transfer))
-                .await?;
-            record.add_stored(&stored);
-        }
-        tx.records()
-            .create("AuditEvent", None, record.to_resource())
-            .await?;
+        let event = match record.transfer {
+            Some(transfer) => {
+                let stored = tx
+                    .records()
+                    .take_unaudited_transfers(Some(transfer))
+                    .await?;
+                let mut record = record.clone();
+                record.add_stored(&stored);
+                record.to_resource()
+            }
+            None => record.to_resource(),
+        };
+        tx.records().create("AuditEvent", None, event).await?;
     }
     tx.commit().await
 }

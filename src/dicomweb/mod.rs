@@ -135,8 +135,8 @@ async fn gate(
         });
     }
     let response = next.run(request).await;
-    if let Some(mut unanswered) = unanswered {
-        unanswered.record = None;
+    if let Some(unanswered) = unanswered {
+        unanswered.answered();
     }
     let mut record = transfer_audit(action, &uri, caller, response.status());
     record.transfer = transfer;
@@ -158,6 +158,13 @@ async fn gate(
 struct UnansweredStore {
     auditor: crate::audit::Auditor,
     record: Option<AuditRecord>,
+}
+
+impl UnansweredStore {
+    /// The request answered: the gate stores its record.
+    fn answered(mut self) {
+        self.record = None;
+    }
 }
 
 impl Drop for UnansweredStore {
