@@ -639,20 +639,16 @@ fn a_stow_request_cut_by_its_client_is_audited_with_what_it_stored() {
     let wanted = format!("urn:oid:{}", study.trim());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let event = loop {
-        let events = sql(
-            &gw.data_dir,
-            "SELECT body FROM fhir_resource WHERE type = 'AuditEvent' AND body LIKE '%\"110104\"%'",
-        );
+        let events = store_events(&gw.data_dir);
         let found = events
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .iter()
             .find(|e| e["entity"][0]["what"]["identifier"]["value"] == wanted.as_str());
         match found {
-            Some(event) => break event,
+            Some(event) => break event.clone(),
             None if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(100))
             }
-            None => panic!("no AuditEvent names the stored study: {events}"),
+            None => panic!("no AuditEvent names the stored study: {events:?}"),
         }
     };
     assert_eq!(event["action"], "C", "{event}");

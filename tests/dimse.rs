@@ -503,41 +503,10 @@ fn instances_of_an_association_cut_by_a_kill_are_audited_at_the_next_start() {
     ]);
     let gw = Gateway::start(work.path(), "");
     let data_dir = gw.data_dir.clone();
-    let mut args = vec![
-        peers_dir().join("pyscu.py").to_str().unwrap().to_owned(),
-        "store-hold".into(),
-        "127.0.0.1".into(),
-        gw.dicom.to_string(),
-        PY_AE.into(),
-        "KONSIL".into(),
-        "60".into(),
-    ];
-    args.extend(ct.iter().map(|f| f.path.to_str().unwrap().to_owned()));
-    let mut holder = Command::new("python3")
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = Vec::new();
-    {
-        use std::io::BufRead;
-        let out = std::io::BufReader::new(holder.stdout.take().unwrap());
-        for line in out.lines() {
-            let line = line.unwrap();
-            if line == "held" {
-                break;
-            }
-            lines.push(line);
-        }
-    }
+    let files: Vec<&std::path::Path> = ct.iter().map(|f| f.path.as_path()).collect();
+    let (mut holder, lines) = pyscu_holding(gw.dicom, None, "store-hold", 60, &files);
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines.iter().all(|l| l.starts_with("0x0000\t")), "{lines:?}");
-    let audited = |data_dir: &std::path::Path| {
-        sql(
-            data_dir,
-            "SELECT body FROM fhir_resource WHERE type = 'AuditEvent' AND body LIKE '%\"110104\"%'",
-        )
-    };
     gw.kill9();
     let _ = holder.kill();
     let _ = holder.wait();
@@ -551,15 +520,11 @@ fn instances_of_an_association_cut_by_a_kill_are_audited_at_the_next_start() {
         .trim(),
         format!("{}\t3\t{PY_AE}", study.trim())
     );
-    assert_eq!(audited(&data_dir).trim(), "");
+    assert_eq!(store_events(&data_dir), Vec::<serde_json::Value>::new());
 
     let gw = Gateway::start_with(work.path(), &data_dir, "");
     assert_eq!(gw.instance_count(), 3);
-    let events = audited(&data_dir);
-    let events: Vec<serde_json::Value> = events
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = store_events(&data_dir);
     assert_eq!(events.len(), 1, "{events:?}");
     let event = &events[0];
     assert_eq!(event["action"], "C", "{event}");
@@ -605,12 +570,11 @@ fn instances_of_an_association_cut_by_a_kill_are_audited_at_the_next_start() {
     let sent = storescu(&gw, ST_MARY_AE, &[&more[0].path, &more[1].path]);
     assert!(sent.status.success(), "{}", stderr(&sent));
     let deadline = Instant::now() + Duration::from_secs(20);
-    while audited(&data_dir).lines().count() < 2 && Instant::now() < deadline {
+    while store_events(&data_dir).len() < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let normal: serde_json::Value = audited(&data_dir)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let normal = store_events(&data_dir)
+        .into_iter()
         .find(|e| e["agent"][0]["altId"] == ST_MARY_AE)
         .expect("the normal association's event");
     assert_eq!(

@@ -729,6 +729,22 @@ pub fn hold_association(gw: &Gateway, seconds: u32) -> Child {
 /// [`hold_association`] on `port`, over TLS with a client certificate
 /// when `tls` is given (certificate, key and CA files).
 pub fn hold_association_on(port: u16, tls: Option<[&Path; 3]>, seconds: u32) -> Child {
+    let (holder, printed) = pyscu_holding(port, tls, "hold", seconds, &[]);
+    assert!(printed.is_empty(), "pyscu.py hold printed {printed:?}");
+    holder
+}
+
+/// pynetdicom as `PY_AE` on `port` in `mode` (`hold`, or `store-hold`
+/// with `files`), holding its association for `seconds`: once it is held,
+/// the process and the lines it printed before "held" (one status per
+/// stored file).
+pub fn pyscu_holding(
+    port: u16,
+    tls: Option<[&Path; 3]>,
+    mode: &str,
+    seconds: u32,
+    files: &[&Path],
+) -> (Child, Vec<String>) {
     let mut command = Command::new("python3");
     if let Some([cert, key, ca]) = tls {
         command.env(
@@ -739,21 +755,39 @@ pub fn hold_association_on(port: u16, tls: Option<[&Path; 3]>, seconds: u32) -> 
     let mut holder = command
         .arg(peers_dir().join("pyscu.py"))
         .args([
-            "hold",
+            mode,
             "127.0.0.1",
             &port.to_string(),
             PY_AE,
             "KONSIL",
             &seconds.to_string(),
         ])
+        .args(files)
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
-    let mut line = String::new();
     use std::io::BufRead;
-    std::io::BufReader::new(holder.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("pyscu.py hold");
-    assert_eq!(line.trim(), "held", "pyscu.py hold did not associate");
-    holder
+    let mut printed = Vec::new();
+    for line in std::io::BufReader::new(holder.stdout.take().expect("piped")).lines() {
+        let line = line.expect("pyscu.py output");
+        if line == "held" {
+            return (holder, printed);
+        }
+        printed.push(line);
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+    panic!("pyscu.py {mode} did not hold its association; it printed {printed:?}");
+}
+
+/// The AuditEvents of DICOM stores ("Instances Transferred") in the store
+/// of `data_dir`, read directly (also while the gateway is down).
+pub fn store_events(data_dir: &Path) -> Vec<serde_json::Value> {
+    sql(
+        data_dir,
+        "SELECT body FROM fhir_resource WHERE type = 'AuditEvent' AND body LIKE '%\"110104\"%'",
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("a stored AuditEvent"))
+    .collect()
 }
