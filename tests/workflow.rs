@@ -30,14 +30,13 @@ fn start(work: &std::path::Path, workflow: &str, st_mary: &str) -> (Gateway, Tok
     (gw, tokens)
 }
 
+/// The `[workflow]` settings of the end-to-end case: short waits.
+const E2E_WORKFLOW: &str = "imaging_quiet_secs = 2\ncheck_interval_secs = 1\nnotify_first_retry_secs = 1\nnotify_max_backoff_secs = 2";
+
 #[test]
 fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
     let work = tempfile::tempdir().unwrap();
-    let (gw, tokens) = start(
-        work.path(),
-        "imaging_quiet_secs = 2\ncheck_interval_secs = 1\nnotify_first_retry_secs = 1\nnotify_max_backoff_secs = 2",
-        "",
-    );
+    let (gw, tokens) = start(work.path(), E2E_WORKFLOW, "");
     let roles = serde_json::json!({
         "partner": tokens.partner,
         "coordinator": gw.staff_token_as("coordinator", "coord-1"),
@@ -114,6 +113,7 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         );
     }
 
+    let (gw, tokens) = follow_up_is_refused_once_its_window_closed(gw, work.path(), facts);
     let second = a_second_referral_of_the_same_patient(&gw, facts, &tokens);
     retention_discards_the_submitted_records_and_keeps_the_opinion(&gw, facts, &tokens);
     second_referral_keeps_its_records(&gw, &tokens, &second);
@@ -204,6 +204,67 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         })
         .collect();
     assert!(failures.is_empty(), "validator findings: {failures:#?}");
+}
+
+/// The same delivered case, served again with a follow-up window of 0
+/// days: a question now is refused with the reason, and opens nothing.
+/// Returns the gateway as restarted, and its tokens.
+fn follow_up_is_refused_once_its_window_closed(
+    gw: Gateway,
+    work: &std::path::Path,
+    facts: &Value,
+) -> (Gateway, Tokens) {
+    assert!(gw.terminate().success());
+    let (gw, tokens) = start(work, &format!("{E2E_WORKFLOW}\nfollow_up_days = 0"), "");
+    let task = format!("Task/{}", facts["task_id"].as_str().unwrap());
+    let case = read_as_partner(&gw, &tokens, &format!("/fhir/{task}"));
+    assert_eq!(
+        case["businessStatus"]["coding"][0]["code"], "delivered",
+        "{case}"
+    );
+    let children = |gw: &Gateway| {
+        read_as_partner(
+            gw,
+            &tokens,
+            &format!("/fhir/Task?part-of={task}&_summary=count"),
+        )["total"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = children(&gw);
+    let question = serde_json::json!({
+        "resourceType": "Communication",
+        "status": "completed",
+        "partOf": [{"reference": task}],
+        "payload": [{"contentString": "And the follow-up scan?"}]
+    });
+    let (status, body) = send_fhir(
+        &gw,
+        reqwest::Method::POST,
+        "/Communication",
+        &tokens.partner,
+        &question,
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("the follow-up window of 0 days after delivery has closed"),
+        "{body}"
+    );
+    assert_eq!(
+        children(&gw),
+        before,
+        "a refused question opens no child Task"
+    );
+    let asked = read_as_partner(
+        &gw,
+        &tokens,
+        &format!("/fhir/Communication?part-of={task}&_summary=count"),
+    );
+    assert_eq!(
+        asked["total"], 1,
+        "only the question asked in the window is stored"
+    );
+    (gw, tokens)
 }
 
 /// `Type/id` of what each entry of a transaction response made.

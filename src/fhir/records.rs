@@ -590,6 +590,7 @@ impl ResourceTx for CaseTx {
             resource_type: resource.resource_type.clone(),
             id: resource.id.clone(),
             deleted: resource.body.is_none(),
+            partner: resource.partner.clone(),
             previous,
         });
         Ok(())

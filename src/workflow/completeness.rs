@@ -98,7 +98,8 @@ impl Rules {
 pub struct Document {
     pub types: Vec<Coding>,
     pub categories: Vec<Coding>,
-    /// `DocumentReference.date` (or the content's creation), ms since epoch.
+    /// When its clinical content dates from (`context.period`, else the
+    /// content's creation, else `DocumentReference.date`), ms since epoch.
     pub date_ms: Option<i64>,
 }
 

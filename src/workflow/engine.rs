@@ -44,6 +44,8 @@ pub struct Written {
     pub resource_type: String,
     pub id: String,
     pub deleted: bool,
+    /// The partner the resource belongs to (kept on a deletion's version).
+    pub partner: Option<PartnerId>,
     /// For a Task, a DiagnosticReport or an ImagingStudy, and for any
     /// deletion: the version before this interaction, if there was one.
     pub previous: Option<Value>,
@@ -549,33 +551,9 @@ impl Workflow {
             if doc.partner != file.partner || !seen.insert(doc.id.clone()) {
                 continue;
             }
-            if doc.body.get("status").and_then(Value::as_str) != Some("current") {
-                continue;
+            if let Some(document) = submitted_document(&doc.body, &file.request.reference()) {
+                documents.push(document);
             }
-            // Our own filings (an earlier opinion) are not the referrer's
-            // records, and a document whose content retention discarded
-            // is no record any more.
-            let has_content = items(Some(&doc.body), "content").any(|c| {
-                c.get("attachment")
-                    .is_some_and(|a| a.get("url").is_some() || a.get("data").is_some())
-            });
-            // A document filed for another referral of the patient is that
-            // case's (its retention discards it on that case's clock).
-            if reference_of(doc.body.get("custodian")) == Some(SERVICE_ORGANIZATION)
-                || !has_content
-                || retention::of_another_case(&doc.body, &file.request.reference())
-            {
-                continue;
-            }
-            documents.push(Document {
-                types: codings(doc.body.get("type")),
-                categories: codings(doc.body.get("category")),
-                date_ms: doc
-                    .body
-                    .get("date")
-                    .and_then(Value::as_str)
-                    .and_then(start_ms),
-            });
         }
         let mut complete_studies = 0;
         let mut awaited = 0;
@@ -780,14 +758,16 @@ impl Workflow {
         r: &mut dyn Records,
         w: &Written,
     ) -> Result<Vec<String>, WorkflowError> {
-        // A deleted record is found by what it was.
-        let (body, partner) = match r.read(&w.reference()).await? {
-            Some(record) => (record.body, Some(record.partner)),
+        // A deleted record is found by what it was, and stays its
+        // partner's: it touches that partner's cases only.
+        let body = match r.read(&w.reference()).await? {
+            Some(record) => record.body,
             None => match &w.previous {
-                Some(previous) => (previous.clone(), None),
+                Some(previous) => previous.clone(),
                 None => return Ok(Vec::new()),
             },
         };
+        let partner = &w.partner;
         let body = &body;
         let mut requests = BTreeSet::new();
         let mut patients = BTreeSet::new();
@@ -810,7 +790,7 @@ impl Workflow {
         }
         for patient in &patients {
             for task in r.search("Task", &format!("patient={patient}")).await? {
-                if partner.as_ref().is_none_or(|p| *p == task.partner)
+                if *partner == task.partner
                     && case_of(&task.body).is_some_and(|c| !c.stage.is_final())
                     && task.body.get("partOf").is_none()
                 {
@@ -1821,6 +1801,53 @@ impl Workflow {
 }
 
 /// The first instant a FHIR date or dateTime covers, in ms.
+/// A DocumentReference as a record the referrer submitted for the case of
+/// `request`, or `None` when it is none: not `current`, filed by the
+/// service itself (an earlier opinion is not the referrer's record), without
+/// content (retention discarded it), or filed for another of the patient's
+/// referrals (that case's record, on that case's retention clock).
+fn submitted_document(doc: &Value, request: &str) -> Option<Document> {
+    if doc.get("status").and_then(Value::as_str) != Some("current") {
+        return None;
+    }
+    let has_content = items(Some(doc), "content").any(|c| {
+        c.get("attachment")
+            .is_some_and(|a| a.get("url").is_some() || a.get("data").is_some())
+    });
+    if reference_of(doc.get("custodian")) == Some(SERVICE_ORGANIZATION)
+        || !has_content
+        || retention::of_another_case(doc, request)
+    {
+        return None;
+    }
+    Some(Document {
+        types: codings(doc.get("type")),
+        categories: codings(doc.get("category")),
+        date_ms: clinical_date_ms(doc),
+    })
+}
+
+/// When a document's clinical content dates from, for "within N months":
+/// the period of care it documents (`context.period`, its end if it has
+/// one), else when its content was made (`attachment.creation`, the latest),
+/// else when the reference was written (`date`). `date` comes last because
+/// a referrer packaging an old note today writes today's date there.
+fn clinical_date_ms(doc: &Value) -> Option<i64> {
+    let period = doc.get("context").and_then(|c| c.get("period"));
+    let from_period = period.and_then(|p| {
+        let end = p.get("end").and_then(Value::as_str).and_then(start_ms);
+        end.or_else(|| p.get("start").and_then(Value::as_str).and_then(start_ms))
+    });
+    from_period
+        .or_else(|| {
+            items(Some(doc), "content")
+                .filter_map(|c| c.get("attachment")?.get("creation")?.as_str())
+                .filter_map(start_ms)
+                .max()
+        })
+        .or_else(|| doc.get("date").and_then(Value::as_str).and_then(start_ms))
+}
+
 fn start_ms(value: &str) -> Option<i64> {
     crate::fhir::search::date_range(value).map(|r| r.0)
 }
@@ -1998,6 +2025,82 @@ fn has_identifier(patient: &Value, value: &str, system: IdSystem<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clinical note filed for `ServiceRequest/sr-1`.
+    fn note(extra: Value) -> Value {
+        let mut doc = json!({
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]},
+            "content": [{"attachment": {"url": "Binary/b1", "contentType": "application/pdf"}}],
+            "context": {"related": [{"reference": "ServiceRequest/sr-1"}]}
+        });
+        if let (Some(doc), Value::Object(extra)) = (doc.as_object_mut(), extra) {
+            doc.extend(extra);
+        }
+        doc
+    }
+
+    #[test]
+    fn only_the_referrers_current_records_with_content_count_for_the_case() {
+        let counted = |doc: &Value| submitted_document(doc, "ServiceRequest/sr-1").is_some();
+        assert!(counted(&note(json!({}))));
+        // The service's own filing (an earlier opinion's PDF) is not the
+        // referrer's record, whatever its type says.
+        assert!(!counted(&note(
+            json!({"custodian": {"reference": SERVICE_ORGANIZATION}})
+        )));
+        assert!(counted(&note(
+            json!({"custodian": {"reference": "Organization/st-mary"}})
+        )));
+        assert!(!counted(&note(json!({"status": "superseded"}))));
+        // Retention took the content away: no record any more.
+        assert!(!counted(&note(
+            json!({"content": [{"attachment": {"contentType": "application/pdf", "title": "discarded"}}]})
+        )));
+        // Filed for another referral of the patient: that case's record.
+        assert!(!counted(&note(
+            json!({"context": {"related": [{"reference": "ServiceRequest/sr-2"}]}})
+        )));
+        // Filed for the patient without naming a referral: counts.
+        assert!(counted(&note(json!({"context": {}}))));
+    }
+
+    #[test]
+    fn a_documents_clinical_date_is_its_period_then_its_contents_creation_then_its_date() {
+        let date = |extra: Value| {
+            submitted_document(&note(extra), "ServiceRequest/sr-1").and_then(|d| d.date_ms)
+        };
+        let ms = |s: &str| start_ms(s);
+        // Packaged today, about a visit two years ago: the visit counts.
+        assert_eq!(
+            date(json!({
+                "date": "2026-11-20T10:00:00Z",
+                "context": {"period": {"start": "2024-03-01", "end": "2024-03-02"}},
+                "content": [{"attachment": {"url": "Binary/b1", "creation": "2026-11-20"}}]
+            })),
+            ms("2024-03-02")
+        );
+        assert_eq!(
+            date(json!({"context": {"period": {"start": "2024-03-01"}}})),
+            ms("2024-03-01")
+        );
+        assert_eq!(
+            date(json!({
+                "date": "2026-11-20T10:00:00Z",
+                "content": [
+                    {"attachment": {"url": "Binary/b1", "creation": "2025-01-05"}},
+                    {"attachment": {"url": "Binary/b2", "creation": "2025-02-07"}}
+                ]
+            })),
+            ms("2025-02-07")
+        );
+        assert_eq!(
+            date(json!({"date": "2026-11-20T10:00:00Z"})),
+            ms("2026-11-20T10:00:00Z")
+        );
+        assert_eq!(date(json!({})), None);
+    }
 
     #[test]
     fn a_patient_id_matches_only_in_its_system() {
