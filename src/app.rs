@@ -183,9 +183,8 @@ impl App {
                     "re-indexed stored instances the index had lost (OS crash?)"
                 );
             }
-            // After the re-indexing, whose rows are noted too. (A `konsil
-            // import` running while the server starts has its notes taken
-            // here as well: its instances are then in two events.)
+            // After the re-indexing, whose rows are noted too. A `konsil
+            // import` still running keeps its notes for its own event.
             let events = crate::audit::audit_interrupted_transfers(&*cases).await?;
             if events > 0 {
                 tracing::warn!(

@@ -538,8 +538,8 @@ pub async fn audit_interrupted_transfers(
         };
         let description = if first.transfer.is_some() {
             format!(
-                "{what} stopped by a server stop before its audit record was stored; \
-                 recorded at the next start from what the index holds"
+                "{what} cut off before its audit record was stored (its process stopped); \
+                 recorded at the next server start from what the index holds"
             )
         } else {
             format!(

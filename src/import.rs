@@ -73,11 +73,12 @@ pub enum ImportError {
 }
 
 /// Import every DICOM file under `path` (a folder, a DICOMDIR, or a folder
-/// holding a DICOMDIR) for `partner`.
+/// holding a DICOMDIR) for `partner`, as the one transfer `transfer`.
 pub async fn run(
     ingest: &Ingest,
     partner: &PartnerId,
     path: &Path,
+    transfer: TransferId,
 ) -> Result<Summary, ImportError> {
     let files = collect_files(path)?;
     let bar = ProgressBar::new(files.len() as u64);
@@ -85,7 +86,10 @@ pub async fn run(
         ProgressStyle::with_template("{bar:40} {pos}/{len} files  {elapsed_precise} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        transfer,
+        ..Summary::default()
+    };
     for file in files {
         match import_file(ingest, partner, summary.transfer, &file).await {
             Ok(FileOutcome::Stored(outcome, study)) => {

@@ -207,7 +207,10 @@ async fn import(
         );
     }
     let app = App::open_without_recovery(config).await?;
-    let summary = konsil::import::run(&app.ingest, &partner, path).await;
+    let transfer = konsil::ids::TransferId::new();
+    // A server starting while this import runs must leave its notes to it.
+    app.index.transfer_started(transfer).await?;
+    let summary = konsil::import::run(&app.ingest, &partner, path, transfer).await;
     // Every import is acknowledged only once durable: unless `serve` (or
     // another import) still has the store open, the next start may skip
     // the check for objects a crash tore.

@@ -545,7 +545,7 @@ fn instances_of_an_association_cut_by_a_kill_are_audited_at_the_next_start() {
     assert!(
         event["outcomeDesc"]
             .as_str()
-            .is_some_and(|d| d.contains("server stop")),
+            .is_some_and(|d| d.contains("its process stopped")),
         "{event}"
     );
     assert_eq!(

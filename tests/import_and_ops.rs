@@ -133,6 +133,115 @@ fn import_a_dicomdir_and_a_folder() {
     assert!(mark.exists(), "an import alone closes the store cleanly");
 }
 
+/// Poll `query` on the store of `data_dir` until it prints a number above 0.
+fn wait_for_rows(data_dir: &std::path::Path, query: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sql(data_dir, query).trim().parse::<u64>().unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no rows for {query}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_import_running_while_the_server_starts_keeps_its_own_audit_record() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(work.path(), "");
+    let data_dir = gw.data_dir.clone();
+    let config = gw.config_path().to_str().unwrap().to_owned();
+    assert!(gw.terminate().success());
+    let mut folders = Vec::new();
+    for name in ["first", "second"] {
+        let folder = work.path().join(name);
+        let made = python(
+            "dicom_files.py",
+            &["tiny", folder.to_str().unwrap(), "2000"],
+        );
+        assert!(made.status.success(), "{}", stderr(&made));
+        folders.push(folder);
+    }
+    let spawn_import = |folder: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_konsil"))
+            .args(["--config", &config, "import", folder.to_str().unwrap()])
+            .args(["--partner", "st-mary"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let notes = "SELECT count(*) FROM transfers_unaudited";
+
+    // The server starts while an import is storing: it leaves the import's
+    // notes alone, and the import's one event names all it stored.
+    let import = spawn_import(&folders[0]);
+    wait_for_rows(&data_dir, notes);
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    let mut import = import;
+    assert!(
+        import.try_wait().unwrap().is_none(),
+        "the import ended before the server was up; the test needs a longer one"
+    );
+    assert!(
+        store_events(&data_dir).is_empty(),
+        "{:?}",
+        store_events(&data_dir)
+    );
+    let out = import.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("stored: 2000"), "{}", stdout(&out));
+    let events = store_events(&data_dir);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0]["outcomeDesc"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("konsil import")));
+    assert_eq!(events[0]["entity"][0]["description"], "2000 instance(s)");
+    assert_eq!(sql(&data_dir, notes).trim(), "0");
+    assert_eq!(
+        sql(&data_dir, "SELECT count(*) FROM transfers_running").trim(),
+        "0"
+    );
+
+    // An import killed midway: the server up meanwhile leaves its notes
+    // (it does not look again); its next start stores the event for what
+    // the import had stored.
+    let mut import = spawn_import(&folders[1]);
+    wait_for_rows(&data_dir, notes);
+    import.kill().unwrap();
+    import.wait().unwrap();
+    let stored: u64 = sql(
+        &data_dir,
+        "SELECT COALESCE(SUM(instances), 0) FROM transfers_unaudited",
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(
+        stored > 0 && stored < 2000,
+        "{stored} instances before the kill"
+    );
+    assert!(gw.terminate().success());
+    let gw = Gateway::start_with(work.path(), &data_dir, "");
+    let events = store_events(&data_dir);
+    assert_eq!(events.len(), 2, "{events:?}");
+    let cut = events
+        .iter()
+        .find(|e| {
+            e["outcomeDesc"]
+                .as_str()
+                .is_some_and(|d| d.contains("its process stopped"))
+        })
+        .expect("an event for the killed import");
+    assert_eq!(
+        cut["entity"][0]["description"],
+        format!("{stored} instance(s)")
+    );
+    assert_eq!(sql(&data_dir, notes).trim(), "0");
+    assert_eq!(
+        sql(&data_dir, "SELECT count(*) FROM transfers_running").trim(),
+        "0"
+    );
+    assert!(gw.terminate().success());
+}
+
 #[test]
 fn health_readiness_and_metrics() {
     let work = tempfile::tempdir().unwrap();

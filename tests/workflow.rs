@@ -154,9 +154,9 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
             "no {kind} in the system history"
         );
     }
-    // Every version of the case's Task and ImagingStudies is named by the
-    // event stored with it: the client's, an operation's, or (study
-    // arrivals, deadlines) the workflow's own.
+    // Every version of the case's Task, ImagingStudies and Subscriptions is
+    // named by the event stored with it: the client's, an operation's, a
+    // delivery attempt's, or (study arrivals, deadlines) the workflow's own.
     let named: std::collections::HashSet<&str> = audit
         .iter()
         .flat_map(|e| e["entity"].as_array().into_iter().flatten())
@@ -164,7 +164,9 @@ fn a_referral_goes_from_intake_to_delivered_opinion_and_follow_up() {
         .collect();
     let unnamed: Vec<String> = held
         .iter()
-        .filter(|r| r["resourceType"] == "Task" || r["resourceType"] == "ImagingStudy")
+        .filter(|r| {
+            ["Task", "ImagingStudy", "Subscription"].contains(&r["resourceType"].as_str().unwrap())
+        })
         .map(|r| {
             format!(
                 "{}/{}/_history/{}",

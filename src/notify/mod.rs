@@ -326,9 +326,9 @@ impl Deliverer {
         if subscription.body != was {
             tx.records().update(&subscription).await?;
         }
-        let audit = audit_event(&subscription.id, &n.focus, &result, now);
-        tx.records().create("AuditEvent", None, audit).await?;
-        tx.commit().await?;
+        // The event names the Subscription version this attempt wrote too.
+        tx.commit_audited(audit_event(&subscription.id, &n.focus, &result, now))
+            .await?;
         self.resources
             .record_attempt(n.id, &attempt)
             .await

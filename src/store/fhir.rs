@@ -285,8 +285,9 @@ pub trait ResourceTx: Send {
         locations: &[BlobLocation],
     ) -> Result<(), MetaError>;
     /// Take the index's notes of instances stored by transfers whose audit
-    /// record is not stored yet (of `transfer`, or of all): they are gone
-    /// once this transaction, which stores that record, commits.
+    /// record is not stored yet (of `transfer`, or of all but those a
+    /// living process runs: see `MetadataStore::transfer_started`): they
+    /// are gone once this transaction, which stores that record, commits.
     async fn take_unaudited_transfers(
         &mut self,
         transfer: Option<TransferId>,

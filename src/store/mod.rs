@@ -12,7 +12,7 @@ mod sqlite_fhir;
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, Write};
 
-use crate::ids::{PartnerId, Uid};
+use crate::ids::{PartnerId, TransferId, Uid};
 
 /// Where an instance came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,6 +327,10 @@ pub trait MetadataStore: Send + Sync + 'static {
         partner: &PartnerId,
         study_uid: &Uid,
     ) -> Result<Option<i64>, MetaError>;
+    /// This process runs `transfer` next to a server (`konsil import`):
+    /// while it lives, a server starting up leaves the transfer's audit
+    /// notes to it.
+    async fn transfer_started(&self, transfer: TransferId) -> Result<(), MetaError>;
     /// The workflow reconciled the study as of arrival `seq` (a later
     /// arrival keeps it pending).
     async fn clear_pending_study(
@@ -335,4 +339,11 @@ pub trait MetadataStore: Send + Sync + 'static {
         study_uid: &Uid,
         seq: i64,
     ) -> Result<(), MetaError>;
+}
+
+/// Whether a process with this id exists (Linux: /proc). A store shared
+/// with other processes (`konsil import`, `konsil retention`) leaves what
+/// a living one owns alone.
+pub(crate) fn process_alive(pid: u32) -> bool {
+    std::path::Path::new("/proc").join(pid.to_string()).exists()
 }

@@ -88,7 +88,7 @@ impl SegmentStore {
         };
         // Presence marks of processes that are gone (a crash) go; ours comes.
         for (pid, path) in open_marks(&dir)? {
-            if !process_alive(pid) {
+            if !super::process_alive(pid) {
                 let _ = fs::remove_file(path);
             }
         }
@@ -204,7 +204,9 @@ impl BlobStore for SegmentStore {
         for name in names {
             // A segment of another live process (an import next to us) is
             // that process's business.
-            if owner_pid(&name).is_some_and(|pid| pid != std::process::id() && process_alive(pid)) {
+            if owner_pid(&name)
+                .is_some_and(|pid| pid != std::process::id() && super::process_alive(pid))
+            {
                 continue;
             }
             let start = resume_at.get(&name).copied().unwrap_or(0);
@@ -262,7 +264,7 @@ impl BlobStore for SegmentStore {
         if open_marks(&self.dir)
             .map_err(fail)?
             .iter()
-            .any(|(pid, _)| *pid != ours && process_alive(*pid))
+            .any(|(pid, _)| *pid != ours && super::process_alive(*pid))
         {
             return Ok(());
         }
@@ -425,11 +427,6 @@ fn open_marks(dir: &Path) -> io::Result<Vec<(u32, PathBuf)>> {
 
 fn owner_pid(name: &str) -> Option<u32> {
     name.split('-').nth(1)?.parse().ok()
-}
-
-/// Whether a process with this id exists (Linux: /proc).
-fn process_alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// Ask the kernel to start writing `len` bytes at `offset` to disk now,

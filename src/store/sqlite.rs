@@ -14,7 +14,7 @@ use super::query::{self, Level, Locate, Matcher, Search, SearchRow, StoredInstan
 use super::{
     AssertionLog, BlobLocation, IndexOutcome, IndexedBlob, InstanceRecord, MetaError, MetadataStore,
 };
-use crate::ids::{PartnerId, Uid};
+use crate::ids::{PartnerId, TransferId, Uid};
 
 /// Remove a partner's study from the DICOM index, on `conn` (inside the
 /// caller's transaction). Returns where its objects are, for the blob store
@@ -112,6 +112,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "transfer audit",
         include_str!("migrations/0009_transfer_audit.sql"),
+    ),
+    (
+        10,
+        "transfers running",
+        include_str!("migrations/0010_transfers_running.sql"),
     ),
 ];
 
@@ -470,6 +475,18 @@ impl MetadataStore for SqliteStore {
             .fetch_optional(&self.reader)
             .await?,
         )
+    }
+
+    async fn transfer_started(&self, transfer: TransferId) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO transfers_running (transfer_id, pid, started_ms) VALUES (?, ?, ?)",
+        )
+        .bind(transfer.get())
+        .bind(i64::from(std::process::id()))
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     async fn clear_pending_study(

@@ -755,14 +755,39 @@ impl ResourceTx for SqliteResourceTx {
         &mut self,
         transfer: Option<TransferId>,
     ) -> Result<Vec<UnauditedTransfer>, MetaError> {
+        if transfer.is_none() {
+            // Transfers of processes that are gone are anybody's now; a
+            // living one's (an import next to this server) stay its own.
+            let running: Vec<(i64, i64)> =
+                sqlx::query_as("SELECT transfer_id, pid FROM transfers_running")
+                    .fetch_all(&mut *self.tx)
+                    .await?;
+            for (running, pid) in running {
+                let alive = u32::try_from(pid).is_ok_and(crate::store::process_alive);
+                if !alive {
+                    sqlx::query("DELETE FROM transfers_running WHERE transfer_id = ?")
+                        .bind(running)
+                        .execute(&mut *self.tx)
+                        .await?;
+                }
+            }
+        }
         let rows = sqlx::query(
-            "DELETE FROM transfers_unaudited WHERE ?1 IS NULL OR transfer_id = ?1
+            "DELETE FROM transfers_unaudited
+             WHERE (?1 IS NULL AND transfer_id NOT IN (SELECT transfer_id FROM transfers_running))
+                OR transfer_id = ?1
              RETURNING transfer_id, partner, study_uid, source, calling_ae, instances,
                 first_ms, last_ms",
         )
         .bind(transfer.map(TransferId::get))
         .fetch_all(&mut *self.tx)
         .await?;
+        if let Some(transfer) = transfer {
+            sqlx::query("DELETE FROM transfers_running WHERE transfer_id = ?")
+                .bind(transfer.get())
+                .execute(&mut *self.tx)
+                .await?;
+        }
         let mut taken = rows
             .iter()
             .map(|row| {
