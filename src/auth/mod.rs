@@ -141,20 +141,6 @@ impl Caller {
     pub fn is_staff(&self) -> bool {
         matches!(self, Caller::Staff(_))
     }
-
-    /// The partners whose data this caller may see.
-    pub fn visible_partners(&self, config: &Config) -> Vec<PartnerId> {
-        match self {
-            Caller::Staff(_) => config.partners.iter().map(|p| p.id.clone()).collect(),
-            Caller::Partner(client) => vec![client.partner.clone()],
-        }
-    }
-
-    /// Whether this caller may read resources of `resource_type` at all
-    /// (used to drop `_include`d and history entries it may not see).
-    pub fn may_read_type(&self, resource_type: &str) -> bool {
-        authorize(self, Action::Fhir(Permission::Read, Some(resource_type))).is_ok()
-    }
 }
 
 /// Why a request carries no usable identity (401), or names an unknown

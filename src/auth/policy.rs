@@ -1,11 +1,19 @@
-//! The one authorisation decision: may this caller take this action? Every
-//! FHIR, DICOMweb and workflow call asks [`authorize`]; which partner's data
-//! a caller sees is the other half (the stores filter by
-//! [`super::Caller::visible_partners`], and a resource of another partner is
-//! "not found", never "forbidden").
-
+//! The one authorisation policy, both halves in this module:
+//! - [`authorize`]: may this caller take this action (caller, action)?
+//!   Every FHIR, DICOMweb and workflow call asks it first (403 when not).
+//! - [`may_see`]: may this caller see this stored resource (caller,
+//!   resource)? A partner sees its own resources, a case-restricted
+//!   specialist the resources of the assigned cases, and only types the
+//!   caller may read. What it may not see is "not found", never
+//!   "forbidden". Searches, `_include`, histories and totals apply the
+//!   same rule inside the query (the caller's partner, the case scope's
+//!   clause), so a page and its total agree with [`may_see`]; DICOMweb
+//!   queries and retrievals are restricted to [`visible_partners`].
 use super::scope::Permission;
 use super::{Caller, Role};
+use crate::config::Config;
+use crate::ids::PartnerId;
+use crate::store::fhir::StoredResource;
 
 /// What a caller wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +104,31 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<(), Denied> {
                 )))
             }
         }
+    }
+}
+
+/// The resource half of the policy: whether `caller` may see `stored`.
+pub fn may_see(caller: &Caller, stored: &StoredResource) -> bool {
+    let own = match caller.partner() {
+        None => true,
+        Some(id) => stored.partner.as_ref() == Some(id),
+    };
+    own && may_read_type(caller, &stored.resource_type)
+        && caller.case_scope().is_none_or(|cases| cases.covers(stored))
+}
+
+/// Whether `caller` may read resources of `resource_type` at all (drops
+/// `_include`d and history entries of types it may not read).
+pub fn may_read_type(caller: &Caller, resource_type: &str) -> bool {
+    authorize(caller, Action::Fhir(Permission::Read, Some(resource_type))).is_ok()
+}
+
+/// The partners whose data `caller` may see: what a query is restricted
+/// to before it runs (staff: every configured partner).
+pub fn visible_partners(caller: &Caller, config: &Config) -> Vec<PartnerId> {
+    match caller {
+        Caller::Staff(_) => config.partners.iter().map(|p| p.id.clone()).collect(),
+        Caller::Partner(client) => vec![client.partner.clone()],
     }
 }
 
@@ -266,6 +299,49 @@ mod tests {
                 assert!(!why.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn callers_see_their_own_partners_and_cases_resources_only() {
+        let stored = |resource_type: &str, id: &str, partner: Option<&str>| StoredResource {
+            resource_type: resource_type.into(),
+            id: id.into(),
+            version: 1,
+            last_updated: String::new(),
+            updated_ms: 0,
+            partner: partner.map(|p| PartnerId::parse(p).unwrap()),
+            body: Some(format!(
+                r#"{{"resourceType":"{resource_type}","id":"{id}"}}"#
+            )),
+            method: "POST".into(),
+            blob: None,
+        };
+        let ours = stored("Task", "t1", Some("st-mary"));
+        let theirs = stored("Task", "t2", Some("city-clinic"));
+        let trail = stored("AuditEvent", "a1", None);
+        let p = partner("system/*.rs");
+        assert!(may_see(&p, &ours));
+        assert!(!may_see(&p, &theirs));
+        assert!(!may_see(&p, &trail));
+        assert!(
+            !may_see(&partner("system/Patient.rs"), &ours),
+            "no Task scope"
+        );
+        let coordinator = staff(Role::Coordinator);
+        assert!(may_see(&coordinator, &ours) && may_see(&coordinator, &theirs));
+        assert!(!may_see(&coordinator, &trail));
+        assert!(may_see(&staff(Role::Auditor), &trail));
+        assert!(!may_see(&staff(Role::Auditor), &ours));
+        let specialist = Caller::Staff(StaffUser {
+            subject: "dr-a".into(),
+            roles: vec![Role::Specialist],
+            cases: Some(std::sync::Arc::new(crate::auth::cases::CaseScope {
+                tasks: ["t1".to_owned()].into(),
+                ..Default::default()
+            })),
+        });
+        assert!(may_see(&specialist, &ours));
+        assert!(!may_see(&specialist, &theirs), "a case not assigned");
     }
 
     #[test]

@@ -98,7 +98,7 @@ async fn search(
     let max = app.config.dicomweb.max_results;
     let limit = parsed.limit.unwrap_or(max).min(max);
     let mut conditions = parsed.conditions.clone();
-    let mut partners = caller.visible_partners(&app.config);
+    let mut partners = crate::auth::policy::visible_partners(&caller, &app.config);
     // A case-restricted specialist finds the studies of the assigned cases.
     if let Some(cases) = caller.case_scope() {
         match crate::store::query::attribute_by_keyword("StudyInstanceUID") {

@@ -88,7 +88,7 @@ async fn locate(
     let caller = caller?;
     let (study, series, instance) = target;
     let locate = Locate {
-        partners: caller.visible_partners(&app.config),
+        partners: crate::auth::policy::visible_partners(&caller, &app.config),
         study_uid: path_uid("StudyInstanceUID", study)?,
         series_uid: series
             .map(|s| path_uid("SeriesInstanceUID", s))

@@ -116,18 +116,9 @@ impl Ctx {
         self.caller.partner().map(|id| vec![id.clone()])
     }
 
-    /// Whether this caller may see `stored` (one authorisation point until
-    /// issue 6 widens it to compartments and roles).
+    /// Whether this caller may see `stored` (the policy's resource half).
     pub fn may_see(&self, stored: &StoredResource) -> bool {
-        let own = match self.caller.partner() {
-            None => true,
-            Some(id) => stored.partner.as_ref() == Some(id),
-        };
-        own && self.caller.may_read_type(&stored.resource_type)
-            && self
-                .caller
-                .case_scope()
-                .is_none_or(|cases| cases.covers(stored))
+        crate::auth::policy::may_see(&self.caller, stored)
     }
 
     /// A case-restricted specialist writes records of the assigned cases'
@@ -1535,10 +1526,7 @@ async fn history(
     // A system-wide history spans types some callers may not read (the
     // audit trail), and a type's history spans cases a specialist is not
     // assigned: those versions are left out.
-    let shown = |v: &&StoredResource| {
-        ctx.caller.may_read_type(&v.resource_type)
-            && ctx.caller.case_scope().is_none_or(|cases| cases.covers(v))
-    };
+    let shown = |v: &&StoredResource| ctx.may_see(v);
     for v in page.versions.iter().filter(shown) {
         let (status, url) = match v.method.as_str() {
             "POST" => ("201 Created", v.resource_type.clone()),
