@@ -431,14 +431,9 @@ fn idle_association_is_closed_after_the_idle_timeout() {
 
 /// Wait until at least `min` bytes of an unfinished object are on disk.
 fn wait_for_partial(data_dir: &std::path::Path, min: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if segment_bytes(data_dir) >= min {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no partial object appeared");
+    wait_until("a partial object", Duration::from_secs(60), || {
+        segment_bytes(data_dir) >= min
+    });
 }
 
 #[test]

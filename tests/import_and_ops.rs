@@ -135,11 +135,9 @@ fn import_a_dicomdir_and_a_folder() {
 
 /// Poll `query` on the store of `data_dir` until it prints a number above 0.
 fn wait_for_rows(data_dir: &std::path::Path, query: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while sql(data_dir, query).trim().parse::<u64>().unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no rows for {query}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(query, std::time::Duration::from_secs(60), || {
+        sql(data_dir, query).trim().parse::<u64>().unwrap_or(0) > 0
+    });
 }
 
 #[test]
@@ -221,19 +219,30 @@ fn an_import_running_while_the_server_starts_keeps_its_own_audit_record() {
     assert!(gw.terminate().success());
     let gw = Gateway::start_with(work.path(), &data_dir, "");
     let events = store_events(&data_dir);
-    assert_eq!(events.len(), 2, "{events:?}");
-    let cut = events
+    let said = |e: &serde_json::Value, what: &str| {
+        e["outcomeDesc"].as_str().is_some_and(|d| d.contains(what))
+    };
+    let cut: Vec<&serde_json::Value> = events
         .iter()
-        .find(|e| {
-            e["outcomeDesc"]
-                .as_str()
-                .is_some_and(|d| d.contains("its process stopped"))
-        })
-        .expect("an event for the killed import");
+        .filter(|e| said(e, "its process stopped"))
+        .collect();
+    assert_eq!(cut.len(), 1, "{events:?}");
     assert_eq!(
-        cut["entity"][0]["description"],
+        cut[0]["entity"][0]["description"],
         format!("{stored} instance(s)")
     );
+    // Besides the first import's own event, at most one more: the kill may
+    // catch an instance between its durable write and its index commit;
+    // recovery indexes it again, as of a transfer not known.
+    for e in &events {
+        assert!(
+            said(e, "konsil import for partner")
+                || said(e, "its process stopped")
+                || said(e, "rebuilt from the blob store"),
+            "{e}"
+        );
+    }
+    assert!(events.len() <= 3, "{events:?}");
     assert_eq!(sql(&data_dir, notes).trim(), "0");
     assert_eq!(
         sql(&data_dir, "SELECT count(*) FROM transfers_running").trim(),
