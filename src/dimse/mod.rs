@@ -3,6 +3,7 @@
 //! pipeline PDU by PDU.
 
 pub mod command;
+mod pdata;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
@@ -513,7 +514,7 @@ impl Scp {
             failures: 0,
         };
         let end = loop {
-            let pdu = match assoc.receive().await {
+            let pdu = match pdata::receive(&mut assoc, self.idle).await {
                 Ok(pdu) => pdu,
                 Err(e) => break format!("receive failed or idle timeout: {e}"),
             };

@@ -5,6 +5,7 @@
 
 pub mod fhir;
 pub mod query;
+mod runway;
 pub mod segments;
 pub mod sqlite;
 mod sqlite_fhir;

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::runway::{Runway, Zeroer};
 use super::{
     BlobError, BlobLocation, BlobStore, BlobWrite, CommittedBlob, ReadSeek, RecoveredBlob,
     Recovery, SealedBlob,
@@ -55,20 +56,42 @@ const DEFAULT_SEGMENT_LIMIT: u64 = 1 << 30;
 /// Blobs as records in append-only segment files.
 pub struct SegmentStore {
     dir: PathBuf,
-    /// Segments not held by a writer.
-    idle: Arc<Mutex<Vec<Segment>>>,
+    pool: Arc<Pool>,
     /// Names are `<start time>-<pid>-<n>.seg`: unique per process run.
     prefix: String,
     counter: AtomicU64,
-    segment_limit: u64,
     /// The clean-shutdown mark was missing when the store was opened.
     after_crash: bool,
+}
+
+/// What writers share with the store.
+struct Pool {
+    /// Segments not held by a writer.
+    idle: Mutex<Vec<Segment>>,
+    zeroer: Zeroer,
+    /// A segment past this size takes no new records.
+    segment_limit: u64,
+}
+
+impl Pool {
+    /// A segment whose record is durable (or was withdrawn) goes back.
+    fn put_back(&self, segment: Segment) {
+        if segment.len < self.segment_limit {
+            self.zeroer
+                .extend(&segment.runway, &segment.file, segment.len);
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(segment);
+        }
+    }
 }
 
 struct Segment {
     name: String,
     file: File,
+    /// Where the next record starts.
     len: u64,
+    runway: Arc<Runway>,
 }
 
 impl SegmentStore {
@@ -99,22 +122,26 @@ impl SegmentStore {
             .unwrap_or(0);
         Ok(SegmentStore {
             dir,
-            idle: Arc::new(Mutex::new(Vec::new())),
+            pool: Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+                zeroer: Zeroer::default(),
+                segment_limit: DEFAULT_SEGMENT_LIMIT,
+            }),
             prefix: format!("{started}-{}", std::process::id()),
             counter: AtomicU64::new(0),
-            segment_limit: DEFAULT_SEGMENT_LIMIT,
             after_crash,
         })
     }
 
     fn take_segment(&self) -> Result<Segment, BlobError> {
         let reusable = self
+            .pool
             .idle
             .lock()
             .map_err(|_| BlobError::Create(io::Error::other("segment pool poisoned")))?
             .pop();
         match reusable {
-            Some(segment) if segment.len < self.segment_limit => Ok(segment),
+            Some(segment) if segment.len < self.pool.segment_limit => Ok(segment),
             _ => self.new_segment(),
         }
     }
@@ -131,30 +158,34 @@ impl SegmentStore {
         // The new name must survive a crash before any record in it is
         // acknowledged; this happens once per segment, not per object.
         sync_dir(&self.dir).map_err(BlobError::Create)?;
-        Ok(Segment { name, file, len: 0 })
+        Ok(Segment {
+            name,
+            file,
+            len: 0,
+            runway: Arc::new(Runway::default()),
+        })
     }
 }
 
 impl BlobStore for SegmentStore {
     fn begin(&self) -> Result<Box<dyn BlobWrite>, BlobError> {
-        let mut segment = self.take_segment()?;
+        let segment = self.take_segment()?;
         let start = segment.len;
-        let mut header = [0u8; HEADER_LEN as usize];
-        header[..8].copy_from_slice(RECORD_MAGIC);
-        let written = segment
-            .file
-            .seek(SeekFrom::Start(start))
-            .and_then(|_| segment.file.write_all(&header));
-        if let Err(e) = written {
-            // Leave the segment out of the pool: its tail is unknown.
-            return Err(BlobError::Write(e));
-        }
-        Ok(Box::new(SegmentWriter {
+        let mut writer = SegmentWriter {
+            zeroed_to: segment.runway.zeroed_to(),
             segment: Some(segment),
-            idle: Arc::clone(&self.idle),
+            pool: Arc::clone(&self.pool),
             record_start: start,
             payload_len: 0,
-        }))
+        };
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[..8].copy_from_slice(RECORD_MAGIC);
+        if let Err(e) = writer.write_at(start, &header) {
+            // Leave the segment out of the pool: its tail is unknown.
+            writer.segment = None;
+            return Err(BlobError::Write(e));
+        }
+        Ok(Box::new(writer))
     }
 
     fn open(&self, location: &BlobLocation) -> Result<Box<dyn ReadSeek>, BlobError> {
@@ -258,6 +289,15 @@ impl BlobStore for SegmentStore {
 
     fn close(&self) -> Result<(), BlobError> {
         let fail = BlobError::Sync;
+        // No zeroed space is left behind: the next start would have to
+        // tell it from an unfinished record.
+        self.pool.zeroer.stop();
+        if let Ok(idle) = self.pool.idle.lock() {
+            for segment in idle.iter() {
+                segment.runway.cut(segment.len);
+                segment.file.set_len(segment.len).map_err(fail)?;
+            }
+        }
         let ours = std::process::id();
         let _ = fs::remove_file(self.dir.join(format!("{OPEN_PREFIX}{ours}")));
         // Another live process (`serve`, an import) may still be writing.
@@ -335,11 +375,27 @@ fn scan_segment(path: &Path, name: &str, start: u64, recovery: &mut Recovery) ->
         }
     }
     if at < len {
+        // Zeroed space ahead of the last record (a crash before it was
+        // trimmed) is no unfinished object; a record header is never zero.
+        if !zeroed_from(&file, at, len)? {
+            recovery.discarded_bytes += len - at;
+        }
         file.set_len(at)?;
         file.sync_all()?;
-        recovery.discarded_bytes += len - at;
+    }
+    if at == 0 {
+        // Nothing in it (zeroed ahead, never used): gone, not kept empty.
+        fs::remove_file(path)?;
     }
     Ok(())
+}
+
+/// Whether the record header at `at` is all zeros.
+fn zeroed_from(file: &File, at: u64, len: u64) -> io::Result<bool> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let n = (len - at).min(HEADER_LEN) as usize;
+    file.read_exact_at(&mut header[..n], at)?;
+    Ok(header[..n].iter().all(|b| *b == 0))
 }
 
 /// Whether a record header (complete or not) starts at `at`.
@@ -435,7 +491,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// slice here). Purely advisory: failure changes nothing but speed.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn start_writeback(file: &File, offset: u64, len: u64) {
+pub(super) fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
@@ -448,7 +504,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+pub(super) fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -457,35 +513,51 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes one record into a segment it holds.
 struct SegmentWriter {
     segment: Option<Segment>,
-    idle: Arc<Mutex<Vec<Segment>>>,
+    pool: Arc<Pool>,
     record_start: u64,
     payload_len: u64,
+    /// The segment's zeroed end as last seen: writes below it need no
+    /// check (see [`super::runway`]).
+    zeroed_to: u64,
 }
 
 impl SegmentWriter {
-    fn segment(&mut self) -> io::Result<&mut Segment> {
+    fn segment(&self) -> io::Result<&Segment> {
         self.segment
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| io::Error::other("segment already released"))
+    }
+
+    /// Write `buf` at `at` of the held segment.
+    fn write_at(&mut self, at: u64, buf: &[u8]) -> io::Result<()> {
+        let end = at + buf.len() as u64;
+        if end > self.zeroed_to {
+            self.zeroed_to = self.segment()?.runway.clear_for(end);
+        }
+        let file = &self.segment()?.file;
+        file.write_all_at(buf, at)?;
+        start_writeback(file, at, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Where the record's bytes end so far.
+    fn written_end(&self) -> u64 {
+        self.record_start + HEADER_LEN + self.payload_len
     }
 }
 
 impl Write for SegmentWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.segment()?.file.write(buf)?;
-        self.payload_len += n as u64;
-        Ok(n)
+        self.write_all(buf)?;
+        Ok(buf.len())
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let at = self.record_start + HEADER_LEN + self.payload_len;
-        let segment = self.segment()?;
-        segment.file.write_all(buf)?;
-        start_writeback(&segment.file, at, buf.len() as u64);
+        self.write_at(self.written_end(), buf)?;
         self.payload_len += buf.len() as u64;
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.segment()?.file.flush()
+        Ok(())
     }
 }
 
@@ -495,17 +567,19 @@ impl BlobWrite for SegmentWriter {
             .map_err(|_| BlobError::Write(io::Error::other("label too long")))?;
         let record_start = self.record_start;
         let payload_len = self.payload_len;
-        let segment = self.segment().map_err(BlobError::Write)?;
         let mut trailer = Vec::with_capacity(label.len() + 12);
         trailer.extend_from_slice(&label_len.to_le_bytes());
         trailer.extend_from_slice(label);
         trailer.extend_from_slice(END_MAGIC);
-        segment.file.write_all(&trailer).map_err(BlobError::Write)?;
-        segment
-            .file
-            .write_all_at(&payload_len.to_le_bytes(), record_start + 8)
+        let trailer_at = self.written_end();
+        self.write_at(trailer_at, &trailer)
+            .and_then(|()| self.write_at(record_start + 8, &payload_len.to_le_bytes()))
             .map_err(BlobError::Write)?;
-        let end = record_start + HEADER_LEN + payload_len + trailer.len() as u64;
+        let end = trailer_at + trailer.len() as u64;
+        let mut segment = self
+            .segment
+            .take()
+            .ok_or_else(|| BlobError::Write(io::Error::other("segment already released")))?;
         segment.len = end;
         let location = BlobLocation {
             object: segment.name.clone(),
@@ -516,8 +590,8 @@ impl BlobWrite for SegmentWriter {
         // next record in it starts only after this one's sync, so after a
         // crash only a segment's last record can be torn.
         Ok(Box::new(Committed {
-            segment: self.segment.take(),
-            idle: Arc::clone(&self.idle),
+            segment: Some(segment),
+            pool: Arc::clone(&self.pool),
             location,
             record_start,
             end,
@@ -528,36 +602,50 @@ impl BlobWrite for SegmentWriter {
 impl Drop for SegmentWriter {
     fn drop(&mut self) {
         if let Some(segment) = self.segment.take() {
-            release_truncated(segment, self.record_start, &self.idle);
+            let written = self.written_end();
+            withdraw(segment, self.record_start, written, &self.pool);
         }
     }
 }
 
-/// Cut a segment back to `to` and return it to the pool; a segment that
-/// cannot be cut is retired (recovery cleans it at the next start).
-fn release_truncated(mut segment: Segment, to: u64, idle: &Mutex<Vec<Segment>>) -> bool {
-    let cut = segment
-        .file
-        .set_len(to)
-        .and_then(|_| segment.file.seek(SeekFrom::Start(to)).map(|_| ()));
-    match cut {
+/// Remove the bytes a record left in `[from, to)` and return the segment
+/// to the pool: inside the zeroed space they are zeroed (the space stays
+/// ready for the next record), past it the segment is truncated. A segment
+/// that cannot be mended is retired (recovery cleans it at the next start).
+fn withdraw(mut segment: Segment, from: u64, to: u64, pool: &Pool) -> bool {
+    let mended = if to <= segment.runway.zeroed_to() {
+        zero_range(&segment.file, from, to)
+    } else {
+        segment.runway.cut(from);
+        segment.file.set_len(from)
+    };
+    match mended {
         Ok(()) => {
-            segment.len = to;
-            if let Ok(mut pool) = idle.lock() {
-                pool.push(segment);
-            }
+            segment.len = from;
+            pool.put_back(segment);
             true
         }
         Err(e) => {
-            tracing::warn!(segment = %segment.name, error = %e, "cannot truncate a segment; retiring it");
+            tracing::warn!(segment = %segment.name, error = %e, "cannot withdraw a record; retiring its segment");
             false
         }
     }
 }
 
+fn zero_range(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let zeros = vec![0u8; (to.saturating_sub(from)).min(1 << 20) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
 struct Committed {
     segment: Option<Segment>,
-    idle: Arc<Mutex<Vec<Segment>>>,
+    pool: Arc<Pool>,
     location: BlobLocation,
     record_start: u64,
     end: u64,
@@ -601,10 +689,12 @@ impl CommittedBlob for Committed {
     fn retract(mut self: Box<Self>) -> Result<(), BlobError> {
         match self.segment.take() {
             Some(segment) => {
-                if release_truncated(segment, self.record_start, &self.idle) {
+                if withdraw(segment, self.record_start, self.end, &self.pool) {
                     Ok(())
                 } else {
-                    Err(BlobError::Retract(io::Error::other("truncate failed")))
+                    Err(BlobError::Retract(io::Error::other(
+                        "cannot remove the record",
+                    )))
                 }
             }
             None => Ok(()),
@@ -615,9 +705,7 @@ impl CommittedBlob for Committed {
 impl Drop for Committed {
     fn drop(&mut self) {
         if let Some(segment) = self.segment.take() {
-            if let Ok(mut pool) = self.idle.lock() {
-                pool.push(segment);
-            }
+            self.pool.put_back(segment);
         }
     }
 }
@@ -717,27 +805,86 @@ mod tests {
             .commit(b"label-2")
             .unwrap();
         assert_eq!(second.location().object, first_loc.object);
-        let size_before = fs::metadata(dir.path().join("segments").join(&first_loc.object))
-            .unwrap()
-            .len();
         second.retract().unwrap();
-        let size_after = fs::metadata(dir.path().join("segments").join(&first_loc.object))
-            .unwrap()
-            .len();
-        assert!(size_after < size_before);
 
         // A dropped writer leaves nothing behind.
         drop(write_object(&store, &[9u8; 10_000]));
-        let size = fs::metadata(dir.path().join("segments").join(&first_loc.object))
-            .unwrap()
-            .len();
-        assert_eq!(size, size_after);
 
         let third = write_object(&store, b"third").commit(b"label-3").unwrap();
         let third_loc = third.location().clone();
         drop(third);
         assert_eq!(read_all(&store, &third_loc), b"third");
         assert_eq!(read_all(&store, &first_loc), b"first object");
+
+        // Whether they were zeroed (inside the zeroed space) or cut off,
+        // the withdrawn bytes are gone from the file, and only committed
+        // records come back after a crash.
+        store.pool.zeroer.stop();
+        let path = dir.path().join("segments").join(&first_loc.object);
+        let bytes = fs::read(&path).unwrap();
+        assert!(!bytes.windows(9).any(|w| w == b"duplicate"));
+        assert!(!bytes.windows(100).any(|w| w == [9u8; 100]));
+        let found = SegmentStore::open(dir.path())
+            .unwrap()
+            .recover(&HashMap::new())
+            .unwrap();
+        let labels: Vec<&[u8]> = found.unindexed.iter().map(|r| r.label.as_slice()).collect();
+        assert_eq!(labels, vec![b"label-1".as_slice(), b"label-3".as_slice()]);
+        assert_eq!(
+            found.discarded_bytes, 0,
+            "zeroed space is not an unfinished record"
+        );
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            found.unindexed[1].resume_at
+        );
+    }
+
+    #[test]
+    fn records_overwrite_zeroed_space_and_a_clean_close_trims_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SegmentStore::open(dir.path()).unwrap();
+        let first = write_object(&store, b"first").commit(b"A").unwrap();
+        let loc = first.location().clone();
+        drop(first);
+        // The zeroer was asked for space ahead; wait for it.
+        let runway = Arc::clone(&store.pool.idle.lock().unwrap()[0].runway);
+        let zeroed = runway.clear_for(u64::MAX);
+        let path = dir.path().join("segments").join(&loc.object);
+        assert!(zeroed > loc.offset + loc.length + 600_000);
+        assert_eq!(fs::metadata(&path).unwrap().len(), zeroed);
+
+        // A record reaching into the zeroed space, withdrawn: zeroed again,
+        // the space kept.
+        let big: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let second = write_object(&store, &big).commit(b"B").unwrap();
+        let second_loc = second.location().clone();
+        assert_eq!(read_all(&store, &second_loc), big);
+        second.retract().unwrap();
+        assert_eq!(
+            read_all(&store, &second_loc),
+            vec![0u8; second_loc.length as usize]
+        );
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            runway.clear_for(u64::MAX)
+        );
+
+        let third = write_object(&store, &big).commit(b"C").unwrap();
+        let third_loc = third.location().clone();
+        drop(third);
+        assert_eq!(read_all(&store, &third_loc), big);
+        // A clean close leaves no zeroed space behind.
+        store.close().unwrap();
+        let end = third_loc.offset + third_loc.length + 4 + 1 + 8;
+        assert_eq!(fs::metadata(&path).unwrap().len(), end);
+        let found = SegmentStore::open(dir.path())
+            .unwrap()
+            .recover(&HashMap::new())
+            .unwrap();
+        let labels: Vec<&[u8]> = found.unindexed.iter().map(|r| r.label.as_slice()).collect();
+        assert_eq!(labels, vec![b"A".as_slice(), b"C".as_slice()]);
+        assert_eq!(found.discarded_bytes, 0);
     }
 
     #[test]
@@ -784,6 +931,7 @@ mod tests {
         // A crash mid-object: the writer's bytes are on disk, not committed.
         let w = write_object(&store, &[7u8; 5000]);
         std::mem::forget(w);
+        store.pool.zeroer.stop();
         let path = dir.path().join("segments").join(&seg);
         let crashed_len = fs::metadata(&path).unwrap().len();
 

@@ -410,15 +410,36 @@ impl Drop for Gateway {
 }
 
 /// Total bytes in the blob store's segment files.
+/// Bytes the segment files hold, up to each file's last non-zero byte: the
+/// store keeps zeroed space ahead of a segment's last record (and zeroes a
+/// withdrawn record inside it), which holds no data.
 pub fn segment_bytes(data_dir: &Path) -> u64 {
     std::fs::read_dir(data_dir.join("segments"))
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
+                .map(|e| used_length(&e.path()))
                 .sum()
         })
         .unwrap_or(0)
+}
+
+fn used_length(path: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let mut end = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut block = vec![0u8; 1 << 16];
+    while end > 0 {
+        let n = end.min(block.len() as u64) as usize;
+        file.read_exact_at(&mut block[..n], end - n as u64)
+            .expect("read segment");
+        if let Some(i) = block[..n].iter().rposition(|b| *b != 0) {
+            return end - n as u64 + i as u64 + 1;
+        }
+        end -= n as u64;
+    }
+    0
 }
 
 /// Bytes the index accounts for: every indexed object plus record framing
