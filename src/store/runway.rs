@@ -19,7 +19,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -29,7 +28,6 @@ use std::thread::JoinHandle;
 /// few instances zeroes a few MiB, a busy one runs well ahead.)
 const MIN_EXTENSION: u64 = 1 << 20;
 const MAX_EXTENSION: u64 = 32 << 20;
-const ZEROS: usize = 1 << 20;
 
 /// One segment's zeroed space.
 #[derive(Default)]
@@ -193,21 +191,14 @@ impl Drop for Zeroer {
 }
 
 fn zero(job: &Extension) -> io::Result<()> {
-    let zeros = vec![0u8; ZEROS];
-    let mut done = 0;
-    while done < job.len {
-        let n = (job.len - done).min(ZEROS as u64);
-        job.file
-            .write_all_at(&zeros[..n as usize], job.from + done)?;
-        super::segments::start_writeback(&job.file, job.from + done, n);
-        done += n;
-    }
+    super::segments::write_zeros(&job.file, job.from, job.from + job.len)?;
     job.file.sync_data()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn extensions_start_past_the_record_and_grow_with_the_segment() {

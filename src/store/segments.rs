@@ -275,14 +275,7 @@ impl BlobStore for SegmentStore {
             location.length,
         );
         if punched.is_err() {
-            let zeros = vec![0u8; 1 << 20];
-            let mut done = 0;
-            while done < location.length {
-                let n = (location.length - done).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], location.offset + done)
-                    .map_err(fail)?;
-                done += n as u64;
-            }
+            write_zeros(&file, location.offset, location.offset + location.length).map_err(fail)?;
         }
         file.sync_data().map_err(fail)
     }
@@ -491,7 +484,7 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// slice here). Purely advisory: failure changes nothing but speed.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub(super) fn start_writeback(file: &File, offset: u64, len: u64) {
+fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
@@ -504,7 +497,7 @@ pub(super) fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -614,7 +607,7 @@ impl Drop for SegmentWriter {
 /// that cannot be mended is retired (recovery cleans it at the next start).
 fn withdraw(mut segment: Segment, from: u64, to: u64, pool: &Pool) -> bool {
     let mended = if to <= segment.runway.zeroed_to() {
-        zero_range(&segment.file, from, to)
+        write_zeros(&segment.file, from, to)
     } else {
         segment.runway.cut(from);
         segment.file.set_len(from)
@@ -632,12 +625,14 @@ fn withdraw(mut segment: Segment, from: u64, to: u64, pool: &Pool) -> bool {
     }
 }
 
-fn zero_range(file: &File, from: u64, to: u64) -> io::Result<()> {
+/// Overwrite `[from, to)` with zeros (writeback started, not waited for).
+pub(super) fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let zeros = vec![0u8; (to.saturating_sub(from)).min(1 << 20) as usize];
     let mut at = from;
     while at < to {
         let n = (to - at).min(zeros.len() as u64);
         file.write_all_at(&zeros[..n as usize], at)?;
+        start_writeback(file, at, n);
         at += n;
     }
     Ok(())
@@ -824,16 +819,7 @@ mod tests {
         let bytes = fs::read(&path).unwrap();
         assert!(!bytes.windows(9).any(|w| w == b"duplicate"));
         assert!(!bytes.windows(100).any(|w| w == [9u8; 100]));
-        let found = SegmentStore::open(dir.path())
-            .unwrap()
-            .recover(&HashMap::new())
-            .unwrap();
-        let labels: Vec<&[u8]> = found.unindexed.iter().map(|r| r.label.as_slice()).collect();
-        assert_eq!(labels, vec![b"label-1".as_slice(), b"label-3".as_slice()]);
-        assert_eq!(
-            found.discarded_bytes, 0,
-            "zeroed space is not an unfinished record"
-        );
+        let found = recovered_after_a_crash(dir.path(), &["label-1", "label-3"]);
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
             found.unindexed[1].resume_at
@@ -878,13 +864,24 @@ mod tests {
         store.close().unwrap();
         let end = third_loc.offset + third_loc.length + 4 + 1 + 8;
         assert_eq!(fs::metadata(&path).unwrap().len(), end);
-        let found = SegmentStore::open(dir.path())
+        recovered_after_a_crash(dir.path(), &["A", "C"]);
+    }
+
+    /// Open the store again as after a crash: recovery finds exactly the
+    /// records labelled `labels` and counts no zeroed space as unfinished.
+    fn recovered_after_a_crash(dir: &Path, labels: &[&str]) -> Recovery {
+        let found = SegmentStore::open(dir)
             .unwrap()
             .recover(&HashMap::new())
             .unwrap();
-        let labels: Vec<&[u8]> = found.unindexed.iter().map(|r| r.label.as_slice()).collect();
-        assert_eq!(labels, vec![b"A".as_slice(), b"C".as_slice()]);
-        assert_eq!(found.discarded_bytes, 0);
+        let got: Vec<&[u8]> = found.unindexed.iter().map(|r| r.label.as_slice()).collect();
+        let want: Vec<&[u8]> = labels.iter().map(|l| l.as_bytes()).collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            found.discarded_bytes, 0,
+            "zeroed space is not an unfinished record"
+        );
+        found
     }
 
     #[test]
